@@ -1,0 +1,10 @@
+"""Nodes: host services, make and answer RPCs, expose health, readiness and metrics."""
+
+from dmlsys.node.errors import NodeError, NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
+from dmlsys.node.node import Node, State
+from dmlsys.node.service import CallContext, Gate, Service, oneway, rpc
+
+__all__ = [
+    "Node", "State", "Service", "Gate", "CallContext", "rpc", "oneway",
+    "NodeError", "NodeStopped", "PeerUnreachable", "RemoteError", "RpcTimeout",
+]

@@ -1,0 +1,70 @@
+"""The node's admin HTTP server: liveness, readiness, Prometheus metrics and a status document.
+
+It listens on loopback unless configured otherwise: these endpoints are for the operator and
+the supervisor, not for the world.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from dmlsys.node.node import Node
+
+
+class AdminServer:
+    __slots__ = ("node", "host", "port", "_runner")
+
+    def __init__(self, node: "Node", host: str = "127.0.0.1", port: int = 0) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024)
+        app.add_routes([
+            web.get("/healthz", self._healthz),
+            web.get("/readyz", self._readyz),
+            web.get("/metrics", self._metrics),
+            web.get("/status", self._status),
+        ])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            raise OSError(e.errno, f"node {self.node.name!r} cannot listen for admin HTTP on {self.host}:{self.port}: {e.strerror}") from None
+        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": self.node.name, "state": self.node.state.value})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        from dmlsys.node.node import State
+
+        node = self.node
+        ready = node.state is State.READY
+        body = {"name": node.name, "state": node.state.value, "failing_gates": node.failing_gates}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.node.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.node.status())

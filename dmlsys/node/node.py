@@ -1,0 +1,374 @@
+"""A Node hosts services, answers and makes RPCs over one Transport, and has a lifecycle.
+
+    node = Node("w0", ZmqTransport("w0", "tcp://127.0.0.1:0"), admin=("127.0.0.1", 0))
+    node.add_service(Echo())
+    await node.start()                       # starting -> alive -> ready (when every gate opens)
+    reply = await node.call("w1", "echo", "echo", {"x": np.arange(3)}, timeout=5)
+    await node.stop()                        # draining -> stopped
+
+Lifecycle: ``starting`` (transport and admin server coming up) -> ``alive`` (answers, but some
+readiness gate is closed) -> ``ready`` (every gate open) -> ``draining`` (finishing what it has;
+``/readyz`` says 503 so balancers send nothing new) -> ``stopped``.
+
+A node never dies from what a peer sends it: a message that fails to decode is counted in the
+``dmlsys_errors`` metric, logged at most once per peer per minute, and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import os
+import time
+from typing import Any
+
+from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
+from dmlsys.node.metrics import NodeMetrics
+from dmlsys.node.service import CallContext, Gate, Handler, Service
+from dmlsys.wire.codec import DEFAULT_LIMITS, Kind, Limits, Message, WireError, decode, encode
+from dmlsys.wire.transport import Route, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+BAD_MESSAGE_LOG_PERIOD = 60.0  # seconds between log lines about one peer's bad messages
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    ALIVE = "alive"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Node:
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        *,
+        role: str = "",
+        admin: tuple[str, int] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if transport.name != name:
+            raise ValueError(f"transport is named {transport.name!r} but the node {name!r}")
+        self.name = name
+        self.role = role
+        self.transport = transport
+        self.limits = limits
+        self.metrics = NodeMetrics(name)
+        self.state = State.STARTING
+        self.started_at = time.time()
+        self._admin_bind = admin
+        self._admin = None  # AdminServer, once started
+        self._services: dict[str, Service] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._gates: dict[str, Gate] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, str, str]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._bad_logged: dict[str, float] = {}
+        self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        transport.set_receiver(self._on_frames)
+
+    # -- composition ----------------------------------------------------------------------
+
+    def add_service(self, service: Service) -> Service:
+        if not service.name:
+            raise ValueError(f"{type(service).__name__} has no name")
+        if service.name in self._services:
+            raise ValueError(f"node {self.name!r} already hosts a service named {service.name!r}")
+        if self.state is not State.STARTING:
+            raise RuntimeError(f"add services to node {self.name!r} before start()")
+        self._services[service.name] = service
+        self._handlers.update(service.handlers())
+        return service
+
+    def service(self, name: str) -> Service:
+        return self._services[name]
+
+    def gate(self, name: str, reason: str = "starting") -> Gate:
+        """A readiness gate, closed with ``reason`` until its owner opens it."""
+        if name in self._gates:
+            raise ValueError(f"node {self.name!r} already has a gate named {name!r}")
+        gate = Gate(name, reason, self._update_readiness)
+        self._gates[name] = gate
+        self._update_readiness()
+        return gate
+
+    @property
+    def failing_gates(self) -> dict[str, str]:
+        return {g.name: g.reason for g in self._gates.values() if g.reason is not None}
+
+    @property
+    def admin_url(self) -> str | None:
+        return self._admin.url if self._admin else None
+
+    def _update_readiness(self) -> None:
+        if self.state in (State.ALIVE, State.READY):
+            self.state = State.READY if not self.failing_gates else State.ALIVE
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bring up transport, admin server and services. Nothing stays running on failure."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.transport.start()
+            if self._admin_bind is not None:
+                from dmlsys.node.admin import AdminServer  # aiohttp only where an admin port is wanted
+
+                self._admin = AdminServer(self, *self._admin_bind)
+                await self._admin.start()
+            self.state = State.ALIVE
+            for service in self._services.values():
+                await service.start(self)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._update_readiness()
+        log.info("node %s (%s) is %s on %s, admin %s", self.name, self.role or "-", self.state.value,
+                 self.transport.address, self.admin_url or "off")
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Stop being ready and let in-flight handlers finish (up to ``timeout``)."""
+        if self.state in (State.DRAINING, State.STOPPED):
+            return
+        self.state = State.DRAINING
+        log.info("node %s draining %d in-flight handler(s)", self.name, len(self._tasks))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Drain, stop services in reverse order, then close the transport and admin server.
+
+        Services stop before the transport closes so that their goodbyes can still be sent;
+        the admin server goes last so that probes see ``draining`` rather than a refused port.
+        """
+        if self.state is State.STOPPED:
+            return
+        await self.drain(drain_timeout)
+        for service in reversed(list(self._services.values())):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("service %s on node %s failed to stop cleanly", service.name, self.name)
+        await self._teardown()
+        log.info("node %s stopped", self.name)
+
+    def kill(self) -> None:
+        """Die abruptly, as in a crash: cancel everything, answer nothing. For fault tests."""
+        self.state = State.STOPPED
+        for task in list(self._tasks):
+            task.cancel()
+        self._fail_pending()
+        self._stopped.set()
+
+    async def _teardown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self._fail_pending()
+        await self.transport.close()
+        if self._admin is not None:
+            await self._admin.stop()
+        self.state = State.STOPPED
+        self._stopped.set()
+
+    def _fail_pending(self) -> None:
+        for fut, _, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(NodeStopped(f"node {self.name!r} stopped while waiting for a reply"))
+        self._pending.clear()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # -- outbound -------------------------------------------------------------------------
+
+    async def call(self, peer: str, service: str, method: str, body: Any = None, *, timeout: float = 30.0) -> Any:
+        """Request/reply. Raises RemoteError, RpcTimeout, PeerUnreachable or NodeStopped."""
+        if self.state is State.STOPPED:
+            raise NodeStopped(f"node {self.name!r} is stopped")
+        loop = self._loop or asyncio.get_running_loop()
+        msg_id = next(self._ids)
+        full = f"{service}.{method}"
+        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, timeout))
+        fut = loop.create_future()
+        self._pending[msg_id] = (fut, peer, full)
+        started = loop.time()
+        try:
+            self._send(peer, frames)
+        except PeerUnreachable:
+            del self._pending[msg_id]
+            raise
+        # One timer per call, not one per receive: asyncio.wait_for costs ~100 µs a round trip.
+        timer = loop.call_later(timeout, _expire, fut, peer, full, timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._pending.pop(msg_id, None)
+            self.metrics.rpc_seconds.labels(full).observe(loop.time() - started)
+
+    def send(self, peer: str, service: str, method: str, body: Any = None) -> None:
+        """One-way message: no reply, no delivery guarantee. Raises PeerUnreachable."""
+        frames = encode(Message(Kind.ONEWAY, 0, f"{service}.{method}", self.name, body))
+        self._send(peer, frames)
+
+    def _send(self, peer: str, frames: list) -> None:
+        try:
+            self.transport.send(peer, frames)
+        except TransportError as e:
+            self.metrics.error("unreachable")
+            raise PeerUnreachable(str(e)) from None
+        self._count_out(frames)
+
+    def _count_out(self, frames: list) -> None:
+        self.metrics.messages_out += 1
+        self.metrics.bytes_out += sum(_nbytes(f) for f in frames)
+
+    # -- inbound --------------------------------------------------------------------------
+
+    def _on_frames(self, frames, route: Route) -> None:
+        metrics = self.metrics
+        metrics.messages_in += 1
+        metrics.bytes_in += sum(_nbytes(f) for f in frames)
+        try:
+            msg = decode(frames, self.limits)
+        except WireError as e:
+            self._bad_message(route, e)
+            return
+        kind = msg.kind
+        if kind is Kind.REPLY or kind is Kind.ERROR:
+            entry = self._pending.get(msg.id)
+            if entry is None:
+                metrics.error("late_reply")  # timed out already, or a duplicate
+                return
+            fut, peer, method = entry
+            if fut.done():
+                return
+            if kind is Kind.REPLY:
+                fut.set_result(msg.body)
+            else:
+                body = msg.body if isinstance(msg.body, dict) else {}
+                fut.set_exception(RemoteError(peer, method, str(body.get("type", "Error")), str(body.get("message", ""))))
+            return
+        if self.state is State.STOPPED:
+            return
+        handler = self._handlers.get(msg.method)
+        if handler is None:
+            metrics.error("unknown_method")
+            if kind is Kind.REQUEST:
+                known = ", ".join(sorted(self._handlers)) or "none"
+                self._reply_error(route, msg, "UnknownMethod", f"node {self.name!r} has no handler {msg.method!r} (it has: {known})")
+            return
+        if handler.oneway != (kind is Kind.ONEWAY):
+            metrics.error("wrong_kind")
+            if kind is Kind.REQUEST:
+                self._reply_error(route, msg, "WrongKind", f"{msg.method} is one-way; use send(), not call()")
+            return
+        deadline = None if msg.deadline is None else self._loop.time() + msg.deadline
+        args = (msg.body, CallContext(msg.sender, msg.method, deadline, self)) if handler.wants_context else (msg.body,)
+        if handler.is_async:
+            task = self._loop.create_task(self._run_async(handler, args, route, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        try:
+            result = handler.fn(*args)
+        except Exception as e:
+            self._handler_failed(route, msg, e)
+            return
+        if kind is Kind.REQUEST:
+            self._reply(route, msg, result)
+
+    async def _run_async(self, handler: Handler, args: tuple, route: Route, msg: Message) -> None:
+        try:
+            if msg.deadline is not None:
+                # Work nobody waits for any more is wasted: stop it when the caller gives up.
+                async with asyncio.timeout(msg.deadline):
+                    result = await handler.fn(*args)
+            else:
+                result = await handler.fn(*args)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError as e:
+            self._handler_failed(route, msg, e if str(e) else TimeoutError(f"deadline of {msg.deadline:g}s passed"))
+            return
+        except Exception as e:
+            self._handler_failed(route, msg, e)
+            return
+        if msg.kind is Kind.REQUEST:
+            self._reply(route, msg, result)
+
+    def _handler_failed(self, route: Route, msg: Message, e: Exception) -> None:
+        self.metrics.error("handler")
+        if msg.kind is Kind.REQUEST:
+            self._reply_error(route, msg, type(e).__name__, str(e))
+        else:
+            log.warning("one-way handler %s on %s failed: %s: %s", msg.method, self.name, type(e).__name__, e)
+
+    def _reply(self, route: Route, msg: Message, result: Any) -> None:
+        try:
+            frames = encode(Message(Kind.REPLY, msg.id, msg.method, self.name, result))
+        except WireError as e:
+            self._reply_error(route, msg, "WireError", f"handler returned what the wire cannot carry: {e}")
+            return
+        self._send_reply(route, msg, frames)
+
+    def _reply_error(self, route: Route, msg: Message, type_name: str, message: str) -> None:
+        frames = encode(Message(Kind.ERROR, msg.id, msg.method, self.name, {"type": type_name, "message": message}))
+        self._send_reply(route, msg, frames)
+
+    def _send_reply(self, route: Route, msg: Message, frames: list) -> None:
+        try:
+            if route is None:
+                self.transport.send(msg.sender, frames)
+            else:
+                self.transport.reply(route, frames)
+        except TransportError as e:
+            self.metrics.error("reply_failed")
+            log.debug("reply to %s for %s dropped: %s", msg.sender, msg.method, e)
+            return
+        self._count_out(frames)
+
+    def _bad_message(self, route: Route, error: WireError) -> None:
+        self.metrics.error("bad_message")
+        peer = route.decode(errors="replace") if isinstance(route, bytes) else str(route)
+        now = time.monotonic()
+        if now - self._bad_logged.get(peer, -BAD_MESSAGE_LOG_PERIOD) >= BAD_MESSAGE_LOG_PERIOD:
+            self._bad_logged[peer] = now
+            log.warning("node %s dropped a bad message from %s: %s (further ones logged at most once a minute)",
+                        self.name, peer, error)
+
+    # -- introspection --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "state": self.state.value,
+            "pid": os.getpid(),
+            "zmq": self.transport.address,
+            "admin": self.admin_url,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "failing_gates": self.failing_gates,
+            "services": {name: svc.status() for name, svc in self._services.items()},
+            "in_flight": len(self._tasks),
+            "metrics": self.metrics.summary(),
+        }
+
+
+def _expire(fut: asyncio.Future, peer: str, method: str, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(RpcTimeout(peer, method, timeout))
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)  # bytes or zmq.Frame

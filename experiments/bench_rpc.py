@@ -1,0 +1,244 @@
+"""RPC benchmark: dmlsys nodes vs raw pyzmq doing the same work, side by side in one run.
+
+Three measurements, each against a server in its own process:
+  latency     sequential round trips of a small request (µs, lower is better)
+  throughput  small requests with 64 in flight (req/s, higher is better)
+  array       a 16 MiB float32 array sent and acknowledged (GB/s, higher is better)
+
+The raw side is a pyzmq ROUTER echo server and a DEALER client with zero-copy sends: the floor
+any framework on ZeroMQ pays. Ratios are what to read: this machine is shared and noisy.
+
+    python experiments/bench_rpc.py --transport ipc --json docs/bench_rpc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zmq
+
+ARRAY_BYTES = 16 << 20
+
+
+# -- servers (each runs in its own process) ---------------------------------------------------
+
+
+def raw_server(address: str, ready) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(address)
+    ready.set()
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) > 2:  # an array: acknowledge with its size, as the dmlsys handler does
+            sock.send_multipart([frames[0], b"%d" % len(frames[2])])
+        elif frames[1].bytes == b"quit":
+            sock.send_multipart([frames[0], b"bye"])
+            break
+        else:
+            sock.send_multipart(frames, copy=False)
+    sock.close(linger=0)
+    ctx.term()
+
+
+def dmlsys_server(address: str, ready) -> None:
+    import uvloop
+
+    from dmlsys.node import Node, Service, rpc
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    class Bench(Service):
+        name = "bench"
+
+        @rpc
+        def echo(self, body):
+            return body
+
+        @rpc
+        def array(self, body):
+            return body.nbytes
+
+        @rpc
+        def quit(self, body):
+            asyncio.get_running_loop().call_soon(done.set)
+            return "bye"
+
+    async def main() -> None:
+        global done
+        done = asyncio.Event()
+        node = Node("server", ZmqTransport("server", address))
+        node.add_service(Bench())
+        await node.start()
+        ready.set()
+        await done.wait()
+        await node.stop(drain_timeout=1)
+
+    uvloop.run(main())
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(address)
+    msg = b"x" * 32
+    for _ in range(100):
+        sock.send(msg)
+        sock.recv()
+    t = time.perf_counter()
+    for _ in range(n_latency):
+        sock.send(msg)
+        sock.recv()
+    latency = (time.perf_counter() - t) / n_latency
+    t = time.perf_counter()
+    sent = received = 0
+    while sent < 64:
+        sock.send(msg)
+        sent += 1
+    while received < n_throughput:
+        sock.recv()
+        received += 1
+        if sent < n_throughput:
+            sock.send(msg)
+            sent += 1
+    throughput = n_throughput / (time.perf_counter() - t)
+    array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
+    sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
+    sock.recv()
+    t = time.perf_counter()
+    for _ in range(n_arrays):
+        sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
+        sock.recv()
+    array_gbs = ARRAY_BYTES * n_arrays / (time.perf_counter() - t) / 1e9
+    sock.send(b"quit")
+    sock.recv()
+    sock.close(linger=0)
+    ctx.term()
+    return {"latency": latency * 1e6, "throughput": throughput, "array": array_gbs}
+
+
+def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
+    import uvloop
+
+    from dmlsys.node import Node
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    async def main() -> dict:
+        node = Node("client", ZmqTransport("client", "tcp://127.0.0.1:0"))
+        await node.start()
+        node.transport.add_peer("server", address)
+        msg = b"x" * 32
+        for _ in range(100):
+            await node.call("server", "bench", "echo", msg)
+        t = time.perf_counter()
+        for _ in range(n_latency):
+            await node.call("server", "bench", "echo", msg)
+        latency = (time.perf_counter() - t) / n_latency
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await node.call("server", "bench", "echo", msg)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(n_throughput // 64) for _ in range(64)))
+        throughput = (n_throughput // 64 * 64) / (time.perf_counter() - t)
+        array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
+        await node.call("server", "bench", "array", array)
+        t = time.perf_counter()
+        for _ in range(n_arrays):
+            assert await node.call("server", "bench", "array", array) == ARRAY_BYTES
+        array_gbs = ARRAY_BYTES * n_arrays / (time.perf_counter() - t) / 1e9
+        await node.call("server", "bench", "quit")
+        await node.stop(drain_timeout=1)
+        return {"latency": latency * 1e6, "throughput": throughput, "array": array_gbs}
+
+    return uvloop.run(main())
+
+
+def measure(kind: str, address: str, args) -> dict:
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=raw_server if kind == "raw" else dmlsys_server, args=(address, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError(f"{kind} server did not start")
+        client = raw_client if kind == "raw" else dmlsys_client
+        return client(address, args.latency_n, args.throughput_n, args.arrays)
+    finally:
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+            server.join()
+
+
+def free_tcp_address() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transport", choices=["tcp", "ipc"], default="tcp", help="loopback TCP or a unix socket")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians reported")
+    parser.add_argument("--latency-n", type=int, default=5000)
+    parser.add_argument("--throughput-n", type=int, default=20000)
+    parser.add_argument("--arrays", type=int, default=20)
+    parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="dmlsys-bench-")
+    runs: dict[str, list[dict]] = {"raw": [], "ours": []}
+    try:
+        for i in range(args.repeats):
+            for kind in ("raw", "ours"):
+                address = free_tcp_address() if args.transport == "tcp" else f"ipc://{tmp}/{kind}{i}.sock"
+                runs[kind].append(measure(kind, address, args))
+                print(f"run {i + 1}/{args.repeats} {kind}: {runs[kind][-1]}", file=sys.stderr)
+    finally:
+        for f in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, f))
+        os.rmdir(tmp)
+
+    units = {"latency": "us", "throughput": "req/s", "array": "GB/s"}
+    rows = []
+    for metric, unit in units.items():
+        ours = float(np.median([r[metric] for r in runs["ours"]]))
+        raw = float(np.median([r[metric] for r in runs["raw"]]))
+        rows.append({"metric": metric, "ours": round(ours, 3), "raw": round(raw, 3), "unit": unit,
+                     "transport": args.transport})
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dmlsys RPC vs raw pyzmq ({args.transport}, median of {args.repeats})")
+    for col in ("metric", "dmlsys", "raw pyzmq", "unit", "ratio", "target"):
+        table.add_column(col, justify="right" if col not in ("metric", "unit") else "left")
+    targets = {"latency": ("ours/raw", 2.0, "<="), "throughput": ("ours/raw", 0.5, ">="), "array": ("ours/raw", 0.8, ">=")}
+    for row in rows:
+        ratio = row["ours"] / row["raw"]
+        _, bound, op = targets[row["metric"]]
+        ok = ratio <= bound if op == "<=" else ratio >= bound
+        table.add_row(row["metric"], f"{row['ours']:,.2f}", f"{row['raw']:,.2f}", row["unit"],
+                      f"{ratio:.2f}x", f"{op} {bound}x {'ok' if ok else 'MISSED'}")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
