@@ -1,10 +1,12 @@
 """Nodes: host services, make and answer RPCs, expose health, readiness and metrics."""
 
+from dmlsys.node.config import ConfigError
+from dmlsys.node.directory import Directory, Member
 from dmlsys.node.errors import NodeError, NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
 from dmlsys.node.node import Node, State
 from dmlsys.node.service import CallContext, Gate, Service, oneway, rpc
 
 __all__ = [
-    "Node", "State", "Service", "Gate", "CallContext", "rpc", "oneway",
+    "Node", "State", "Directory", "Member", "ConfigError", "Service", "Gate", "CallContext", "rpc", "oneway",
     "NodeError", "NodeStopped", "PeerUnreachable", "RemoteError", "RpcTimeout",
 ]

@@ -24,9 +24,10 @@ import os
 import time
 from typing import Any
 
+from dmlsys.node.directory import Directory
 from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
 from dmlsys.node.metrics import NodeMetrics
-from dmlsys.node.service import CallContext, Gate, Handler, Service
+from dmlsys.node.service import CallContext, Gate, Handler, Service, rpc
 from dmlsys.wire.codec import DEFAULT_LIMITS, Kind, Limits, Message, WireError, decode, encode
 from dmlsys.wire.transport import Route, Transport, TransportError
 
@@ -52,6 +53,7 @@ class Node:
         role: str = "",
         admin: tuple[str, int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        directory: Directory | None = None,
     ) -> None:
         if transport.name != name:
             raise ValueError(f"transport is named {transport.name!r} but the node {name!r}")
@@ -73,7 +75,9 @@ class Node:
         self._bad_logged: dict[str, float] = {}
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.directory = directory or Directory()
         transport.set_receiver(self._on_frames)
+        self.add_service(NodeService())
 
     # -- composition ----------------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class Node:
                 self._admin = AdminServer(self, *self._admin_bind)
                 await self._admin.start()
             self.state = State.ALIVE
+            await self.directory.start(self)
             for service in self._services.values():
                 await service.start(self)
         except BaseException:
@@ -163,12 +168,15 @@ class Node:
     def kill(self) -> None:
         """Die abruptly, as in a crash: cancel everything, answer nothing. For fault tests."""
         self.state = State.STOPPED
+        if self.directory._task is not None:
+            self.directory._task.cancel()
         for task in list(self._tasks):
             task.cancel()
         self._fail_pending()
         self._stopped.set()
 
     async def _teardown(self) -> None:
+        await self.directory.stop()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -363,6 +371,20 @@ class Node:
             "in_flight": len(self._tasks),
             "metrics": self.metrics.summary(),
         }
+
+
+class NodeService(Service):
+    """Built into every node: what balancers and supervisors probe."""
+
+    name = "node"
+
+    @rpc
+    def status(self, body):
+        return self.node.status()
+
+    @rpc
+    def ping(self, body):
+        return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
 
 
 def _expire(fut: asyncio.Future, peer: str, method: str, timeout: float) -> None:
