@@ -367,7 +367,7 @@ class Node:
             "admin": self.admin_url,
             "uptime_s": round(time.time() - self.started_at, 3),
             "failing_gates": self.failing_gates,
-            "services": {name: svc.status() for name, svc in self._services.items()},
+            "services": {name: svc.status() for name, svc in self._services.items() if name != NodeService.name},
             "in_flight": len(self._tasks),
             "metrics": self.metrics.summary(),
         }
@@ -379,7 +379,7 @@ class NodeService(Service):
     name = "node"
 
     @rpc
-    def status(self, body):
+    def status(self, body=None):  # doubles as the Service.status hook, which Node.status skips
         return self.node.status()
 
     @rpc
