@@ -141,10 +141,11 @@ class Node:
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Stop being ready and let in-flight handlers finish (up to ``timeout``)."""
-        if self.state in (State.DRAINING, State.STOPPED):
+        if self.state is State.STOPPED:
             return
-        self.state = State.DRAINING
-        log.info("node %s draining %d in-flight handler(s)", self.name, len(self._tasks))
+        if self.state is not State.DRAINING:
+            self.state = State.DRAINING
+            log.info("node %s draining %d in-flight handler(s)", self.name, len(self._tasks))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
