@@ -1,0 +1,1 @@
+"""The cluster: specs, roles, the supervisor, and the ``python -m dmlsys.cluster`` CLI."""

@@ -1,0 +1,303 @@
+"""``python -m dmlsys.cluster``: bring a cluster up, look at it, scale it, take it down.
+
+    python -m dmlsys.cluster up                  # cluster/local.toml, in the foreground (Ctrl-C stops it)
+    python -m dmlsys.cluster up my.toml --detach # returns once every node is ready
+    python -m dmlsys.cluster status [--json]
+    python -m dmlsys.cluster scale replica 3
+    python -m dmlsys.cluster down
+
+State lives under ``.dmlsys/`` in the working directory (``--state-dir`` to change it): the
+supervisor's ``state.json``, each node's log under ``logs/``, and the resolved member list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SPEC = "cluster/local.toml"
+DEFAULT_STATE_DIR = ".dmlsys"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dmlsys.cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-dir", default=os.environ.get("DMLSYS_STATE_DIR", DEFAULT_STATE_DIR),
+                        help="where the supervisor keeps state and logs (default: .dmlsys)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start every node of a spec and supervise them")
+    up.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"cluster spec TOML (default: {DEFAULT_SPEC})")
+    up.add_argument("--detach", action="store_true", help="return once all nodes are ready; supervise in the background")
+    up.add_argument("--host", help="start only the nodes placed on this host of the spec")
+
+    status = sub.add_parser("status", help="show the nodes of the running cluster")
+    status.add_argument("--json", action="store_true", help='print {"nodes": [...], "http": ...} as JSON')
+
+    down = sub.add_parser("down", help="drain and stop the running cluster")
+    down.add_argument("--timeout", type=float, default=60.0, help="seconds to wait before killing (default 60)")
+
+    scale = sub.add_parser("scale", help="change the number of replicas of a node group at run time")
+    scale.add_argument("group", help="the [[nodes]] name that has `replicas = N`")
+    scale.add_argument("replicas", type=int)
+
+    node = sub.add_parser("node", help=argparse.SUPPRESS)  # what the supervisor runs per member
+    node.add_argument("--name", required=True)
+
+    args = parser.parse_args(argv)
+    state_dir = Path(args.state_dir)
+    if args.command == "node":
+        from dmlsys.cluster.nodeproc import main as node_main
+
+        node_main(str(state_dir), args.name)
+        return
+    logging.basicConfig(level=os.environ.get("DMLSYS_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command != "up":
+        logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
+    handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale}[args.command]
+    sys.exit(handler(args, state_dir))
+
+
+# -- up ---------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
+    from dmlsys.cluster.spec import SpecError, load
+
+    try:
+        spec = load(args.spec)
+    except SpecError as e:
+        print(f"error: bad cluster spec: {e}", file=sys.stderr)
+        return 2
+    running = read_state(state_dir)
+    if running and pid_alive(running.get("supervisor", {}).get("pid")):
+        print(f"error: a cluster is already running from {state_dir} (supervisor pid "
+              f"{running['supervisor']['pid']}); run `python -m dmlsys.cluster down` first", file=sys.stderr)
+        return 1
+    (state_dir / "state.json").unlink(missing_ok=True)
+    if args.detach:
+        return up_detached(args, state_dir)
+    import uvloop
+
+    return uvloop.run(up_foreground(spec, state_dir, args.host))
+
+
+async def up_foreground(spec, state_dir: Path, host: str | None) -> int:
+    from dmlsys.cluster.jobs import before_phase
+    from dmlsys.cluster.supervisor import ClusterError, Supervisor
+
+    sup = Supervisor(spec, state_dir, host=host, before_phase=before_phase)
+    loop = asyncio.get_running_loop()
+    up_task = loop.create_task(sup.up())
+
+    def on_signal() -> None:
+        if not up_task.done():
+            up_task.cancel()
+        sup.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await up_task
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print("stopped before the cluster was ready; nothing is left running", file=sys.stderr)
+        return 0
+    print_table(sup.status_document())
+    print_endpoints(sup.status_document())
+    sys.stdout.flush()
+    await sup.supervise()
+    logging.getLogger("dmlsys.supervisor").info("stopping: draining every node")
+    await sup.down()
+    print("cluster stopped", flush=True)
+    return 0
+
+
+def up_detached(args: argparse.Namespace, state_dir: Path) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / "supervisor.log"
+    cmd = [sys.executable, "-m", "dmlsys.cluster", "--state-dir", str(state_dir), "up", args.spec]
+    if args.host:
+        cmd += ["--host", args.host]
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                 start_new_session=True)
+    while True:
+        doc = read_state(state_dir)
+        if doc and doc.get("supervisor", {}).get("pid") == child.pid and doc["state"] in ("ready", "failed"):
+            break
+        if child.poll() is not None:
+            doc = read_state(state_dir)
+            break
+        time.sleep(0.1)
+    if not doc or doc["state"] != "ready":
+        error = (doc or {}).get("error") or f"the supervisor exited with code {child.poll()}"
+        print(f"error: {error}\n(see {log_path})", file=sys.stderr)
+        child.wait(timeout=60)
+        return 1
+    print_table(doc)
+    print_endpoints(doc)
+    print(f"supervisor pid {child.pid} runs in the background; logs in {state_dir}/; "
+          f"stop it with `python -m dmlsys.cluster down`")
+    return 0
+
+
+# -- status / down / scale ------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, state_dir: Path) -> int:
+    doc = read_state(state_dir)
+    if doc is None:
+        if args.json:
+            print(json.dumps({"nodes": [], "http": None, "state": "down"}))
+        else:
+            print(f"no cluster has run from {state_dir}")
+        return 1
+    live = None
+    if pid_alive(doc.get("supervisor", {}).get("pid")):
+        with contextlib.suppress(Exception):
+            live = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "status", None, timeout=3.0))
+    if live is not None:
+        doc = live
+    else:
+        doc["state"] = doc.get("state") if pid_alive(doc.get("supervisor", {}).get("pid")) else "down"
+        for row in doc["nodes"]:
+            if not pid_alive(row.get("pid")):
+                row["state"], row["pid"] = "stopped", None
+    if args.json:
+        print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster")}, indent=2))
+    else:
+        print_table(doc)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, state_dir: Path) -> int:
+    doc = read_state(state_dir)
+    if doc is None:
+        print(f"no cluster has run from {state_dir}")
+        return 0
+    pid = doc.get("supervisor", {}).get("pid")
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            print(f"supervisor pid {pid} did not stop within {args.timeout:g}s; killing it", file=sys.stderr)
+            os.kill(pid, signal.SIGKILL)
+    # Anything the supervisor could not stop (it was SIGKILLed, say) is ours to stop, by pid.
+    leftovers = [row for row in read_state(state_dir)["nodes"] if pid_alive(row.get("pid"))]
+    for row in leftovers:
+        os.kill(row["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(r["pid"]) for r in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for row in leftovers:
+        if pid_alive(row["pid"]):
+            os.kill(row["pid"], signal.SIGKILL)
+    print("cluster stopped")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
+    doc = read_state(state_dir)
+    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
+        print(f"error: no cluster is running from {state_dir}", file=sys.stderr)
+        return 1
+    from dmlsys.node import RemoteError
+
+    try:
+        rows = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "scale",
+                                          {"group": args.group, "replicas": args.replicas}, timeout=300.0))
+    except RemoteError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    print_table({"nodes": rows, "cluster": doc.get("cluster")})
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
+    from dmlsys.node import Node
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    name = f"cli-{os.getpid()}"
+    node = Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"))
+    await node.start()
+    try:
+        node.transport.add_peer("supervisor", address)
+        return await node.call("supervisor", "cluster", method, body, timeout=timeout)
+    finally:
+        await node.stop(drain_timeout=0)
+
+
+def read_state(state_dir: Path) -> dict | None:
+    try:
+        return json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still "exists"; treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cluster {doc.get('cluster', '')}: {doc.get('state', '')}".strip())
+    for col in ("name", "role", "pid", "zmq", "admin", "state"):
+        table.add_column(col)
+    colors = {"ready": "green", "alive": "yellow", "starting": "yellow", "restarting": "red", "draining": "yellow"}
+    for row in doc.get("nodes", []):
+        state = row.get("state", "")
+        color = colors.get(state, "red" if state in ("unresponsive", "exited") else "")
+        table.add_row(row["name"], row["role"], str(row.get("pid") or "-"), row["zmq"], row.get("admin") or "-",
+                      f"[{color}]{state}[/]" if color else state)
+    Console().print(table)
+
+
+def print_endpoints(doc: dict) -> None:
+    http = doc.get("http")
+    if not http or not any(r["role"] == "gateway" for r in doc.get("nodes", [])):
+        return
+    models = sorted({r.get("model") for r in doc.get("nodes", []) if r.get("model")}) or ["fashion-mlp"]
+    print(f"\nHTTP front door: {http}")
+    for model in models:
+        print(f"  predict: POST {http}/v1/models/{model}:predict")
+    print("  try it:")
+    print(f"    curl -s {http}/v1/models/{models[0]}:predict -H 'Content-Type: application/json' \\\n"
+          f"      -d \"{{\\\"instances\\\": [$(python3 -c 'print([0]*784)')]}}\"")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""The supervisor: starts one process per node, waits for readiness, restarts what dies.
+
+It is itself a node, named "supervisor", hosting the ``cluster`` service: nodes ask it for the
+member list (``members``), the CLI asks it for ``status`` and to ``scale`` a group. Its state is
+mirrored to ``.dmlsys/state.json`` so that ``status`` and ``down`` work from another shell even
+when it is not answering.
+
+Order of shutdown: nodes in reverse start order (gateways before replicas, so that the door
+stops taking requests before the replicas behind it go), each drained by SIGTERM and killed
+only after ``stop_timeout``; the supervisor's own node last, so nodes can still reach it while
+they drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dmlsys.cluster.roles import ResolvedCluster
+from dmlsys.cluster.spec import ClusterSpec, NodeSpec, port_in_use, resolve_member
+from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
+from dmlsys.wire import TransportError
+from dmlsys.wire.zmq_transport import ZmqTransport
+
+log = logging.getLogger("dmlsys.supervisor")
+
+READY_TIMEOUT = 180.0  # a replica may compile its model; a worker may load data
+PROBE_PERIOD = 0.5
+BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 30.0
+STOP_TIMEOUT = 30.0
+
+
+class ClusterError(RuntimeError):
+    """``up`` could not bring the cluster up; the message names the node and the reason."""
+
+
+@dataclasses.dataclass
+class Proc:
+    """One supervised member: its process and what we know of its health."""
+
+    member: Member
+    group: str | None
+    process: asyncio.subprocess.Process | None = None
+    state: str = "pending"
+    restarts: int = 0
+    streak: int = 0  # restarts since it last ran for BACKOFF_RESET seconds
+    started_at: float = 0.0
+    stopping: bool = False
+    waiter: asyncio.Task | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "name": self.member.name, "role": self.member.role,
+            "pid": self.process.pid if self.process and self.process.returncode is None else None,
+            "zmq": self.member.zmq, "admin": f"http://{self.member.admin}" if self.member.admin else None,
+            "state": self.state, "restarts": self.restarts, "host": self.member.host,
+        }
+
+
+class ClusterService(Service):
+    name = "cluster"
+
+    def __init__(self, supervisor: "Supervisor") -> None:
+        self.sup = supervisor
+
+    @rpc
+    def members(self, body):
+        return [m.to_dict() for m in self.sup.members()]
+
+    @rpc
+    def status(self, body=None):
+        return self.sup.status_document()
+
+    @rpc
+    async def scale(self, body):
+        return await self.sup.scale(str(body["group"]), int(body["replicas"]))
+
+    @rpc
+    def shutdown(self, body):
+        self.sup.request_stop()
+        return "stopping"
+
+
+class Supervisor:
+    def __init__(self, spec: ClusterSpec, state_dir: Path, *, host: str | None = None,
+                 before_phase: Callable[["Supervisor", str], Any] | None = None) -> None:
+        self.spec = spec
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.host = host
+        self.procs: dict[str, Proc] = {}
+        self.state = "starting"
+        self.error: str | None = None
+        self.node: Node | None = None
+        self._stop = asyncio.Event()
+        self._before_phase = before_phase
+        self._groups: dict[str, int] = {n.name: n.replicas for n in spec.nodes if n.replicas is not None}
+
+    # -- membership -------------------------------------------------------------------------
+
+    def members(self) -> list[Member]:
+        sup = Member("supervisor", "supervisor", self.node.transport.address if self.node else self.spec.supervisor)
+        return [sup, *(p.member for p in self.procs.values())]
+
+    def resolved(self) -> ResolvedCluster:
+        return ResolvedCluster(
+            self.spec.name, tuple(p.member for p in self.procs.values()),
+            str(Path(self.spec.store).resolve()), str(self.state_dir.resolve()),
+            self.spec.http, self.node.transport.address if self.node else self.spec.supervisor,
+        )
+
+    def _local(self, member: Member) -> bool:
+        return self.host is None or member.host == self.host
+
+    # -- state file -------------------------------------------------------------------------
+
+    def status_document(self) -> dict[str, Any]:
+        return {
+            "cluster": self.spec.name, "spec": self.spec.path, "state": self.state, "error": self.error,
+            "supervisor": {"pid": os.getpid(), "zmq": self.node.transport.address if self.node else None},
+            "http": f"http://{self.spec.http}" if self.spec.http else None,
+            "nodes": [p.row() for p in self.procs.values()],
+            "updated": time.time(),
+        }
+
+    def write_state(self) -> None:
+        _write_json(self.state_dir / "state.json", self.status_document())
+
+    def _set(self, proc: Proc, state: str) -> None:
+        if proc.state != state:
+            proc.state = state
+            self.write_state()
+
+    # -- bring up ---------------------------------------------------------------------------
+
+    async def up(self) -> None:
+        """Start everything and wait until it is ready; on failure, leave nothing running."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        for node_spec in self.spec.nodes:
+            for name in node_spec.member_names():
+                self.procs[name] = Proc(resolve_member(node_spec, name), node_spec.name if node_spec.replicas is not None else None)
+        for proc in self.procs.values():
+            m = proc.member
+            for kind, address in (("zmq", m.zmq), ("admin", m.admin)):
+                if self._local(m) and address and port_in_use(address):
+                    raise ClusterError(f"node {m.name!r}: {kind} port {address} is already in use "
+                                       f"(change nodes.{self.spec.group_of(m.name).name if proc.group else m.name}.{kind} "
+                                       f"in {self.spec.path})")
+        try:
+            await self._start_supervisor_node()
+            self.write_state()
+            # Phase "serving" waits for phase "base" so that e.g. a model can be trained first.
+            base = [p for p in self.procs.values() if p.member.role != "replica" and self._local(p.member)]
+            serving = [p for p in self.procs.values() if p.member.role == "replica" and self._local(p.member)]
+            for phase, procs in (("base", base), ("serving", serving)):
+                if self._before_phase is not None:
+                    result = self._before_phase(self, phase)
+                    if asyncio.iscoroutine(result):
+                        await result
+                await asyncio.gather(*(self._spawn(p) for p in procs))
+                await self._wait_ready(procs)
+            self.state = "ready"
+            self.write_state()
+        except BaseException as e:
+            self.state = "failed"
+            self.error = str(e) if isinstance(e, ClusterError) else f"{type(e).__name__}: {e}"
+            await self.down()
+            self.write_state()
+            raise
+
+    async def _start_supervisor_node(self) -> None:
+        address = self.spec.supervisor
+        if self.host is not None and self.spec.hosts.get(self.host) and not address.startswith("ipc://"):
+            primary = address.removeprefix("tcp://").rsplit(":", 1)[0]
+            if primary != self.spec.hosts[self.host]:
+                address = f"tcp://{self.spec.hosts[self.host]}:0"  # a secondary host's supervisor
+        node = Node("supervisor", ZmqTransport("supervisor", address), role="supervisor",
+                    directory=Directory([p.member for p in self.procs.values()]))
+        node.add_service(ClusterService(self))
+        try:
+            await node.start()
+        except TransportError as e:
+            raise ClusterError(f"supervisor: {e} (set cluster.supervisor in {self.spec.path})") from None
+        self.node = node
+
+    async def _spawn(self, proc: Proc) -> None:
+        _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
+        logfile = open(self.log_dir / f"{proc.member.name}.log", "ab")
+        try:
+            proc.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dmlsys.cluster", "--state-dir", str(self.state_dir), "node",
+                "--name", proc.member.name,
+                stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops nodes in order
+            )
+        finally:
+            logfile.close()
+        proc.started_at = time.monotonic()
+        proc.stopping = False
+        self._set(proc, "starting")
+        proc.waiter = asyncio.get_running_loop().create_task(self._watch(proc, proc.process))
+        log.info("started %s (%s) pid %d on %s", proc.member.name, proc.member.role, proc.process.pid, proc.member.zmq)
+
+    async def _wait_ready(self, procs: list[Proc]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        pending = list(procs)
+        while pending:
+            for proc in list(pending):
+                if proc.process.returncode is not None:
+                    raise ClusterError(f"node {proc.member.name!r} exited with code {proc.process.returncode} while "
+                                       f"starting:\n{self.log_tail(proc.member.name)}")
+                if await self._probe(proc) == "ready":
+                    pending.remove(proc)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(p.member.name for p in pending)
+                raise ClusterError(f"node(s) {names} not ready within {READY_TIMEOUT:g}s; see {self.log_dir}")
+            if pending:
+                await asyncio.sleep(0.1)
+
+    async def _probe(self, proc: Proc) -> str:
+        try:
+            body = await self.node.call(proc.member.name, "node", "ping", None, timeout=2.0)
+            state = body["state"]
+        except NodeError:
+            state = "unresponsive" if proc.state not in ("starting", "restarting") else proc.state
+        if proc.process is None or proc.process.returncode is not None:
+            return proc.state
+        self._set(proc, state)
+        return state
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        try:
+            text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in text[-lines:])
+
+    # -- supervise --------------------------------------------------------------------------
+
+    async def _watch(self, proc: Proc, process: asyncio.subprocess.Process) -> None:
+        code = await process.wait()
+        if proc.stopping or self.state in ("stopping", "stopped", "failed") or process is not proc.process:
+            return
+        if self.state == "starting":
+            return  # _wait_ready reports it
+        ran = time.monotonic() - proc.started_at
+        if ran > BACKOFF_RESET:
+            proc.streak = 0
+        delay = min(BACKOFF_START * 2 ** proc.streak, BACKOFF_MAX)
+        proc.streak += 1
+        proc.restarts += 1
+        self._set(proc, "restarting")
+        log.warning("node %s (pid %d) exited with code %s after %.1fs; restarting in %.1fs (restart #%d)",
+                    proc.member.name, process.pid, code, ran, delay, proc.restarts)
+        await asyncio.sleep(delay)
+        if self.state == "ready" and not proc.stopping:
+            await self._spawn(proc)
+
+    async def supervise(self) -> None:
+        """Probe every node until asked to stop; restarts happen in each process's watcher."""
+        while not self._stop.is_set():
+            await asyncio.gather(*(self._probe(p) for p in self.procs.values()
+                                   if p.process is not None and p.process.returncode is None and not p.stopping))
+            try:
+                await asyncio.wait_for(self._stop.wait(), PROBE_PERIOD)
+            except TimeoutError:
+                pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def scale(self, group: str, replicas: int) -> list[dict]:
+        try:
+            template: NodeSpec = self.spec.node_spec(group)
+        except KeyError:
+            raise ValueError(f"no node group named {group!r} (groups: {', '.join(sorted(self._groups)) or 'none'})") from None
+        if template.replicas is None:
+            raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
+        if not 0 <= replicas <= 64:
+            raise ValueError(f"replicas must be from 0 to 64, got {replicas}")
+        current = self._groups[group]
+        if replicas > current:
+            new = []
+            for name in template.member_names(replicas)[current:]:
+                proc = Proc(resolve_member(template, name), group)
+                self.procs[name] = proc
+                new.append(proc)
+            self.node.directory.update(p.member for p in self.procs.values())
+            await asyncio.gather(*(self._spawn(p) for p in new))
+            self._groups[group] = replicas
+            await self._wait_ready(new)
+        elif replicas < current:
+            gone = [self.procs[name] for name in template.member_names(current)[replicas:]]
+            self._groups[group] = replicas
+            await asyncio.gather(*(self._stop_proc(p) for p in gone))
+            for p in gone:
+                del self.procs[p.member.name]
+            self.node.directory.update(p.member for p in self.procs.values())
+            _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
+        self.write_state()
+        log.info("scaled %s from %d to %d replicas", group, current, replicas)
+        return [p.row() for p in self.procs.values() if p.group == group]
+
+    # -- shut down --------------------------------------------------------------------------
+
+    async def _stop_proc(self, proc: Proc) -> None:
+        proc.stopping = True
+        process = proc.process
+        if process is None or process.returncode is not None:
+            self._set(proc, "stopped")
+            return
+        self._set(proc, "draining")
+        try:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+        except ProcessLookupError:
+            pass
+        except TimeoutError:
+            log.warning("node %s did not stop within %.0fs; killing it", proc.member.name, STOP_TIMEOUT)
+            process.kill()
+            await process.wait()
+        self._set(proc, "stopped")
+
+    async def down(self) -> None:
+        if self.state not in ("failed",):
+            self.state = "stopping"
+        self.write_state()
+        # Reverse start order in two waves: serving nodes (replicas) go after the rest has
+        # stopped taking requests; within a wave, in parallel.
+        procs = list(self.procs.values())
+        front = [p for p in procs if p.member.role != "replica"]
+        back = [p for p in procs if p.member.role == "replica"]
+        for wave in (front, back):
+            await asyncio.gather(*(self._stop_proc(p) for p in reversed(wave)))
+        for p in procs:
+            if p.waiter is not None:
+                p.waiter.cancel()
+        if self.node is not None:
+            await self.node.stop(drain_timeout=1.0)
+        if self.state == "stopping":
+            self.state = "stopped"
+        self.write_state()
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
