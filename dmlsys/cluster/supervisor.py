@@ -148,14 +148,8 @@ class Supervisor:
         for node_spec in self.spec.nodes:
             for name in node_spec.member_names():
                 self.procs[name] = Proc(resolve_member(node_spec, name), node_spec.name if node_spec.replicas is not None else None)
-        for proc in self.procs.values():
-            m = proc.member
-            for kind, address in (("zmq", m.zmq), ("admin", m.admin)):
-                if self._local(m) and address and port_in_use(address):
-                    raise ClusterError(f"node {m.name!r}: {kind} port {address} is already in use "
-                                       f"(change nodes.{self.spec.group_of(m.name).name if proc.group else m.name}.{kind} "
-                                       f"in {self.spec.path})")
         try:
+            self._check_ports()
             await self._start_supervisor_node()
             self.write_state()
             # Phase "serving" waits for phase "base" so that e.g. a model can be trained first.
@@ -176,6 +170,14 @@ class Supervisor:
             await self.down()
             self.write_state()
             raise
+
+    def _check_ports(self) -> None:
+        for proc in self.procs.values():
+            m = proc.member
+            for kind, address in (("zmq", m.zmq), ("admin", m.admin)):
+                if self._local(m) and address and port_in_use(address):
+                    raise ClusterError(f"node {m.name!r}: {kind} port {address} is already in use "
+                                       f"(change nodes.{proc.group or m.name}.{kind} in {self.spec.path})")
 
     async def _start_supervisor_node(self) -> None:
         address = self.spec.supervisor
