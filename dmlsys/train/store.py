@@ -82,7 +82,7 @@ def params_sha(flat: Mapping[str, np.ndarray]) -> str:
     for key in sorted(flat):
         a = np.ascontiguousarray(flat[key])
         h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
