@@ -156,7 +156,7 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
             raise err(f"{where}.replicas", f"an integer from 0 to 64, got {replicas!r}")
         zmq = _str(raw.get("zmq", f"tcp://{hosts[host]}:0"), f"{where}.zmq", err)
         _zmq_address(zmq, f"{where}.zmq", err)
-        admin = raw.get("admin", f"{hosts[host]}:0")
+        admin = raw.get("admin", "127.0.0.1:0")  # admin endpoints stay on loopback unless configured
         if admin is not None:
             _host_port(_str(admin, f"{where}.admin", err), f"{where}.admin", err)
         config = _table(raw.get("config", {}), f"{where}.config", err)
