@@ -101,10 +101,10 @@ def _update(h: Any, value: Any) -> None:
             raise NotCanonical(f"a {type(value).__module__}.{type(value).__qualname__} has no canonical encoding")
         if arr.dtype.hasobject:
             raise NotCanonical("object-dtype array (its elements are arbitrary Python objects)")
-        arr = np.ascontiguousarray(arr)
+        # The shape is taken before ascontiguousarray, which turns a 0-d array into a 1-d one.
         h.update(b"a" + arr.dtype.str.encode() + b";" + ",".join(map(str, arr.shape)).encode() + b";")
         if arr.size:
-            h.update(arr.reshape(-1).view(np.uint8).data)
+            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
 
 def _first(pair: tuple) -> Any:

@@ -42,8 +42,9 @@ def _default(obj: Any) -> Any:
         raise SerialError(f"a {type(obj).__module__}.{type(obj).__qualname__} cannot be stored without pickle")
     if arr.dtype.hasobject:
         raise SerialError("object-dtype arrays cannot be stored (they would need pickle)")
-    arr = np.ascontiguousarray(arr)
-    return msgpack.ExtType(EXT_ARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), arr.reshape(-1).view(np.uint8).data]))
+    shape = list(arr.shape)  # before ascontiguousarray, which turns a 0-d array into 1-d
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return msgpack.ExtType(EXT_ARRAY, msgpack.packb([arr.dtype.str, shape, flat.data]))
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
