@@ -1,12 +1,91 @@
-"""Work the supervisor does between bringing up phases of nodes (e.g. train before serving)."""
+"""Work the supervisor does between phases of ``up``: train what the replicas will serve.
+
+``up`` starts nodes in two phases: everything but replicas ("base"), then replicas ("serving").
+Before the serving phase, every model a replica is configured to serve must be in the model
+store. A missing one is trained from its recipe in the spec::
+
+    [cluster.train.fashion-mlp]
+    arch = { kind = "mlp", hidden = [256, 128] }
+    epochs = 5
+    batch_size = 128
+    lr = 0.001
+
+on the cluster's worker nodes when it has any (ring allreduce, data parallel), else in-process.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dmlsys.cluster.supervisor import Supervisor
 
+log = logging.getLogger("dmlsys.supervisor")
+
+
+class JobError(RuntimeError):
+    """A job the cluster needs before serving could not run; the message says what to fix."""
+
+
+def recipe(sup: "Supervisor", model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arch, hyperparams) for ``model`` from ``[cluster.train.MODEL]``, validated."""
+    from dmlsys.train.trainer import Hyperparams
+
+    where = f"{sup.spec.path}: cluster.train.{model}"
+    table = sup.spec.train.get(model)
+    if not isinstance(table, dict):
+        known = ", ".join(sorted(sup.spec.train)) or "none"
+        raise JobError(f"model {model!r} is not in the store at {sup.spec.store} and {sup.spec.path} has no "
+                       f"[cluster.train.{model}] recipe to train it (recipes: {known})")
+    table = dict(table)
+    arch = table.pop("arch", None)
+    if not isinstance(arch, dict):
+        raise JobError(f"{where}.arch: a table such as {{ kind = \"mlp\" }}")
+    fields = {f.name for f in dataclasses.fields(Hyperparams)}
+    unknown = set(table) - fields
+    if unknown:
+        raise JobError(f"{where}.{sorted(unknown)[0]}: unknown key (known: arch, {', '.join(sorted(fields))})")
+    try:
+        Hyperparams(**table)
+    except Exception as e:
+        raise JobError(f"{where}: {e}") from None
+    return arch, table
+
+
+def missing_models(sup: "Supervisor") -> list[str]:
+    from dmlsys.train.store import ModelStore
+
+    store = ModelStore(Path(sup.spec.store))
+    wanted = sorted({p.member.config.get("model") for p in sup.procs.values()
+                     if p.member.role == "replica" and p.member.config.get("model")})
+    return [m for m in wanted if not store.versions(m)]
+
 
 async def before_phase(sup: "Supervisor", phase: str) -> None:
     """Called before each phase ("base", then "serving") of ``up``."""
+    if phase != "serving":
+        return
+    for model in missing_models(sup):
+        arch, hyperparams = recipe(sup, model)
+        workers = [p.member.name for p in sup.procs.values() if p.member.role == "worker" and sup._local(p.member)]
+        log.info("model %r is not in the store yet: training it (%s) on %s", model, arch,
+                 f"workers {', '.join(workers)}" if workers else "this process")
+        if workers:
+            from dmlsys.collective.job import train_on_workers
+
+            result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams)
+        else:
+            result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams)
+        log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
+
+
+def train_in_process(store: Path, model: str, arch: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+    from dmlsys.train.store import ModelStore
+    from dmlsys.train.trainer import Hyperparams, train_model
+
+    result = train_model(arch, Hyperparams(**hyperparams), store=ModelStore(store), model_name=model)
+    return {"version": result.version, "test_accuracy": result.test_accuracy}

@@ -169,6 +169,8 @@ class Supervisor:
             self.error = str(e) if isinstance(e, ClusterError) else f"{type(e).__name__}: {e}"
             await self.down()
             self.write_state()
+            if isinstance(e, Exception) and not isinstance(e, ClusterError):
+                raise ClusterError(self.error) from e
             raise
 
     def _check_ports(self) -> None:
