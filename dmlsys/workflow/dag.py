@@ -109,6 +109,7 @@ class Step:
     kwargs: tuple[tuple[str, Edge], ...] = dataclasses.field(init=False, repr=False)
     deps: tuple[str, ...] = dataclasses.field(init=False, repr=False)
     is_async: bool = dataclasses.field(init=False, repr=False)
+    has_async_edges: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, Mapping):
@@ -118,9 +119,14 @@ class Step:
         else:
             args, kwargs = tuple(self.inputs), ()
         deps: dict[str, None] = {}
+        has_async_edges = False
         for edge in args + tuple(e for _, e in kwargs):
-            for d in (edge.steps if isinstance(edge, AsCompleted) else (edge,)):
-                deps[d] = None
+            if isinstance(edge, AsCompleted):
+                has_async_edges = True
+                deps.update(dict.fromkeys(edge.steps))
+            else:
+                deps[edge] = None
+        object.__setattr__(self, "has_async_edges", has_async_edges)
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "kwargs", kwargs)
         object.__setattr__(self, "deps", tuple(deps))

@@ -38,7 +38,7 @@ import functools
 import sys
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from . import report as R
 from .dag import AsCompleted, Plan, Workflow
@@ -139,26 +139,19 @@ class _Run:
         self.memo = [sched.store is not None and s.cache.enabled for s in plan.steps]
         # Edges. Positional/keyword inputs are ints (a regular edge: the dep's final result) or
         # ("async", edge id). reg_children / async_children drive completion propagation.
-        self.waiting = [0] * n
-        self.reg_children: list[list[int]] = [[] for _ in range(n)]
-        self.async_children: list[list[tuple[int, int]]] = [[] for _ in range(n)]
         self.edges: list[list[AsCompleted]] = [[] for _ in range(n)]
         self.pos: list[tuple] = []
         self.kw: list[tuple] = []
-        for i, s in enumerate(plan.steps):
-            def spec(edge: Any) -> Any:
-                if isinstance(edge, AsCompleted):
-                    self.edges[i].append(edge)
-                    for src in edge.steps:
-                        self.async_children[index[src]].append((i, len(self.edges[i]) - 1))
-                    return ("async", len(self.edges[i]) - 1)
-                return index[edge]
-            self.pos.append(tuple(spec(e) for e in s.args))
-            self.kw.append(tuple((k, spec(e)) for k, e in s.kwargs))
-            regular = {x for x in self.pos[i] + tuple(v for _, v in self.kw[i]) if isinstance(x, int)}
-            self.waiting[i] = len(regular)
-            for d in regular:
-                self.reg_children[d].append(i)
+        if not any(s.has_async_edges for s in plan.steps):
+            # The common case, kept lean (10,000-step DAGs): the plan's edges are the regular edges.
+            self.waiting = [len(d) for d in plan.deps]
+            self.reg_children: Sequence[Sequence[int]] = plan.children
+            self.async_children: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+            for s in plan.steps:
+                self.pos.append(tuple([index[e] for e in s.args]))
+                self.kw.append(tuple([(k, index[e]) for k, e in s.kwargs]) if s.kwargs else ())
+        else:
+            self._general_edges()
         self.has_async = [bool(e) for e in self.edges]
         self.arrived: list[list[dict[str, Any]]] = [[{} for _ in e] for e in self.edges]
         self.settled: list[list[int]] = [[0] * len(e) for e in self.edges]
@@ -173,6 +166,27 @@ class _Run:
         self.wake: asyncio.Future | None = None
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.t0 = 0.0
+
+    def _general_edges(self) -> None:
+        plan, index, n = self.plan, self.plan.index, len(self.plan.steps)
+        self.waiting = [0] * n
+        reg_children: list[list[int]] = [[] for _ in range(n)]
+        self.async_children = [[] for _ in range(n)]
+        for i, s in enumerate(plan.steps):
+            def spec(edge: Any) -> Any:
+                if isinstance(edge, AsCompleted):
+                    self.edges[i].append(edge)
+                    for src in edge.steps:
+                        self.async_children[index[src]].append((i, len(self.edges[i]) - 1))
+                    return ("async", len(self.edges[i]) - 1)
+                return index[edge]
+            self.pos.append(tuple(spec(e) for e in s.args))
+            self.kw.append(tuple((k, spec(e)) for k, e in s.kwargs))
+            regular = {x for x in self.pos[i] + tuple(v for _, v in self.kw[i]) if isinstance(x, int)}
+            self.waiting[i] = len(regular)
+            for d in sorted(regular):
+                reg_children[d].append(i)
+        self.reg_children = reg_children
 
     # ------------------------------------------------------------------ main loop
     async def main(self) -> None:
