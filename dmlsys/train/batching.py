@@ -53,6 +53,7 @@ class Batch(NamedTuple):
 
     x: np.ndarray  # float32, (b, 28, 28) or (b, 784)
     y: np.ndarray  # int32, (b,)
+    ids: np.ndarray  # the samples' indices in the dataset
     global_size: int  # samples in the whole global batch: the gradient's divisor
     step: int  # position of this batch within the epoch
 
@@ -94,11 +95,18 @@ def prepare(images: np.ndarray, labels: np.ndarray, *, flatten: bool) -> tuple[n
     return x, labels.astype(np.int32)
 
 
-def flip_augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mirror a random half of the images left-right (clothes are roughly symmetric)."""
-    flat = x.ndim == 2
-    imgs = x.reshape(len(x), 28, -1) if flat else x
-    mask = rng.random(len(x)) < 0.5
+def flip_mask(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Which of the ``n`` samples are mirrored in ``epoch``: a coin per *sample id*.
+
+    Keyed by sample, not by position in a batch, so a sample is flipped the same way
+    whichever worker's shard it lands in: N workers augment exactly as one worker does.
+    """
+    return np.random.default_rng([seed, epoch, 2]).random(n) < 0.5
+
+
+def flip_augment(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mirror left-right the images where ``mask`` is true (clothes are roughly symmetric)."""
+    imgs = x.reshape(len(x), 28, -1) if x.ndim == 2 else x
     out = np.where(mask[:, None, None], imgs[:, :, ::-1], imgs)
     return out.reshape(x.shape)
 
@@ -133,7 +141,7 @@ class BatchLoader:
         shard_bounds(0, rank, size)  # validates rank/size
         self.images, self.labels = images, labels
         self.config, self.rank, self.size = config, rank, size
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
         self._prepared = 0
         self._hits = 0
 
@@ -149,12 +157,12 @@ class BatchLoader:
         order = epoch_order(len(self.labels), seed=c.seed, epoch=order_epoch, shuffle=c.shuffle)
         return global_batches(order, c.batch_size, drop_last=c.drop_last)
 
-    def _prepare(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    def _prepare(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         lo, hi = shard_bounds(len(idx), self.rank, self.size)
         mine = np.sort(idx[lo:hi])  # sorted gather is kinder to the cache; order within a batch is irrelevant
         x, y = prepare(self.images[mine], self.labels[mine], flatten=self.config.flatten)
         self._prepared += 1
-        return x, y, len(idx)
+        return x, y, mine, len(idx)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Yield this worker's :class:`Batch` for every step of ``epoch``."""
@@ -162,20 +170,21 @@ class BatchLoader:
         batches = self._batch_indices(epoch) if not (c.cache and self._cache_complete()) else None
         num = len(self) if batches is None else len(batches)
         perm = batch_permutation(num, seed=c.seed, epoch=epoch, shuffle=c.shuffle and c.cache)
+        flips = flip_mask(len(self.labels), seed=c.seed, epoch=epoch) if c.augment else None
         for step, b in enumerate(perm):
             b = int(b)
             if c.cache and b in self._cache:
-                x, y, gsize = self._cache[b]
+                x, y, ids, gsize = self._cache[b]
                 self._hits += 1
             else:
                 if batches is None:
                     batches = self._batch_indices(epoch)
-                x, y, gsize = self._prepare(batches[b])
+                x, y, ids, gsize = self._prepare(batches[b])
                 if c.cache:
-                    self._cache[b] = (x, y, gsize)
-            if c.augment:
-                x = flip_augment(x, np.random.default_rng([c.seed, epoch, step, 2]))
-            yield Batch(x, y, gsize, step)
+                    self._cache[b] = (x, y, ids, gsize)
+            if flips is not None:
+                x = flip_augment(x, flips[ids])
+            yield Batch(x, y, ids, gsize, step)
 
     def _cache_complete(self) -> bool:
         return len(self._cache) == len(self)
@@ -185,6 +194,6 @@ class BatchLoader:
 
     def stats(self) -> dict[str, int]:
         """Counters: batches prepared, batches served from the cache, bytes the cache holds."""
-        nbytes = sum(x.nbytes + y.nbytes for x, y, _ in self._cache.values())
+        nbytes = sum(x.nbytes + y.nbytes + i.nbytes for x, y, i, _ in self._cache.values())
         return {"prepared": self._prepared, "cache_hits": self._hits, "cached_batches": len(self._cache),
                 "cached_bytes": nbytes}

@@ -187,7 +187,8 @@ class Trainer:
             raise TrainError(f"{dataset.num_train} training samples make no batch of {hp.batch_size}")
         opt = self.hp.optimizer_for(len(loader))
         update = self._make_update(opt)
-        meta = {"arch": self.model.arch, "hyperparams": dataclasses.asdict(hp), "world_size": g.size}
+        # world size is not in meta: N workers compute what one does, so a run may resume on another N
+        meta = {"arch": self.model.arch, "hyperparams": dataclasses.asdict(hp)}
 
         init_key, rng = jax.random.split(jax.random.PRNGKey(hp.seed))
         params = self.model.init(init_key)

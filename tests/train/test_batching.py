@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from dmlsys.train.batching import BatchConfig, BatchLoader, flip_augment, prepare, shard_bounds
+from dmlsys.train.batching import BatchConfig, BatchLoader, flip_augment, flip_mask, prepare, shard_bounds
 
 
 def ids_dataset(n: int):
@@ -46,13 +46,19 @@ def test_shard_bounds_partition_a_batch_in_rank_order(batch_len, size):
 @given(n=st.integers(8, 80), batch=st.integers(4, 20), size=st.integers(1, 4), epoch=st.integers(0, 2),
        cache=st.booleans())
 def test_worker_shards_together_are_the_single_worker_batch(n, batch, size, epoch, cache):
-    cfg = BatchConfig(batch, seed=7, cache=cache)
-    whole = [sorted(b) for b in epoch_ids(BatchLoader(*ids_dataset(n), cfg), epoch)]
-    shards = [list(BatchLoader(*ids_dataset(n), cfg, rank=r, size=size).epoch(epoch)) for r in range(size)]
-    for step, batch_ids in enumerate(whole):
+    cfg = BatchConfig(batch, seed=7, cache=cache, augment=True)
+    images = np.random.default_rng(n).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    single = list(BatchLoader(images, np.arange(n), cfg).epoch(epoch))
+    shards = [list(BatchLoader(images, np.arange(n), cfg, rank=r, size=size).epoch(epoch)) for r in range(size)]
+    for step, whole in enumerate(single):
         union = sorted(i for r in range(size) for i in shards[r][step].y.tolist())
-        assert union == batch_ids
-        assert {shards[r][step].global_size for r in range(size)} == {len(batch_ids)}
+        assert union == sorted(whole.y.tolist())
+        assert {shards[r][step].global_size for r in range(size)} == {len(whole.y)}
+        # the same sample is prepared and augmented identically wherever it lands
+        by_id = {int(i): x for i, x in zip(whole.ids, whole.x)}
+        for r in range(size):
+            for i, x in zip(shards[r][step].ids, shards[r][step].x):
+                np.testing.assert_array_equal(x, by_id[int(i)])
 
 
 def test_cached_epoch_serves_the_first_epochs_batches_without_preparing_again():
@@ -89,11 +95,13 @@ def test_prepare_scales_to_unit_float32_and_flattens():
 
 def test_flip_augment_mirrors_some_images_and_keeps_pixels():
     x = np.random.default_rng(0).random((64, 28, 28), dtype=np.float32)
-    out = flip_augment(x, np.random.default_rng(1))
+    mask = flip_mask(64, seed=0, epoch=1)
+    out = flip_augment(x, mask)
     mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x)]
     unchanged = [np.array_equal(o, i) for o, i in zip(out, x)]
-    assert all(m or u for m, u in zip(mirrored, unchanged)) and 0 < sum(mirrored) < 64
-    flat = flip_augment(x.reshape(64, -1), np.random.default_rng(1))
+    assert mirrored == mask.tolist() and unchanged == (~mask).tolist() and 0 < mask.sum() < 64
+    assert not np.array_equal(mask, flip_mask(64, seed=0, epoch=2))  # fresh coins every epoch
+    flat = flip_augment(x.reshape(64, -1), mask)
     np.testing.assert_array_equal(flat.reshape(64, 28, 28), out)
 
 
