@@ -107,7 +107,8 @@ def flip_mask(n: int, *, seed: int, epoch: int) -> np.ndarray:
 def flip_augment(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mirror left-right the images where ``mask`` is true (clothes are roughly symmetric)."""
     imgs = x.reshape(len(x), 28, -1) if x.ndim == 2 else x
-    out = np.where(mask[:, None, None], imgs[:, :, ::-1], imgs)
+    out = imgs.copy()  # never write into a cached batch
+    out[mask] = imgs[mask][:, :, ::-1]
     return out.reshape(x.shape)
 
 
