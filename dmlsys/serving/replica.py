@@ -1,0 +1,255 @@
+"""The model-server replica: one service, ``model``, that loads a version and predicts in batches.
+
+Lifecycle, as ``/readyz`` shows it (the readiness gate is named ``model``)::
+
+    loading fashion-mlp (latest)            not ready: nothing to answer with yet
+    ready                                   answers with v3
+    reloading fashion-mlp to v4 (serving v3)  not ready, but still answers, with v3
+    ready                                   answers with v4: the swap happened between batches
+
+A reload builds and warms the new ``Runtime`` beside the old one and swaps a single reference,
+so a batch runs wholly on one version and no answer ever comes from a half-loaded model.
+Every reply names the version that computed it.
+
+**Adaptive batching.** Requests that arrive while the model is busy queue up; when it is free
+it takes everything queued (up to ``max_batch``) as one batch. Under light load a batch is one
+request and adds no delay; under heavy load batches grow on their own and the per-request
+cost (parsing, dispatch, one matrix product instead of many) falls, which is how TensorFlow
+Serving and Triton trade nothing at low load for throughput at high load. We never wait on a
+timer to fill a batch: the only wait is the one the busy model imposes anyway.
+
+Predict bodies: ``{"json": <request body bytes>, "max_instances": n}`` from the HTTP front door
+(parsed here, in the replica, so parsing scales out with replicas; the reply carries the
+ready-made JSON response as ``body``), or ``{"x": float32 array (n, 784)}`` from other nodes
+(the reply carries ``scores``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from dmlsys.node import Service, State, rpc
+from dmlsys.serving import instances
+from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady
+from dmlsys.serving.runtime import BUCKETS, Runtime
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str, str, "int | None"], Runtime]  # (store, model, version) -> Runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig:
+    model: str
+    store: str
+    version: int | None = None  # None: the latest in the store
+    max_batch: int = 64
+    max_instances: int = 64  # per request, when the caller does not say
+    buckets: tuple[int, ...] = BUCKETS
+
+
+def default_loader(buckets=BUCKETS) -> Loader:
+    from dmlsys.serving import runtime
+
+    return lambda store, model, version: runtime.load(store, model, version, buckets)
+
+
+class ModelService(Service):
+    """Serves one model. ``offload=True`` runs loading in a thread (real processes); simulated
+    tests pass ``offload=False`` and a fast loader, since threads do not mix with virtual time."""
+
+    name = "model"
+
+    def __init__(self, config: ReplicaConfig, *, loader: Loader | None = None, offload: bool = True) -> None:
+        self.config = config
+        self.loader = loader or default_loader(config.buckets)
+        self.offload = offload
+        self.runtime: Runtime | None = None
+        self.phase = "loading"
+        self.last_error: str | None = None
+        self._queue: collections.deque = collections.deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._loader_task: asyncio.Task | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self.batches = 0
+        self.requests = 0
+        self.instances = 0
+        self.max_seen_batch = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, node) -> None:
+        await super().start(node)
+        self._wake = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        want = "latest" if self.config.version is None else f"v{self.config.version}"
+        self.gate = node.gate("model", f"loading {self.config.model} ({want})")
+        node.metrics.gauge("serving_batch_queue", "Predict requests waiting for the model", lambda: len(self._queue))
+        node.metrics.gauge("serving_model_version", "Model version this replica answers with",
+                           lambda: (self.runtime.version or 0) if self.runtime else 0)
+        loop = asyncio.get_running_loop()
+        self._worker = loop.create_task(self._batch_loop())
+        self._loader_task = loop.create_task(self._initial_load())
+
+    async def stop(self) -> None:
+        for task in (self._loader_task, self._worker):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._loader_task, self._worker) if t), return_exceptions=True)
+        while self._queue:
+            _, _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(NotReady(f"replica {self.node.name} stopped"))
+
+    async def _load(self, version: int | None) -> Runtime:
+        args = (self.config.store, self.config.model, version)
+        if self.offload:
+            return await asyncio.to_thread(self.loader, *args)
+        return self.loader(*args)
+
+    async def _initial_load(self) -> None:
+        try:
+            self.runtime = await self._load(self.config.version)
+        except ModelLoadError as e:
+            self.phase = "failed"
+            self.last_error = str(e)
+            self.gate.close(f"load failed: {e}")
+            log.error("replica %s: %s", self.node.name, e)
+            return
+        self.phase = "ready"
+        self.gate.open()
+        log.info("replica %s serves %s v%s (loaded and warmed in %.2fs)", self.node.name, self.config.model,
+                 self.runtime.version, self.runtime.load_seconds)
+
+    # -- rpcs -----------------------------------------------------------------------------
+
+    @rpc
+    async def predict(self, body: Any) -> dict[str, Any]:
+        if self.runtime is None or self.node.state in (State.DRAINING, State.STOPPED):
+            raise NotReady(f"replica {self.node.name} is {self.phase if self.runtime is None else 'draining'}; "
+                           "send it elsewhere")
+        if not isinstance(body, dict) or ("json" not in body and "x" not in body):
+            raise BadInput('predict takes {"json": request body bytes} or {"x": float32 array (n, 784)}')
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((body, self.node.state, fut))
+        self._wake.set()
+        return await fut
+
+    @rpc
+    async def reload(self, body: Any) -> dict[str, Any]:
+        """Load ``{"version": v}`` (None: latest) beside the current one, then swap. Answers
+        keep coming from the old version until the swap."""
+        version = body.get("version") if isinstance(body, dict) else None
+        async with self._reload_lock:
+            old = self.runtime
+            serving = f"serving v{old.version}" if old else "nothing served yet"
+            self.phase = "reloading"
+            self.gate.close(f"reloading {self.config.model} to {'latest' if version is None else f'v{version}'} ({serving})")
+            try:
+                new = await self._load(version)
+            except ModelLoadError as e:
+                self.last_error = str(e)
+                self.phase = "ready" if old else "failed"
+                if old:
+                    self.gate.open()  # still whole: keep serving the old version
+                raise
+            self.runtime = new  # the swap: one reference, between batches
+            self.phase = "ready"
+            self.gate.open()
+        log.info("replica %s now serves %s v%s", self.node.name, self.config.model, new.version)
+        return {"model": self.config.model, "version": new.version, "previous": old.version if old else None}
+
+    @rpc
+    def info(self, body=None) -> dict[str, Any]:
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {
+            "model": self.config.model, "version": rt.version if rt else None, "phase": self.phase,
+            "serving": rt is not None, "error": self.last_error, "queue": len(self._queue),
+            "batches": self.batches, "requests": self.requests, "max_batch_seen": self.max_seen_batch,
+            "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0.0,
+        }
+
+    # -- the batcher ----------------------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        queue, wake = self._queue, self._wake
+        while True:
+            if not queue:
+                wake.clear()
+                await wake.wait()
+                # One more turn of the loop: replies to other requests already read from the socket
+                # join this batch instead of the next one.
+                await asyncio.sleep(0)
+            batch = []
+            while queue and len(batch) < self.config.max_batch:
+                batch.append(queue.popleft())
+            try:
+                self._run(batch)
+            except Exception as e:  # a bug in one batch must not stop the replica
+                log.exception("replica %s: batch of %d failed", self.node.name, len(batch))
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+            await asyncio.sleep(0)  # let the transport read what arrived while we computed
+
+    def _run(self, batch: list) -> None:
+        rt = self.runtime  # one version for the whole batch
+        live = [item for item in batch if not item[2].done()]  # callers that gave up are skipped
+        if not live:
+            return
+        json_items = [item for item in live if "json" in item[0]]
+        parsed = instances.parse_many([_as_bytes(b["json"]) for b, _, _ in json_items],
+                                      self.config.max_instances) if json_items else []
+        inputs: list[tuple[Any, np.ndarray | Exception]] = list(zip(json_items, parsed))
+        for item in live:
+            if "json" not in item[0]:
+                inputs.append((item, _array_input(item[0].get("x"), self.config.max_instances)))
+        good = [(item, x) for item, x in inputs if not isinstance(x, Exception)]
+        for item, x in inputs:
+            if isinstance(x, Exception):
+                item[2].set_exception(x)
+        if not good:
+            return
+        xs = np.concatenate([x for _, x in good]) if len(good) > 1 else good[0][1]
+        scores = rt.predict(xs)
+        self.batches += 1
+        self.requests += len(good)
+        self.max_seen_batch = max(self.max_seen_batch, len(good))
+        at = 0
+        for (body, _, fut), x in good:
+            s = scores[at:at + len(x)]
+            at += len(x)
+            if "json" in body:
+                reply = {"version": rt.version, "body": instances.response_body(rt.model, rt.version, s, rt.labels)}
+            else:
+                reply = {"version": rt.version, "scores": s}
+            if not fut.done():
+                fut.set_result(reply)
+
+
+def _as_bytes(b: Any) -> bytes:
+    if isinstance(b, (bytes, bytearray, memoryview)):
+        return bytes(b)
+    if isinstance(b, np.ndarray) and b.dtype == np.uint8:
+        return b.tobytes()
+    return b"" if b is None else str(b).encode()
+
+
+def _array_input(x: Any, max_instances: int) -> np.ndarray | Exception:
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        return BadInput("\"x\" must be a float array of shape (n, 784) or (n, 28, 28)")
+    x = x.reshape(x.shape[0], -1) if x.ndim == 3 else x
+    if x.ndim != 2 or x.shape[1] != instances.PIXELS or not 1 <= x.shape[0] <= max_instances:
+        return BadInput(f"\"x\" has shape {x.shape}; expected (n, 784) with 1 <= n <= {max_instances}")
+    return np.asarray(x, np.float32)

@@ -1,0 +1,109 @@
+"""Cluster roles ``replica`` and ``gateway``: validate a node's ``[nodes.config]``, build its services.
+
+    [[nodes]]                              [[nodes]]
+    name = "replica"                       name = "gateway"
+    role = "replica"                       role = "gateway"
+    replicas = 2                           [nodes.config]
+    [nodes.config]                         policy = "power-of-two"   # round-robin, least-connections,
+    model = "fashion-mlp"                                            # consistent-hash
+    version = 3        # optional:         probe_period = 0.5        # seconds
+                       # latest if absent  max_in_flight = 64        # per replica
+                                           max_queue = 1024          # per model
+                                           deadline = 10.0           # seconds, per request
+                                           try_timeout = 2.0         # seconds, per try
+                                           max_instances = 64
+                                           max_body_bytes = 4194304
+                                           models = ["fashion-mlp"]  # optional: serve only these
+                                           http = "127.0.0.1:8000"   # optional: else [cluster] http
+
+Every bad value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the file
+and node name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dmlsys.node import ConfigError, Service
+from dmlsys.serving.policies import POLICIES, EjectionConfig
+
+REPLICA_KEYS = {"model", "version", "max_batch", "max_instances"}
+GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
+                "deadline", "max_instances", "max_body_bytes", "models", "consecutive_failures", "base_ejection",
+                "max_ejection"}
+
+
+def _unknown(config: dict[str, Any], known: set[str]) -> None:
+    extra = sorted(set(config) - known)
+    if extra:
+        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _int(config: dict, key: str, default: int | None, low: int = 1) -> int | None:
+    value = config.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(key, f"an integer >= {low}, got {value!r}")
+    return value
+
+
+def _seconds(config: dict, key: str, default: float) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 3600:
+        raise ConfigError(key, f"a number of seconds in (0, 3600], got {value!r}")
+    return float(value)
+
+
+def build_replica(ctx) -> list[Service]:
+    """A model-server replica. Config: ``model`` (required), ``version`` (default: latest)."""
+    from dmlsys.serving.replica import ModelService, ReplicaConfig
+
+    config = dict(ctx.config)
+    _unknown(config, REPLICA_KEYS)
+    model = config.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError("model", f"the name of a model in the store {ctx.store} (e.g. \"fashion-mlp\"), got {model!r}")
+    # One replica is one core's worth of work: XLA's own thread pool would fight its siblings.
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    return [ModelService(ReplicaConfig(
+        model=model, store=str(ctx.store), version=_int(config, "version", None),
+        max_batch=_int(config, "max_batch", 64), max_instances=_int(config, "max_instances", 64),
+    ))]
+
+
+def build_gateway(ctx) -> list[Service]:
+    """The HTTP front door and balancer. See the module docstring for the config keys."""
+    from dmlsys.serving.balancer import BalancerConfig
+    from dmlsys.serving.gateway import GatewayConfig, GatewayService
+
+    config = dict(ctx.config)
+    _unknown(config, GATEWAY_KEYS)
+    http = config.get("http") or getattr(ctx.spec, "http", None) or "127.0.0.1:8000"
+    host, _, port = str(http).rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("http", f"HOST:PORT, got {http!r}")
+    policy = config.get("policy", "power-of-two")
+    if policy not in POLICIES:
+        raise ConfigError("policy", f"one of {', '.join(POLICIES)}, got {policy!r}")
+    models = config.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ConfigError("models", f"a list of model names, got {models!r}")
+    base = _seconds(config, "base_ejection", 1.0)
+    longest = _seconds(config, "max_ejection", 30.0)
+    if longest < base:
+        raise ConfigError("max_ejection", f"at least base_ejection ({base:g}), got {longest:g}")
+    balancer = BalancerConfig(
+        policy=policy, probe_period=_seconds(config, "probe_period", 0.5),
+        probe_timeout=_seconds(config, "probe_timeout", 1.0), try_timeout=_seconds(config, "try_timeout", 2.0),
+        max_in_flight=_int(config, "max_in_flight", 64), max_queue=_int(config, "max_queue", 1024, low=0),
+        models=tuple(models),
+        ejection=EjectionConfig(consecutive_failures=_int(config, "consecutive_failures", 3),
+                                base_ejection=base, max_ejection=longest),
+    )
+    return [GatewayService(GatewayConfig(
+        http=f"{host}:{port}", deadline=_seconds(config, "deadline", 10.0),
+        max_body_bytes=_int(config, "max_body_bytes", 4 << 20), max_instances=_int(config, "max_instances", 64),
+        balancer=balancer,
+    ))]
