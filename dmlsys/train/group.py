@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from .errors import TrainError
+
 OPS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
 
@@ -67,7 +69,8 @@ class _Rendezvous:
                 fut.set_result(combine([slot[r] for r in range(self.size)]))
             except Exception as exc:  # every rank sees the same failure
                 fut.set_exception(exc)
-            del self.rounds[round_]
+            # Every rank already holds `fut`; forget the round so a long run keeps no history.
+            del self.rounds[round_], self.results[round_]
         return fut
 
 
@@ -82,24 +85,35 @@ class InProcessGroup:
     Ranks must call the same collectives in the same order (as with any real group).
     """
 
-    def __init__(self, rank: int, size: int, rendezvous: _Rendezvous) -> None:
+    def __init__(self, rank: int, size: int, rendezvous: _Rendezvous, timeout: float = 30.0) -> None:
         self.rank, self.size = rank, size
+        self.timeout = timeout
         self._rv = rendezvous
         self._round = 0
         self.calls = 0  # collectives issued: lets tests count communication rounds
 
     @classmethod
-    def create(cls, size: int) -> list[InProcessGroup]:
+    def create(cls, size: int, *, timeout: float = 30.0) -> list[InProcessGroup]:
+        """All ``size`` ranks; a collective waits at most ``timeout`` seconds for the others."""
         if size < 1:
             raise ValueError(f"group size must be >= 1, got {size}")
         rv = _Rendezvous(size)
-        return [cls(r, size, rv) for r in range(size)]
+        return [cls(r, size, rv, timeout) for r in range(size)]
 
     async def _collective(self, value: Any, combine) -> Any:
         self._round += 1
         self.calls += 1
-        fut = self._rv.arrive(self._round, self.rank, value, combine)
-        result = await asyncio.shield(fut)
+        round_ = self._round
+        fut = self._rv.arrive(round_, self.rank, value, combine)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except TimeoutError:
+            arrived = self._rv.rounds.get(round_, {})
+            missing = [r for r in range(self.size) if r not in arrived]
+            raise TrainError(
+                f"rank {self.rank}: collective #{round_} waited {self.timeout:g}s for rank(s) {missing}; "
+                "a worker failed or calls collectives in a different order"
+            ) from None
         # Every rank gets its own copy, as it would from the network.
         return jax.tree_util.tree_map(np.array, result)
 

@@ -134,3 +134,13 @@ def test_in_process_group_sums_and_broadcasts_identically_on_every_rank():
     sums, maxes, got = asyncio.run(go())
     assert all(np.array_equal(s["a"], [6.0, 6.0]) for s in sums)
     assert all(m[0] == 2 for m in maxes) and all(b[0] == 2 for b in got)
+
+
+def test_in_process_group_names_the_rank_that_never_arrives():
+    groups = InProcessGroup.create(3, timeout=0.05)
+
+    async def go():
+        return await asyncio.gather(*(g.allreduce([np.ones(1)]) for g in groups[:2]), return_exceptions=True)
+
+    errors = asyncio.run(go())
+    assert all(isinstance(e, TrainError) and "rank(s) [2]" in str(e) for e in errors)
