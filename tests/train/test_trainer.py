@@ -144,3 +144,25 @@ def test_in_process_group_names_the_rank_that_never_arrives():
 
     errors = asyncio.run(go())
     assert all(isinstance(e, TrainError) and "rank(s) [2]" in str(e) for e in errors)
+
+
+def test_unreadable_checkpoint_says_how_to_start_afresh(small_ds, tmp_path):
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="checkpoint.npz: unreadable checkpoint .* delete it"):
+        train_model(MLP, Hyperparams(batch_size=100, epochs=1), dataset=small_ds.subset(200, 100),
+                    checkpoint_dir=tmp_path, progress=False)
+
+
+def test_cli_trains_and_writes_the_epoch_rows(small_ds, tmp_path, capsys):
+    import json
+
+    from dmlsys.train.__main__ import main
+
+    out = tmp_path / "run.json"
+    rc = main(["--hidden", "32", "--limit", "300", "--test-limit", "100", "--epochs", "2", "--batch", "50",
+               "--store", str(tmp_path / "store"), "--name", "cli", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2] and report["card"]["version"] == 1
+    assert "saved cli version 1" in capsys.readouterr().out
+    assert main(["--arch-json", '{"kind": "rnn"}']) == 1
