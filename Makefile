@@ -26,7 +26,7 @@ data: venv
 	@if [ ! -d "$(DATA_DIR)" ] && [ -z "$$DMLSYS_DATA" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist) || true; \
 	fi
-	$(BIN)/python -m dmlsys.train.data ensure
+	$(BIN)/python -m dmlsys.train.data ensure --download
 
 up: data
 	$(BIN)/python -m dmlsys.cluster up
