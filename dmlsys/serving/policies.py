@@ -145,7 +145,7 @@ class ConsistentHash:
         names = frozenset(names)
         if names == self._names:
             return
-        ring = sorted((xxhash.xxh3_64_intdigest(f"{n}#{i}"), n) for n in names for i in range(self.vnodes))
+        ring = sorted((xxhash.xxh3_64_intdigest(f"{n}#{i}".encode()), n) for n in names for i in range(self.vnodes))
         self._names = names
         self._points = [p for p, _ in ring]
         self._owners = [n for _, n in ring]
@@ -153,7 +153,7 @@ class ConsistentHash:
     def owner(self, key: str, eligible: set[str]) -> str | None:
         if not self._points:
             return None
-        start = bisect.bisect_left(self._points, xxhash.xxh3_64_intdigest(key))
+        start = bisect.bisect_left(self._points, xxhash.xxh3_64_intdigest(key.encode()))
         n = len(self._points)
         for i in range(n):
             name = self._owners[(start + i) % n]

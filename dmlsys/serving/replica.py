@@ -211,7 +211,12 @@ class ModelService(Service):
         json_items = [item for item in live if "json" in item[0]]
         parsed = instances.parse_many([_as_bytes(b["json"]) for b, _, _ in json_items],
                                       self.config.max_instances) if json_items else []
-        inputs: list[tuple[Any, np.ndarray | Exception]] = list(zip(json_items, parsed))
+        inputs: list[tuple[Any, np.ndarray | Exception]] = []
+        for item, x in zip(json_items, parsed):
+            limit = item[0].get("max_instances") or self.config.max_instances
+            if isinstance(x, np.ndarray) and len(x) > limit:  # the caller's limit may be the lower
+                x = BadInput(f"{len(x)} instances in one request; the limit is {limit}: split the request")
+            inputs.append((item, x))
         for item in live:
             if "json" not in item[0]:
                 inputs.append((item, _array_input(item[0].get("x"), self.config.max_instances)))

@@ -1,0 +1,178 @@
+"""Replicas and balancer on the simulated network: crashes, partitions, rollouts, scaling.
+
+Virtual time: a 2 s try timeout costs no wall time, so these scenarios run in milliseconds.
+"""
+
+import asyncio
+
+import pytest
+
+from dmlsys.node import Directory, Node
+from dmlsys.serving.balancer import Balancer, BalancerConfig
+from dmlsys.serving.errors import ServingError
+from dmlsys.serving.replica import ModelService, ReplicaConfig
+from dmlsys.wire import sim
+from dmlsys.wire.sim import SimNetwork
+
+from tests.serving.helpers import body, fake_runtime, members
+
+
+class Cluster:
+    def __init__(self, seed: int, n: int = 3, config: BalancerConfig | None = None) -> None:
+        self.net = SimNetwork(seed)
+        self.store_versions = {"m": 1}  # what "latest" means for the fake loader
+        self.replicas: dict[str, Node] = {}
+        self.names = [f"r{i}" for i in range(n)]
+        self.directory = Directory(members({name: "m" for name in self.names}))
+        self.gw = Node("gw", self.net.transport("gw"), role="gateway", directory=self.directory)
+        self.balancer = Balancer(self.gw, config or BalancerConfig(probe_period=0.2, try_timeout=1.0))
+
+    def loader(self, store, model, version):
+        return fake_runtime(model, version or self.store_versions[model])
+
+    async def start_replica(self, name: str) -> Node:
+        node = Node(name, self.net.transport(name), role="replica")
+        node.add_service(ModelService(ReplicaConfig("m", "unused"), loader=self.loader, offload=False))
+        await node.start()
+        self.replicas[name] = node
+        return node
+
+    async def start(self) -> None:
+        for name in self.names:
+            await self.start_replica(name)
+        await self.gw.start()
+        await self.balancer.start()
+
+    async def stream(self, count: int, gap: float, deadline: float = 10.0):
+        """``count`` requests, one every ``gap`` seconds; returns (replies, errors)."""
+        loop = asyncio.get_running_loop()
+
+        async def one(i):
+            await asyncio.sleep(i * gap)
+            return await self.balancer.predict("m", {"json": body(1, i), "max_instances": 4},
+                                               deadline=loop.time() + deadline)
+
+        results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+        return [r for r in results if isinstance(r, dict)], [r for r in results if not isinstance(r, dict)]
+
+    async def stop(self) -> None:
+        await self.balancer.stop()
+        await self.gw.stop(0)
+        for node in self.replicas.values():
+            await node.stop(0)
+
+
+def run(scenario):
+    return sim.run(scenario())
+
+
+@pytest.mark.parametrize("fault", ["crash", "partition"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_losing_a_replica_mid_stream_fails_no_request_whose_deadline_allows_a_retry(fault, seed):
+    async def scenario():
+        c = Cluster(seed)
+        await c.start()
+
+        async def strike():
+            await asyncio.sleep(1.0)
+            if fault == "crash":
+                c.net.crash("r1")
+                c.replicas["r1"].kill()
+            else:
+                c.net.partition({"gw", "r0", "r2"}, {"r1"})
+
+        striker = asyncio.get_running_loop().create_task(strike())
+        replies, errors = await c.stream(120, 0.025, deadline=5.0)
+        await striker
+        assert errors == []
+        assert len(replies) == 120
+        assert c.balancer.retries >= 1  # some request really was on r1 when it went
+        assert not c.balancer.pools["m"].replicas["r1"].ready
+        await c.stop()
+
+    run(scenario)
+
+
+def test_requests_whose_deadline_is_too_short_for_a_retry_fail_with_504_not_hang():
+    async def scenario():
+        c = Cluster(3, n=1)
+        await c.start()
+        c.net.partition({"gw"}, {"r0"})
+        replies, errors = await c.stream(3, 0.01, deadline=0.5)
+        assert replies == [] and all(isinstance(e, ServingError) and e.status in (503, 504) for e in errors)
+        await c.stop()
+
+    run(scenario)
+
+
+def test_rolling_update_under_load_fails_nothing_and_answers_from_old_or_new():
+    async def scenario():
+        c = Cluster(4)
+        await c.start()
+        c.store_versions["m"] = 2
+
+        async def roll():
+            await asyncio.sleep(0.5)
+            return await c.balancer.rollout("m", None)
+
+        roller = asyncio.get_running_loop().create_task(roll())
+        replies, errors = await c.stream(200, 0.02)
+        report = await roller
+        assert errors == []
+        versions = [r["version"] for r in replies]
+        assert set(versions) == {1, 2}
+        assert versions[-20:] == [2] * 20  # the stream ends after the rollout: all new
+        assert [d["version"] for d in report["replicas"]] == [2, 2, 2]
+        await c.stop()
+
+    run(scenario)
+
+
+def test_a_single_replica_reloads_in_place_without_a_gap():
+    async def scenario():
+        c = Cluster(5, n=1)
+        await c.start()
+        c.store_versions["m"] = 2
+        roller = asyncio.get_running_loop().create_task(c.balancer.rollout("m", 2))
+        replies, errors = await c.stream(40, 0.01)
+        await roller
+        assert errors == [] and {r["version"] for r in replies} <= {1, 2}
+        await c.stop()
+
+    run(scenario)
+
+
+def test_a_replica_that_joins_gets_traffic_only_once_ready():
+    async def scenario():
+        c = Cluster(6, n=1)
+        await c.start()
+        pool = c.balancer.pools["m"]
+        c.directory.update(members({"r0": "m", "r1": "m"}))
+        assert "r1" in pool.replicas and not pool.replicas["r1"].ready  # known, not yet probed ready
+        replies, errors = await c.stream(10, 0.01)  # r1's process does not even exist yet
+        assert errors == []
+        await c.start_replica("r1")
+        await asyncio.sleep(0.5)  # a probe period or two
+        assert pool.replicas["r1"].ready
+        before = c.replicas["r1"].service("model").requests
+        replies, errors = await c.stream(40, 0.01)
+        assert errors == [] and c.replicas["r1"].service("model").requests > before
+        await c.stop()
+
+    run(scenario)
+
+
+def test_bad_input_is_not_retried_and_does_not_eject_the_replica():
+    async def scenario():
+        c = Cluster(7, n=2)
+        await c.start()
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            with pytest.raises(ServingError) as info:
+                await c.balancer.predict("m", {"json": b"{nope", "max_instances": 4}, deadline=loop.time() + 5)
+            assert info.value.status == 400
+        assert c.balancer.retries == 0
+        assert all(not r.ejected(loop.time()) for r in c.balancer.pools["m"].replicas.values())
+        await c.stop()
+
+    run(scenario)
