@@ -38,12 +38,10 @@ def expected() -> str:
 def parse_many(bodies: Sequence[bytes], max_instances: int) -> list[np.ndarray | BadInput]:
     """Parse several request bodies; each entry is its float32 ``(n, 784)`` array or its error.
 
-    The fast bodies are parsed together, in one vectorised pass; a body the fast path cannot
-    vouch for falls back to ``json.loads`` on its own, so one odd body never fails the others.
+    A body the fast path cannot vouch for falls back to ``json.loads`` on its own, so one odd
+    body never fails the others.
     """
     out: list[np.ndarray | BadInput | None] = [None] * len(bodies)
-    segments: list[bytes] = []
-    owners: list[tuple[int, int]] = []  # (body index, instance count) in segment order
     for i, body in enumerate(bodies):
         segs = _fast_segments(body)
         if segs is None:
@@ -51,18 +49,10 @@ def parse_many(bodies: Sequence[bytes], max_instances: int) -> list[np.ndarray |
         elif len(segs) > max_instances:
             out[i] = _too_many(len(segs), max_instances)
         else:
-            segments.extend(segs)
-            owners.append((i, len(segs)))
-    if segments:
-        values = _parse_numbers(segments)
-        if values is None:  # some number is not plain: find which body, the slow way
-            for i, _ in owners:
-                out[i] = _parse_slow(bodies[i], max_instances)
-        else:
-            at = 0
-            for i, n in owners:
-                out[i] = values[at:at + n]
-                at += n
+            # One body at a time: its few KiB of temporaries stay in cache, which measured faster
+            # than one pass over a whole batch's bytes.
+            values = _parse_numbers(segs)
+            out[i] = _parse_slow(body, max_instances) if values is None else values
     return out  # type: ignore[return-value]
 
 

@@ -59,6 +59,8 @@ class Cluster:
         await self.balancer.stop()
         await self.gw.stop(0)
         for node in self.replicas.values():
+            if node.state.value == "stopped":  # killed: its services never heard of it
+                await node.service("model").stop()
             await node.stop(0)
 
 
