@@ -205,10 +205,11 @@ class Trainer:
         for epoch in range(start, epochs):
             params, opt_state, stats = await self._epoch(loader, epoch, epochs, params, opt_state, update, dataset)
             history.append(stats)
-            log.info("epoch %d/%d loss %.4f test_acc %.4f (%.1fs)", stats.epoch, epochs, stats.loss,
-                     stats.test_accuracy, stats.seconds)
-            if self.on_epoch and g.rank == 0:
-                self.on_epoch(stats)
+            if g.rank == 0:
+                log.info("epoch %d/%d loss %.4f test_acc %.4f (%.1fs)", stats.epoch, epochs, stats.loss,
+                         stats.test_accuracy, stats.seconds)
+                if self.on_epoch:
+                    self.on_epoch(stats)
             if g.rank == 0 and self.checkpoint_path:
                 save_checkpoint(self.checkpoint_path, Checkpoint(params, opt_state, epoch + 1, rng, meta))
 
