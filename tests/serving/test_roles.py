@@ -1,0 +1,39 @@
+"""Role factories validate [nodes.config] at the edge and name the key that is wrong."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from dmlsys.node import ConfigError
+from dmlsys.serving.gateway import GatewayService
+from dmlsys.serving.replica import ModelService
+from dmlsys.serving.roles import build_gateway, build_replica
+
+
+def ctx(config, http="127.0.0.1:8000"):
+    return SimpleNamespace(name="n", role="r", config=config, store="/tmp/store", state_dir="/tmp",
+                           spec=SimpleNamespace(http=http))
+
+
+def test_replica_and_gateway_build_from_valid_config():
+    [replica] = build_replica(ctx({"model": "fashion-mlp", "version": 2}))
+    assert isinstance(replica, ModelService) and replica.config.version == 2
+    [gateway] = build_gateway(ctx({"policy": "round-robin", "probe_period": 0.25, "models": ["a"]}, http="0.0.0.0:9"))
+    assert isinstance(gateway, GatewayService)
+    assert gateway.config.http == "0.0.0.0:9" and gateway.config.balancer.policy == "round-robin"
+
+
+@pytest.mark.parametrize("build, config, key", [
+    (build_replica, {}, "model"),
+    (build_replica, {"model": "m", "version": 0}, "version"),
+    (build_replica, {"model": "m", "colour": "red"}, "colour"),
+    (build_gateway, {"policy": "random"}, "policy"),
+    (build_gateway, {"probe_period": -1}, "probe_period"),
+    (build_gateway, {"http": "nope"}, "http"),
+    (build_gateway, {"models": "m"}, "models"),
+    (build_gateway, {"base_ejection": 10, "max_ejection": 5}, "max_ejection"),
+])
+def test_bad_config_names_the_key(build, config, key):
+    with pytest.raises(ConfigError) as info:
+        build(ctx(config))
+    assert info.value.key == key
