@@ -28,7 +28,7 @@ from dmlsys.node.directory import Directory
 from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
 from dmlsys.node.metrics import NodeMetrics
 from dmlsys.node.service import CallContext, Gate, Handler, Service, rpc
-from dmlsys.wire.codec import DEFAULT_LIMITS, Kind, Limits, Message, WireError, decode, encode
+from dmlsys.wire.codec import DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode
 from dmlsys.wire.transport import Route, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class Node:
         loop = self._loop or asyncio.get_running_loop()
         msg_id = next(self._ids)
         full = f"{service}.{method}"
-        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, timeout))
+        # The callee learns how long we wait (clamped to what decode() accepts) to stop work nobody awaits.
+        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, min(max(timeout, 0.0), MAX_DEADLINE)))
         fut = loop.create_future()
         self._pending[msg_id] = (fut, peer, full)
         started = loop.time()
@@ -223,7 +224,7 @@ class Node:
         finally:
             timer.cancel()
             self._pending.pop(msg_id, None)
-            self.metrics.rpc_seconds.labels(full).observe(loop.time() - started)
+            self.metrics.rpc_seconds.observe(full, loop.time() - started)
 
     def send(self, peer: str, service: str, method: str, body: Any = None) -> None:
         """One-way message: no reply, no delivery guarantee. Raises PeerUnreachable."""
@@ -239,15 +240,18 @@ class Node:
         self._count_out(frames)
 
     def _count_out(self, frames: list) -> None:
-        self.metrics.messages_out += 1
-        self.metrics.bytes_out += sum(_nbytes(f) for f in frames)
+        metrics = self.metrics
+        metrics.messages_out += 1
+        # len() is the byte count of every frame we handle: bytes, zmq.Frame, and the 1-d uint8
+        # memoryviews that encode() makes of arrays.
+        metrics.bytes_out += sum(map(len, frames))
 
     # -- inbound --------------------------------------------------------------------------
 
     def _on_frames(self, frames, route: Route) -> None:
         metrics = self.metrics
         metrics.messages_in += 1
-        metrics.bytes_in += sum(_nbytes(f) for f in frames)
+        metrics.bytes_in += sum(map(len, frames))
         try:
             msg = decode(frames, self.limits)
         except WireError as e:
@@ -282,8 +286,11 @@ class Node:
             if kind is Kind.REQUEST:
                 self._reply_error(route, msg, "WrongKind", f"{msg.method} is one-way; use send(), not call()")
             return
-        deadline = None if msg.deadline is None else self._loop.time() + msg.deadline
-        args = (msg.body, CallContext(msg.sender, msg.method, deadline, self)) if handler.wants_context else (msg.body,)
+        if handler.wants_context:
+            deadline = None if msg.deadline is None else self._loop.time() + msg.deadline
+            args = (msg.body, CallContext(msg.sender, msg.method, deadline, self))
+        else:
+            args = (msg.body,)
         if handler.is_async:
             task = self._loop.create_task(self._run_async(handler, args, route, msg))
             self._tasks.add(task)
@@ -392,6 +399,3 @@ def _expire(fut: asyncio.Future, peer: str, method: str, timeout: float) -> None
     if not fut.done():
         fut.set_exception(RpcTimeout(peer, method, timeout))
 
-
-def _nbytes(frame: Any) -> int:
-    return frame.nbytes if isinstance(frame, memoryview) else len(frame)  # bytes or zmq.Frame

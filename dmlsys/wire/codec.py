@@ -1,10 +1,13 @@
 """The dmlsys wire format: one msgpack header frame, then raw array frames.
 
 A message is a ZeroMQ multipart message ``[header, frame_0, frame_1, ...]``. The header is a
-msgpack map::
+msgpack array, version first so that any future layout can still be told apart::
 
-    {"v": 1, "k": kind, "id": correlation id, "m": "service.method", "s": sender,
-     "b": body, "dl": seconds left until the caller gives up (requests only)}
+    [v, kind, id, "service.method", sender, body]            # replies, errors, one-way
+    [v, kind, id, "service.method", sender, body, dl]        # requests: dl = seconds the caller waits
+
+An array rather than a map with named keys: unpacking a map builds its key strings on every
+message, which made the header cost four times as much to decode (measured: 1.4 µs vs 0.3 µs).
 
 Arrays never pass through msgpack. Wherever a numpy (or JAX) array appears in the body, the
 header holds an ext value ``ARRAY_EXT`` naming dtype, shape and frame index, and the array's
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import threading
 from typing import Any, Sequence
 
 import msgpack
@@ -81,8 +85,32 @@ def _to_host_array(obj: Any) -> np.ndarray | None:
     return None
 
 
+# Reused packers: msgpack.packb builds a Packer per call, which costs twice the packing of a
+# small header. One per thread, because a Packer holds a buffer while it works.
+_packers = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    try:
+        return _packers.packer
+    except AttributeError:
+        _packers.packer = msgpack.Packer(use_bin_type=True, strict_types=False)
+        return _packers.packer
+
+
 def encode(msg: Message) -> list:
-    """Message -> frames. Array frames are memoryviews over the caller's arrays (no copy)."""
+    """Message -> frames. Array frames are memoryviews over the caller's arrays (no copy).
+
+    Raises WireError for anything msgpack cannot carry (sets, arbitrary objects, object arrays).
+    """
+    header = [PROTOCOL_VERSION, msg.kind, msg.id, msg.method, msg.sender, msg.body]  # Kind packs as int
+    if msg.deadline is not None:
+        header.append(msg.deadline)
+    try:
+        # Fast path: a body of plain msgpack types. A Packer resets itself when it raises.
+        return [_packer().pack(header)]
+    except (TypeError, ValueError, OverflowError):
+        pass  # arrays (or something unsendable): take the path that knows about them
     frames: list = [b""]
 
     def default(obj: Any) -> Any:
@@ -94,15 +122,12 @@ def encode(msg: Message) -> list:
         if arr.dtype.hasobject:
             raise WireError("object arrays cannot be sent (they would need pickle)")
         if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
+            arr = np.ascontiguousarray(arr)  # strided and Fortran-order views: one copy, in C order
         ref = msgpack.packb([arr.dtype.str, list(arr.shape), len(frames)])
         # A 0-d or empty array still gets a frame so that frame indices stay dense.
         frames.append(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
         return msgpack.ExtType(ARRAY_EXT, ref)
 
-    header = {"v": PROTOCOL_VERSION, "k": int(msg.kind), "id": msg.id, "m": msg.method, "s": msg.sender, "b": msg.body}
-    if msg.deadline is not None:
-        header["dl"] = msg.deadline
     try:
         frames[0] = msgpack.packb(header, default=default, use_bin_type=True, strict_types=False)
     except WireError:
@@ -112,27 +137,54 @@ def encode(msg: Message) -> list:
     return frames
 
 
-def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Frames -> Message, or WireError naming what was wrong. Never anything else."""
-    if not frames:
-        raise WireError("empty message: expected a header frame")
-    if len(frames) > limits.max_frames:
-        raise WireError(f"{len(frames)} frames exceeds the limit of {limits.max_frames} (Limits.max_frames)")
-    header_buf = _as_buffer(frames[0], "header")
-    if header_buf.nbytes > limits.max_header_bytes:
-        raise WireError(
-            f"header of {header_buf.nbytes} bytes exceeds the limit of {limits.max_header_bytes} (Limits.max_header_bytes)"
-        )
-    data = [_as_buffer(f, f"frame {i}") for i, f in enumerate(frames[1:], start=1)]
-    for i, buf in enumerate(data, start=1):
-        if buf.nbytes > limits.max_frame_bytes:
-            raise WireError(f"frame {i} of {buf.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} (Limits.max_frame_bytes)")
-    used: set[int] = set()
+_KINDS = tuple(Kind)  # indexed by the wire value: cheaper than Kind(k), which goes through EnumMeta
+MAX_DEADLINE = 1e9  # seconds; a larger (or negative, or NaN) "dl" is malformed, not a long wait
 
-    def ext_hook(code: int, payload: bytes) -> Any:
-        if code != ARRAY_EXT:
-            raise WireError(f"unknown ext type {code} in header")
-        return _array_from_ref(payload, data, used)
+
+def _no_array_frames(code: int, payload: bytes) -> Any:
+    if code == ARRAY_EXT:
+        raise WireError("array reference in a message that has no array frames")
+    raise WireError(f"unknown ext type {code} in header")
+
+
+def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Frames -> Message, or WireError naming what was wrong. Never anything else.
+
+    The common case (a small message without arrays, header as ``bytes``) takes a short path:
+    one size check, one ``unpackb``, and type checks on the header fields.
+    """
+    try:
+        n = len(frames)
+    except TypeError:
+        raise WireError(f"a message is a list of frames, not a {type(frames).__name__}") from None
+    if not n:
+        raise WireError("empty message: expected a header frame")
+    if n > limits.max_frames:
+        raise WireError(f"{n} frames exceeds the limit of {limits.max_frames} (Limits.max_frames)")
+    header_buf = frames[0]
+    if type(header_buf) is not bytes:
+        header_buf = _as_buffer(header_buf, "header")  # a 1-d byte view, so len() is its size
+    if len(header_buf) > limits.max_header_bytes:
+        raise WireError(
+            f"header of {len(header_buf)} bytes exceeds the limit of {limits.max_header_bytes} (Limits.max_header_bytes)"
+        )
+    if n == 1:
+        ext_hook = _no_array_frames
+        data: list[memoryview] = []
+        used: set[int] = set()
+    else:
+        data = [_as_buffer(frames[i], f"frame {i}") for i in range(1, n)]
+        for i, buf in enumerate(data, start=1):
+            if buf.nbytes > limits.max_frame_bytes:
+                raise WireError(
+                    f"frame {i} of {buf.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} (Limits.max_frame_bytes)"
+                )
+        used = set()
+
+        def ext_hook(code: int, payload: bytes) -> Any:
+            if code != ARRAY_EXT:
+                raise WireError(f"unknown ext type {code} in header")
+            return _array_from_ref(payload, data, used)
 
     try:
         header = msgpack.unpackb(
@@ -145,24 +197,30 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise
     except Exception as e:  # msgpack raises a zoo of types on garbage; all mean "malformed header"
         raise WireError(f"malformed header: {type(e).__name__}: {e}") from None
-    if not isinstance(header, dict):
-        raise WireError(f"header must be a map, got {type(header).__name__}")
-    version = header.get("v")
-    if version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {version!r} is not supported (this node speaks v{PROTOCOL_VERSION})")
-    try:
-        kind = Kind(header["k"])
-        msg_id, method, sender = header["id"], header["m"], header["s"]
-    except (KeyError, ValueError, TypeError) as e:
-        raise WireError(f"header field missing or invalid: {e}") from None
-    if not isinstance(msg_id, int) or not isinstance(method, str) or not isinstance(sender, str):
-        raise WireError("header fields id (int), m (str) and s (str) have the wrong types")
-    deadline = header.get("dl")
-    if deadline is not None and not isinstance(deadline, (int, float)):
-        raise WireError(f"header field dl must be a number, got {type(deadline).__name__}")
+    if type(header) is not list or not header:
+        raise WireError(f"header must be a non-empty array, got {type(header).__name__}")
+    version = header[0]
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise WireError(f"protocol version {version!r:.40} is not supported (this node speaks v{PROTOCOL_VERSION})")
+    if not 6 <= len(header) <= 7:
+        raise WireError(f"header has {len(header)} fields; v{PROTOCOL_VERSION} has 6, or 7 with a deadline")
+    kind, msg_id, method, sender = header[1], header[2], header[3], header[4]
+    # type(x) is int, not isinstance: True is an int to Python but not a kind or an id to us.
+    if type(kind) is not int or not 0 <= kind < len(_KINDS):
+        raise WireError(f"header field kind must be an int in 0..{len(_KINDS) - 1}, got {kind!r:.40}")
+    if type(msg_id) is not int or type(method) is not str or type(sender) is not str:
+        raise WireError(
+            "header fields id (int), method (str) and sender (str) have the wrong types: got "
+            f"{type(msg_id).__name__}, {type(method).__name__}, {type(sender).__name__}"
+        )
+    deadline = None
+    if len(header) == 7:
+        deadline = header[6]
+        if (type(deadline) is not float and type(deadline) is not int) or not 0 <= deadline <= MAX_DEADLINE:
+            raise WireError(f"header field dl must be a number of seconds in [0, {MAX_DEADLINE:g}], got {deadline!r:.40}")
     if len(used) != len(data):
         raise WireError(f"{len(data) - len(used)} array frame(s) are not referenced by the header")
-    return Message(kind, msg_id, method, sender, header.get("b"), deadline)
+    return Message(_KINDS[kind], msg_id, method, sender, header[5], deadline)
 
 
 def _as_buffer(frame: Any, what: str) -> memoryview:
@@ -171,24 +229,35 @@ def _as_buffer(frame: Any, what: str) -> memoryview:
         view = memoryview(buf)
     except TypeError:
         raise WireError(f"{what} is a {type(frame).__name__}, not a bytes-like object") from None
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    if view.format != "B" or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except TypeError as e:  # e.g. a non-contiguous view: not something a socket hands us
+            raise WireError(f"{what} is not a contiguous buffer: {e}") from None
+    return view
 
 
 def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> np.ndarray:
     try:
         dtype_str, shape, index = msgpack.unpackb(payload, raw=False)
-        dtype = np.dtype(dtype_str)
-        shape = tuple(int(d) for d in shape)
     except Exception as e:
         raise WireError(f"malformed array reference: {type(e).__name__}: {e}") from None
+    # Strict types: np.dtype(None) is float64 and int("3") is 3; neither belongs on our wire.
+    if type(dtype_str) is not str or type(shape) is not list or any(type(d) is not int for d in shape):
+        raise WireError(f"malformed array reference: expected [dtype str, [int, ...], frame], got "
+                        f"[{dtype_str!r:.40}, {shape!r:.60}, {index!r:.20}]")
+    try:
+        dtype = np.dtype(dtype_str)
+    except Exception as e:
+        raise WireError(f"array reference names an unknown dtype {dtype_str!r:.40}: {e}") from None
     if dtype.hasobject:
         raise WireError(f"object dtype {dtype_str!r} is not allowed on the wire")
-    if not isinstance(index, int) or not 1 <= index <= len(data):
+    if type(index) is not int or not 1 <= index <= len(data):
         raise WireError(f"array reference points at frame {index!r}, but the message has {len(data)} array frame(s)")
     if index in used:
         raise WireError(f"frame {index} is referenced twice")
     if any(d < 0 for d in shape):
-        raise WireError(f"array shape {shape} has a negative dimension")
+        raise WireError(f"array shape {tuple(shape)} has a negative dimension")
     used.add(index)
     buf = data[index - 1]
     count = 1
@@ -196,8 +265,11 @@ def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> n
         count *= d
     if count * dtype.itemsize != buf.nbytes:
         raise WireError(
-            f"frame {index} holds {buf.nbytes} bytes but dtype {dtype.str} shape {shape} needs {count * dtype.itemsize}"
+            f"frame {index} holds {buf.nbytes} bytes but dtype {dtype.str} shape {tuple(shape)} needs {count * dtype.itemsize}"
         )
-    if count == 0:
-        return np.empty(shape, dtype)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    try:
+        if count == 0 or dtype.itemsize == 0:
+            return np.empty(shape, dtype)
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:  # e.g. more dims than numpy allows
+        raise WireError(f"array dtype {dtype.str} shape {tuple(shape)} cannot be built: {e}") from None
