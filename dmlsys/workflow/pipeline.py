@@ -44,7 +44,7 @@ from .errors import WorkflowError
 from .fleet import FLEETS, ServeError
 from .policy import DEFAULT, Probe, file_stamp
 from .report import RunReport
-from .scheduler import RunConfig, Scheduler
+from .scheduler import CONTINUE, RunConfig, Scheduler
 from .store import MemoStore
 
 __all__ = ["ModelSpec", "PipelineConfig", "PipelineError", "PipelineResult", "DEFAULT_MODELS", "ServeError",
@@ -333,8 +333,9 @@ def _arch_text(arch: Mapping[str, Any]) -> str:
 
 
 async def run_pipeline_async(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
-    """Run the pipeline on the running loop. Raises PipelineError for a bad config,
-    ``WorkflowFailed`` (with ``.errors`` per step) when a step fails; nothing is left serving."""
+    """Run the pipeline on the running loop. Raises PipelineError for a bad config, and
+    ``WorkflowFailed`` (``.errors`` per step, ``.result`` partial) at the end when a step failed:
+    the other models still train, are cached and served. Nothing is left serving either way."""
     from dmlsys.train.data import find_data_dir
 
     config.validate()
@@ -347,8 +348,10 @@ async def run_pipeline_async(config: PipelineConfig = PipelineConfig()) -> Pipel
         await fleet.start()
         try:
             steps.t0 = time.perf_counter()
-            result = await Scheduler(RunConfig(concurrency=config.concurrency, progress=config.progress),
-                                     store=memo).run(wf)
+            # "continue": a model that fails to train does not cancel the others; they are served
+            # (the async edge needs one success) and cached, and WorkflowFailed comes at the end.
+            result = await Scheduler(RunConfig(concurrency=config.concurrency, on_failure=CONTINUE,
+                                               progress=config.progress), store=memo).run(wf)
         finally:
             await fleet.stop()
     wall = time.perf_counter() - t

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmlsys.workflow import WorkflowFailed
 from dmlsys.workflow.cli import add_pipeline_arguments, pipeline_config
 from dmlsys.workflow.pipeline import (ModelSpec, PipelineConfig, PipelineError, apply_overrides, run_pipeline,
                                       select_top)
@@ -48,6 +49,10 @@ def runs(tmp_path_factory):
     out = {"config": config, "cold": run_pipeline(config), "warm": run_pipeline(config)}
     changed = dataclasses.replace(config, models=apply_overrides(MODELS, ["mlp_a.lr=0.003"]))
     out["changed"] = run_pipeline(changed)
+    try:  # a model that cannot train: 2,000 samples make no batch of 5,000
+        run_pipeline(dataclasses.replace(config, models=apply_overrides(MODELS, ["cnn.batch_size=5000"])))
+    except WorkflowFailed as e:
+        out["failed"] = e
     # Same bytes, new mtime: ingest must look again; the trainings see identical data.
     st_ = os.stat(data / FILES["test_labels"])
     os.utime(data / FILES["test_labels"], ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
@@ -102,6 +107,15 @@ def test_changing_one_models_hyperparameters_retrains_only_that_model(runs):
     assert r.ran() == ["train_mlp_a", "serve", "aggregate"]
     assert r.hits() == ["ingest", "train_mlp_b", "train_cnn"]
     assert r.models["mlp_a"]["version"] == 2 and r.models["mlp_a"]["train"] == "trained"
+
+
+def test_a_model_that_fails_to_train_does_not_stop_the_others_being_served(runs):
+    e = runs.get("failed")
+    assert e is not None and set(e.errors) == {"train_cnn"} and "no batch of 5000" in str(e)
+    r = e.result
+    assert r.report["train_cnn"].state == "failed" and r.report.hits() == ["ingest", "train_mlp_a", "train_mlp_b"]
+    assert sorted(s["name"] for s in r["serve"]["serving"]) == ["mlp_a", "mlp_b"]
+    assert 0 <= r["aggregate"]["ensemble_accuracy"] <= 1
 
 
 def test_touched_data_reruns_ingest_and_a_lost_store_is_republished(runs):
