@@ -74,6 +74,7 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self._bad_logged: dict[str, float] = {}
         self._stopped = asyncio.Event()
+        self._killed: asyncio.Task | None = None  # the teardown kill() started
         self._loop: asyncio.AbstractEventLoop | None = None
         self.directory = directory or Directory()
         transport.set_receiver(self._on_frames)
@@ -156,6 +157,8 @@ class Node:
         the admin server goes last so that probes see ``draining`` rather than a refused port.
         """
         if self.state is State.STOPPED:
+            if self._killed is not None:
+                await self._killed
             return
         await self.drain(drain_timeout)
         for service in reversed(list(self._services.values())):
@@ -167,7 +170,14 @@ class Node:
         log.info("node %s stopped", self.name)
 
     def kill(self) -> None:
-        """Die abruptly, as in a crash: cancel everything, answer nothing. For fault tests."""
+        """Die abruptly, as in a crash: cancel everything, answer nothing. For fault tests.
+
+        Services are not stopped (a crash gives them no chance), but the transport and admin
+        server are closed in the background, as the OS closes a dead process's sockets; a later
+        ``await stop()`` waits for that, so a test that kills a node leaves no port behind.
+        """
+        if self.state is State.STOPPED:
+            return
         self.state = State.STOPPED
         if self.directory._task is not None:
             self.directory._task.cancel()
@@ -175,6 +185,8 @@ class Node:
             task.cancel()
         self._fail_pending()
         self._stopped.set()
+        if self._loop is not None and not self._loop.is_closed():
+            self._killed = self._loop.create_task(self._teardown())
 
     async def _teardown(self) -> None:
         await self.directory.stop()
