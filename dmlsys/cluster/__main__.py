@@ -4,6 +4,9 @@
     python -m dmlsys.cluster up my.toml --detach # returns once every node is ready
     python -m dmlsys.cluster status [--json]
     python -m dmlsys.cluster scale replica 3
+    python -m dmlsys.cluster rollout fashion-mlp [--version 2]
+    python -m dmlsys.cluster pipeline --limit 5000 # the end-to-end workflow (see its --help)
+    python -m dmlsys.cluster cache ls              # the workflow memo cache
     python -m dmlsys.cluster down
 
 State lives under ``.dmlsys/`` in the working directory (``--state-dir`` to change it): the
@@ -27,6 +30,10 @@ from typing import Any
 
 DEFAULT_SPEC = "cluster/local.toml"
 DEFAULT_STATE_DIR = ".dmlsys"
+PASSTHROUGH = {
+    "pipeline": "run the end-to-end workflow: ingest, train x3, select, serve, aggregate",
+    "cache": "list, inspect, garbage-collect or clear the workflow memo cache",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,9 +58,22 @@ def main(argv: list[str] | None = None) -> None:
     scale.add_argument("group", help="the [[nodes]] name that has `replicas = N`")
     scale.add_argument("replicas", type=int)
 
-    node = sub.add_parser("node", help=argparse.SUPPRESS)  # what the supervisor runs per member
+    rollout = sub.add_parser("rollout", help="reload every replica of a model with a new version, one at a time")
+    rollout.add_argument("model")
+    rollout.add_argument("--version", type=int, help="model store version (default: the latest)")
+
+    for name, what in PASSTHROUGH.items():
+        sub.add_parser(name, help=what, add_help=False)  # the rest of the line goes to dmlsys.workflow
+
+    node = sub.add_parser("node")  # what the supervisor runs per member; no help: not listed
     node.add_argument("--name", required=True)
 
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((i for i, a in enumerate(argv) if a in PASSTHROUGH), None)
+    if command is not None and not any(a in sub.choices and a not in PASSTHROUGH for a in argv[:command]):
+        from dmlsys.workflow.cli import main as workflow_main
+
+        sys.exit(workflow_main(argv[command:]))
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir)
     if args.command == "node":
@@ -65,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command != "up":
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
-    handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale}[args.command]
+    handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
+               "rollout": cmd_rollout}[args.command]
     sys.exit(handler(args, state_dir))
 
 
@@ -229,10 +250,33 @@ def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
     return 0
 
 
+def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
+    doc = read_state(state_dir)
+    gateways = [n for n in (doc or {}).get("nodes", []) if n["role"] == "gateway" and pid_alive(n.get("pid"))]
+    if not gateways:
+        print(f"error: no running gateway in the cluster of {state_dir}", file=sys.stderr)
+        return 1
+    from dmlsys.node import NodeError, RemoteError
+
+    gateway = gateways[0]
+    try:
+        result = asyncio.run(ask(gateway["name"], gateway["zmq"], "serving", "rollout",
+                                 {"model": args.model, "version": args.version}, timeout=600.0))
+    except RemoteError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
+async def ask(peer: str, address: str, service: str, method: str, body: Any, *, timeout: float) -> Any:
+    """One RPC from a short-lived client node named after this process."""
     from dmlsys.node import Node
     from dmlsys.wire.zmq_transport import ZmqTransport
 
@@ -240,10 +284,14 @@ async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float
     node = Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"))
     await node.start()
     try:
-        node.transport.add_peer("supervisor", address)
-        return await node.call("supervisor", "cluster", method, body, timeout=timeout)
+        node.transport.add_peer(peer, address)
+        return await node.call(peer, service, method, body, timeout=timeout)
     finally:
         await node.stop(drain_timeout=0)
+
+
+async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
+    return await ask("supervisor", address, "cluster", method, body, timeout=timeout)
 
 
 def read_state(state_dir: Path) -> dict | None:
@@ -283,14 +331,19 @@ def print_table(doc: dict) -> None:
         color = colors.get(state, "red" if state in ("unresponsive", "exited") else "")
         table.add_row(row["name"], row["role"], str(row.get("pid") or "-"), row["zmq"], row.get("admin") or "-",
                       f"[{color}]{state}[/]" if color else state)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file should not get truncated addresses
+    console.print(table)
 
 
 def print_endpoints(doc: dict) -> None:
     http = doc.get("http")
     if not http or not any(r["role"] == "gateway" for r in doc.get("nodes", [])):
         return
-    models = sorted({r.get("model") for r in doc.get("nodes", []) if r.get("model")}) or ["fashion-mlp"]
+    models = sorted({r["model"] for r in doc.get("nodes", []) if r.get("model")})
+    if not models:
+        return
     print(f"\nHTTP front door: {http}")
     for model in models:
         print(f"  predict: POST {http}/v1/models/{model}:predict")

@@ -62,7 +62,8 @@ def missing_models(sup: "Supervisor") -> list[str]:
     store = ModelStore(Path(sup.spec.store))
     wanted = sorted({p.member.config.get("model") for p in sup.procs.values()
                      if p.member.role == "replica" and p.member.config.get("model")})
-    return [m for m in wanted if not store.versions(m)]
+    present = set(store.models())
+    return [m for m in wanted if m not in present]
 
 
 async def before_phase(sup: "Supervisor", phase: str) -> None:

@@ -62,6 +62,7 @@ class Proc:
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
             "zmq": self.member.zmq, "admin": f"http://{self.member.admin}" if self.member.admin else None,
             "state": self.state, "restarts": self.restarts, "host": self.member.host,
+            "model": self.member.config.get("model"),
         }
 
 
