@@ -250,7 +250,8 @@ class _Steps:
         first = preds[members[0]["name"]]
         out = {"n": int(len(y)), "ensemble_accuracy": float((ensemble == y).mean()),
                "accuracy": {n: float((p == y).mean()) for n, p in preds.items()},
-               "agreement": float(np.mean([np.mean(p == first) for p in preds.values()])),
+               # share of test images on which every served model predicts the same class
+               "agreement": float(np.mean(np.all([p == first for p in preds.values()], axis=0))),
                "predictions": preds, "ensemble_predictions": ensemble, "http": None}
         if self.fleet.url is not None:
             out["http"] = await _http_check(self.fleet.url, members[0]["model"], x[:8], first[:8])

@@ -89,6 +89,10 @@ def test_ensemble_combines_predictions_of_both_served_models(runs):
     assert e["n"] == 500 and sorted(e["predictions"]) == sorted(served)
     assert all(p.shape == (500,) and p.min() >= 0 and p.max() <= 9 for p in e["predictions"].values())
     assert 0 <= e["ensemble_accuracy"] <= 1 and 0 <= e["agreement"] <= 1
+    a, b = (e["predictions"][n] for n in served)
+    assert e["agreement"] == pytest.approx(np.mean(a == b))
+    # The ensemble follows the two models wherever they agree.
+    assert np.array_equal(e["ensemble_predictions"][a == b], a[a == b])
     for name in served:  # predictions through the replicas match what the trainer measured
         assert abs(e["accuracy"][name] - r.models[name]["test_accuracy"]) <= 0.01
     assert e["http"]["same_classes"] == e["http"]["instances"] == 8  # the HTTP front door agrees
