@@ -33,7 +33,7 @@ class Link:
     """Behaviour of one direction of a link. Delays are seconds of virtual time."""
 
     delay: float = 0.001
-    jitter: float = 0.001  # uniform extra delay in [0, jitter): this is what reorders
+    jitter: float = 0.001  # uniform extra delay in [0, jitter): this is what reorders; 0 keeps FIFO
     drop: float = 0.0
     duplicate: float = 0.0
 
@@ -67,6 +67,7 @@ class SimNetwork:
         self._down: set[str] = set()
         self._groups: list[set[str]] | None = None
         self._crash_hooks: dict[str, list[Callable[[], None]]] = {}
+        self._last_arrival: dict[tuple[str, str], float] = {}  # per link, for FIFO without jitter
 
     def transport(self, name: str) -> "SimTransport":
         """An endpoint named ``name``; a restarted endpoint reuses its name."""
@@ -123,8 +124,13 @@ class SimNetwork:
             return
         copies = 2 if self.rng.random() < link.duplicate else 1
         for copy in range(copies):
-            delay = link.delay + self.rng.random() * link.jitter
-            loop.call_later(delay, self._arrive, src, dst, payload, route, digest, copy)
+            when = now + link.delay + self.rng.random() * link.jitter
+            if not link.jitter:
+                # A link without jitter is FIFO, like a TCP connection. The loop's timer heap does
+                # not keep insertion order among equal times, so step each arrival past the last.
+                when = max(when, self._last_arrival.get((src, dst), -1.0) + 1e-9)
+                self._last_arrival[(src, dst)] = when
+            loop.call_at(when, self._arrive, src, dst, payload, route, digest, copy)
 
     def _arrive(self, src: str, dst: str, payload: list[bytes], route: Route, digest: str, copy: int) -> None:
         now = asyncio.get_running_loop().time()
