@@ -155,8 +155,17 @@ model = "{MODEL}"
             raise RuntimeError(f"dmlsys.cluster {a} failed:\n{r.stdout}\n{r.stderr}")
         return r.stdout
 
-    def up(self) -> None:
-        self.cli("up", "--detach", "spec.toml")
+    def up(self, attempts: int = 3) -> None:
+        # `up` picks free ports and nodes bind them a moment later; on a busy machine another
+        # process can take one in between. The supervisor then fails cleanly: try again.
+        for attempt in range(attempts):
+            try:
+                self.cli("up", "--detach", "spec.toml")
+                return
+            except RuntimeError as e:
+                if attempt == attempts - 1 or "address already in use" not in str(e):
+                    raise
+                log(f"  dmlsys up lost a port race; retrying ({e.args[0].splitlines()[-2].strip()[:120]})")
 
     def replica_pids(self) -> list[int]:
         state = json.loads((self.dir / ".dmlsys" / "state.json").read_text())
@@ -300,10 +309,11 @@ def table(rows: list[dict], args) -> str:
 
     out = []
     t = Table(title=f"load: wrk -t1 -c{args.conns}, {args.duration} s runs, median over {args.rounds} round(s)")
-    for col in ("replicas", "system", "req/s", "p50 ms", "p99 ms", "failed", "req/s ratio", "p99 ratio"):
+    for col in ("replicas", "system", "req/s", "p50 ms", "p99 ms", "failed", "req/s ratio", "p99 ratio",
+                "paired req/s ratios"):
         t.add_column(col, justify="right")
-    md = ["| replicas | system | req/s | p50 ms | p99 ms | failed | req/s vs nginx | p99 vs nginx |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| replicas | system | req/s | p50 ms | p99 ms | failed | req/s vs nginx | p99 vs nginx | "
+          "req/s vs nginx, per round |", "|---|---|---|---|---|---|---|---|---|"]
     for n in args.replicas:
         med = {}
         for system in ("dmlsys", "nginx"):
@@ -311,13 +321,20 @@ def table(rows: list[dict], args) -> str:
             if rs:
                 med[system] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
                 med[system]["failed"] = sum(r["failed"] for r in rs)
+        # Runs of one round are back to back, so their ratio cancels most of the machine's drift.
+        by_round = {}
+        for r in rows:
+            if r["kind"] == "load" and r["replicas"] == n:
+                by_round.setdefault(r["round"], {})[r["system"]] = r["rps"]
+        paired = [v["dmlsys"] / v["nginx"] for _, v in sorted(by_round.items()) if len(v) == 2]
         for system, m in med.items():
-            ratio = p99r = ""
+            ratio = p99r = pr = ""
             if system == "dmlsys" and "nginx" in med:
                 ratio = f"{m['rps'] / med['nginx']['rps']:.2f}x"
                 p99r = f"{m['p99_ms'] / med['nginx']['p99_ms']:.2f}x"
+                pr = ", ".join(f"{x:.2f}" for x in paired)
             cells = [str(n), system, f"{m['rps']:.0f}", f"{m['p50_ms']:.2f}", f"{m['p99_ms']:.2f}", str(m["failed"]),
-                     ratio, p99r]
+                     ratio, p99r, pr]
             t.add_row(*cells)
             md.append("| " + " | ".join(cells) + " |")
     Console(stderr=True).print(t)
@@ -355,8 +372,12 @@ def main() -> None:
                     help="folder with the peer's replica.py, nginx.conf.tmpl and post.lua")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
+    ap.add_argument("--tables", metavar="JSON", help="only print the tables of rows an earlier --json wrote")
     args = ap.parse_args()
     args.replicas = [int(x) for x in args.replicas.split(",")]
+    if args.tables:
+        print(table(json.loads(Path(args.tables).read_text()), args))
+        return
     for tool in (NGINX, WRK):
         if not os.path.exists(tool):
             sys.exit(f"bench_serving: {tool} is missing: apt-get install -y nginx-light wrk")
@@ -367,11 +388,18 @@ def main() -> None:
         work = Path(tmp)
         store = work / "models"
         make_store(store, args.anchors)
+        def emit(row: dict) -> None:
+            rows.append(row)
+            if args.json:  # after every run, so a failure later keeps what was measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
+
         try:
             for phase in args.phases.split(","):
-                {"load": phase_load, "failover": phase_failover}[phase](args, work, store, rows.append)
+                {"load": phase_load, "failover": phase_failover}[phase](args, work, store, emit)
         except KeyboardInterrupt:
             log("interrupted; tables of what ran so far follow")
+        except Exception as e:
+            log(f"stopped by {type(e).__name__}: {e}; tables of what ran so far follow")
         finally:
             PROCS.stop_all()
     text = table(rows, args)
