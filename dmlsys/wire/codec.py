@@ -150,61 +150,41 @@ def _no_array_frames(code: int, payload: bytes) -> Any:
 def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Frames -> Message, or WireError naming what was wrong. Never anything else.
 
-    The common case (a small message without arrays, header as ``bytes``) takes a short path:
+    The common case (one ``bytes`` frame: a small message without arrays) takes a short path:
     one size check, one ``unpackb``, and type checks on the header fields.
     """
     try:
         n = len(frames)
     except TypeError:
         raise WireError(f"a message is a list of frames, not a {type(frames).__name__}") from None
-    if not n:
-        raise WireError("empty message: expected a header frame")
-    if n > limits.max_frames:
-        raise WireError(f"{n} frames exceeds the limit of {limits.max_frames} (Limits.max_frames)")
-    header_buf = frames[0]
-    if type(header_buf) is not bytes:
-        header_buf = _as_buffer(header_buf, "header")  # a 1-d byte view, so len() is its size
-    if len(header_buf) > limits.max_header_bytes:
-        raise WireError(
-            f"header of {len(header_buf)} bytes exceeds the limit of {limits.max_header_bytes} (Limits.max_header_bytes)"
-        )
     if n == 1:
-        ext_hook = _no_array_frames
-        data: list[memoryview] = []
-        used: set[int] = set()
+        header_buf = frames[0]
+        if type(header_buf) is not bytes:
+            header_buf = _as_buffer(header_buf, "header")  # a 1-d byte view, so len() is its size
+        if len(header_buf) > limits.max_header_bytes:
+            raise WireError(f"header of {len(header_buf)} bytes exceeds the limit of {limits.max_header_bytes} "
+                            "(Limits.max_header_bytes)")
+        header = _unpack(header_buf, _no_array_frames)
+    elif n == 0:
+        raise WireError("empty message: expected a header frame")
     else:
-        data = [_as_buffer(frames[i], f"frame {i}") for i in range(1, n)]
-        for i, buf in enumerate(data, start=1):
-            if buf.nbytes > limits.max_frame_bytes:
-                raise WireError(
-                    f"frame {i} of {buf.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} (Limits.max_frame_bytes)"
-                )
-        used = set()
-
-        def ext_hook(code: int, payload: bytes) -> Any:
-            if code != ARRAY_EXT:
-                raise WireError(f"unknown ext type {code} in header")
-            return _array_from_ref(payload, data, used)
-
-    try:
-        header = msgpack.unpackb(
-            header_buf,
-            ext_hook=ext_hook,
-            raw=False,
-            strict_map_key=False,  # bodies may key maps by int; lengths are bounded by the header size
-        )
-    except WireError:
-        raise
-    except Exception as e:  # msgpack raises a zoo of types on garbage; all mean "malformed header"
-        raise WireError(f"malformed header: {type(e).__name__}: {e}") from None
-    if type(header) is not list or not header:
-        raise WireError(f"header must be a non-empty array, got {type(header).__name__}")
-    version = header[0]
+        header = _unpack_with_arrays(frames, n, limits)
+    if type(header) is not list:
+        raise WireError(f"header must be an array, got {type(header).__name__}")
+    fields = len(header)
+    if fields == 6:
+        version, kind, msg_id, method, sender, body = header
+        deadline = None
+    elif fields == 7:
+        version, kind, msg_id, method, sender, body, deadline = header
+        if (type(deadline) is not float and type(deadline) is not int) or not 0 <= deadline <= MAX_DEADLINE:
+            raise WireError(f"header field dl must be a number of seconds in [0, {MAX_DEADLINE:g}], got {deadline!r:.40}")
+    else:
+        version = header[0] if header else None
+        if version == PROTOCOL_VERSION and type(version) is int:
+            raise WireError(f"header has {fields} fields; v{PROTOCOL_VERSION} has 6, or 7 with a deadline")
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise WireError(f"protocol version {version!r:.40} is not supported (this node speaks v{PROTOCOL_VERSION})")
-    if not 6 <= len(header) <= 7:
-        raise WireError(f"header has {len(header)} fields; v{PROTOCOL_VERSION} has 6, or 7 with a deadline")
-    kind, msg_id, method, sender = header[1], header[2], header[3], header[4]
     # type(x) is int, not isinstance: True is an int to Python but not a kind or an id to us.
     if type(kind) is not int or not 0 <= kind < len(_KINDS):
         raise WireError(f"header field kind must be an int in 0..{len(_KINDS) - 1}, got {kind!r:.40}")
@@ -213,14 +193,44 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
             "header fields id (int), method (str) and sender (str) have the wrong types: got "
             f"{type(msg_id).__name__}, {type(method).__name__}, {type(sender).__name__}"
         )
-    deadline = None
-    if len(header) == 7:
-        deadline = header[6]
-        if (type(deadline) is not float and type(deadline) is not int) or not 0 <= deadline <= MAX_DEADLINE:
-            raise WireError(f"header field dl must be a number of seconds in [0, {MAX_DEADLINE:g}], got {deadline!r:.40}")
+    return Message(_KINDS[kind], msg_id, method, sender, body, deadline)
+
+
+def _unpack(buf: Any, ext_hook: Any) -> Any:
+    try:
+        # strict_map_key=False: bodies may key maps by int; lengths are bounded by the header size.
+        return msgpack.unpackb(buf, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises a zoo of types on garbage; all mean "malformed header"
+        raise WireError(f"malformed header: {type(e).__name__}: {e}") from None
+
+
+def _unpack_with_arrays(frames: Sequence, n: int, limits: Limits) -> Any:
+    """The header of a message with array frames: sizes checked first, every frame referenced once."""
+    if n > limits.max_frames:
+        raise WireError(f"{n} frames exceeds the limit of {limits.max_frames} (Limits.max_frames)")
+    header_buf = _as_buffer(frames[0], "header")
+    if header_buf.nbytes > limits.max_header_bytes:
+        raise WireError(f"header of {header_buf.nbytes} bytes exceeds the limit of {limits.max_header_bytes} "
+                        "(Limits.max_header_bytes)")
+    data = [_as_buffer(frames[i], f"frame {i}") for i in range(1, n)]
+    for i, buf in enumerate(data, start=1):
+        if buf.nbytes > limits.max_frame_bytes:
+            raise WireError(
+                f"frame {i} of {buf.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} (Limits.max_frame_bytes)"
+            )
+    used: set[int] = set()
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code != ARRAY_EXT:
+            raise WireError(f"unknown ext type {code} in header")
+        return _array_from_ref(payload, data, used)
+
+    header = _unpack(header_buf, ext_hook)
     if len(used) != len(data):
         raise WireError(f"{len(data) - len(used)} array frame(s) are not referenced by the header")
-    return Message(_KINDS[kind], msg_id, method, sender, header[5], deadline)
+    return header
 
 
 def _as_buffer(frame: Any, what: str) -> memoryview:

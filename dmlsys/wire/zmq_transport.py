@@ -208,27 +208,33 @@ class ZmqTransport(Transport):
         leading = 2 if is_router else 1
         self._draining = sock
         try:
-            # Bounded batch so one busy socket cannot starve the loop; the recheck reschedules.
+            # Bounded batch so one busy socket cannot starve the loop.
             for _ in range(256):
                 try:
                     frames = _recv_frames(sock, leading)
                 except zmq.Again:
-                    break
+                    # A failed non-blocking recv makes libzmq process every pending command, so
+                    # the FD's state is exact again: it will signal the next arrival. No recheck
+                    # (which would cost a poll() syscall inside libzmq) is needed.
+                    return
                 except zmq.ZMQError as e:
                     if not sock.closed:  # closed under us by a handler (add_peer, close): not news
                         log.warning("receive on %s failed: %s", self.name, e.strerror)
                     return
                 if receiver is None:
                     continue
-                if is_router:
-                    receiver(frames[1:], frames[0])
-                else:
-                    receiver(frames, None)
+                try:
+                    if is_router:
+                        receiver(frames[1:], frames[0])
+                    else:
+                        receiver(frames, None)
+                except Exception:  # a bug upstream must not stall the socket (we own its FD edge)
+                    log.exception("receiver on %s failed; message dropped", self.name)
         finally:
             self._draining = None
-        if not sock.closed:
-            # Sends during the batch (replies) may have consumed the FD's edge: look once more.
-            self._recheck(sock)
+        if not sock.closed:  # a full batch: more may be waiting, and the edge may be spent
+            self._drain_scheduled.add(sock)
+            self._loop.call_soon(self._drain, sock)
 
 
 def _send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
