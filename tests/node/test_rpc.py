@@ -192,3 +192,58 @@ def test_transport_name_must_match_node_name():
 
     with pytest.raises(ValueError, match="transport is named 'x'"):
         Node("y", ZmqTransport("x", "tcp://127.0.0.1:0"))
+
+
+def test_rpc_latency_is_measured_in_virtual_time_under_the_simulation():
+    from dmlsys.wire import sim
+    from dmlsys.wire.sim import Link
+
+    net = Net("sim", link=Link(delay=0.05, jitter=0))
+
+    async def main():
+        await net.node("b", Echo())
+        a = await net.node("a")
+        await a.call("b", "echo", "echo", 1, timeout=5)
+        return a.metrics.rpc_seconds
+
+    hist = net.run(main)
+    assert hist.count("echo.echo") == 1
+    assert abs(hist._sums["echo.echo"] - 0.1) < 1e-6, "two 50 ms hops of virtual time"
+
+
+def test_rpc_latency_under_uvloop_resolves_below_a_millisecond():
+    uvloop = pytest.importorskip("uvloop")
+    net = Net("zmq")
+
+    async def main():
+        await net.node("b", Echo())
+        a = await net.node("a")
+        for _ in range(20):
+            await a.call("b", "echo", "echo", 1, timeout=5)
+        await asyncio.sleep(0)
+        return a.metrics.rpc_seconds._sums["echo.echo"]
+
+    async def wrapped():
+        try:
+            return await main()
+        finally:
+            for node in net.nodes:
+                await node.stop()
+
+    total = uvloop.run(wrapped())
+    # uvloop's loop.time() ticks in whole milliseconds: 20 fast calls would sum to a multiple of 1 ms.
+    assert total > 0 and abs(total * 1000 - round(total * 1000)) > 1e-9
+
+
+def test_latency_histogram_buckets_are_cumulative_and_inclusive():
+    from dmlsys.node.metrics import LatencyHistogram
+
+    hist = LatencyHistogram(bounds=(0.001, 0.01))
+    for value in (0.0005, 0.001, 0.005, 2.0):
+        hist.observe("s.m", value)
+    family = hist.family("dmlsys_rpc_seconds", "help", "a")
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("dmlsys_rpc_seconds_bucket", "0.001")] == 2  # le: 0.001 counts in its own bucket
+    assert samples[("dmlsys_rpc_seconds_bucket", "0.01")] == 3
+    assert samples[("dmlsys_rpc_seconds_bucket", "+Inf")] == 4 == hist.count("s.m")
+    assert samples[("dmlsys_rpc_seconds_sum", None)] == pytest.approx(2.0065)
