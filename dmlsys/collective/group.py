@@ -1,0 +1,401 @@
+"""Process groups: ring collectives between the nodes of a cluster.
+
+Every member node hosts a ``CollectiveService``; a ``ProcessGroup`` on each names the members
+in rank order. Collectives must be called in the same order on every rank, as in MPI:
+
+    group = ProcessGroup(node, ["w0", "w1", "w2"], timeout=30)
+    grads = await group.allreduce(grads, "mean")      # numpy arrays or pytrees of them
+    params = await group.broadcast(params, root=0)
+    await group.barrier()
+
+Pytrees are fused: leaves of one dtype are concatenated into buckets of at most
+``bucket_bytes`` (PyTorch DDP's 25 MiB), so a model with many small leaves costs a few ring
+passes, not one per leaf. Each pass is pipelined in ``chunk_bytes`` pieces: a chunk is folded
+and forwarded as soon as it arrives, so sending, receiving and adding overlap.
+
+Failure is loud and bounded. A rank that waits past the group's timeout probes every member,
+raises ``CollectiveError`` naming the ranks that do not answer, and tells the others to give up
+too; ranks that disagree on op, dtype or size find out from the first chunk they receive, and
+every rank raises. A half-reduced buffer is never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+
+from dmlsys.collective import schedule
+from dmlsys.collective.errors import CollectiveError
+from dmlsys.collective.tree import flatten, fuse, unfuse
+from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
+
+log = logging.getLogger(__name__)
+
+OPS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
+MAX_EARLY = 4096  # chunks buffered for a group this node has not created yet
+
+
+class _Expired(Exception):
+    """Internal: the op's deadline passed while waiting for a chunk."""
+
+
+class CollectiveService(Service):
+    """The receiving end of every process group on this node."""
+
+    name = "collective"
+
+    def __init__(self) -> None:
+        self.groups: dict[str, ProcessGroup] = {}
+        self._early: dict[str, list[tuple[dict, str]]] = {}
+
+    def register(self, group: "ProcessGroup") -> None:
+        if group.name in self.groups:
+            raise ValueError(f"node {self.node.name!r} already has a process group named {group.name!r}")
+        self.groups[group.name] = group
+        for body, sender in self._early.pop(group.name, []):
+            group._deliver(body, sender)
+
+    def unregister(self, group: "ProcessGroup") -> None:
+        self.groups.pop(group.name, None)
+
+    @oneway
+    def chunk(self, body, ctx) -> None:
+        name = body.get("g") if isinstance(body, dict) else None
+        group = self.groups.get(name) if isinstance(name, str) else None
+        if group is not None:
+            group._deliver(body, ctx.sender)
+            return
+        early = self._early.setdefault(str(name), [])
+        if len(early) < MAX_EARLY and len(self._early) < 64:
+            early.append((body, ctx.sender))  # a peer that created the group before we did
+        else:
+            self.node.metrics.error("collective_dropped")
+
+    @oneway
+    def abort(self, body, ctx) -> None:
+        if isinstance(body, dict) and (group := self.groups.get(body.get("g"))) is not None:
+            group._remote_abort(body, ctx.sender)
+
+    def status(self) -> dict[str, Any]:
+        return {name: {"rank": g.rank, "size": g.size, "ops": g.ops} for name, g in self.groups.items()}
+
+
+class ProcessGroup:
+    """Rank ``members.index(node.name)`` of a group of ``len(members)`` nodes."""
+
+    def __init__(self, node: Node, members: list[str], *, name: str = "default", timeout: float = 30.0,
+                 chunk_bytes: int = 1 << 20, bucket_bytes: int = 25 << 20) -> None:
+        if node.name not in members:
+            raise ValueError(f"node {node.name!r} is not among the group's members {members}")
+        if len(set(members)) != len(members):
+            raise ValueError(f"group members must be distinct, got {members}")
+        if timeout <= 0 or chunk_bytes < 1 or bucket_bytes < 1:
+            raise ValueError("timeout, chunk_bytes and bucket_bytes must be positive")
+        try:
+            service = node.service(CollectiveService.name)
+        except KeyError:
+            raise ValueError(f"node {node.name!r} hosts no CollectiveService; add one before start()") from None
+        self.node = node
+        self.members = list(members)
+        self.name = name
+        self.rank = members.index(node.name)
+        self.size = len(members)
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.bucket_bytes = bucket_bytes
+        self.ops = 0  # completed collective passes, for status
+        self._service: CollectiveService = service  # type: ignore[assignment]
+        self._seq = 0  # the next pass's sequence number; every rank counts the same
+        self._done_below = 0  # passes below this number are finished: their late chunks are dropped
+        self._mail: dict[tuple[int, int, int], dict] = {}
+        self._waiters: dict[tuple[int, int, int], asyncio.Future] = {}
+        self._failed: dict[int, Exception] = {}
+        self._lock = asyncio.Lock()
+        service.register(self)
+
+    @property
+    def _probe_budget(self) -> float:
+        return min(2.0, self.timeout / 4)
+
+    def close(self) -> None:
+        self._service.unregister(self)
+
+    # -- public collectives -----------------------------------------------------------------
+
+    async def allreduce(self, tree: Any, op: str = "sum") -> Any:
+        """Reduce every leaf elementwise across ranks; every rank gets the same bits."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        leaves, rebuild = flatten(tree)
+        out = list(leaves)
+        for bucket in fuse(leaves, self.bucket_bytes):
+            reduced = await self._pass("allreduce", op, bucket.flat)
+            if op == "mean":
+                reduced = reduced / self.size if reduced.dtype.kind in "biu" else np.divide(reduced, self.size, out=reduced)
+            unfuse(bucket, reduced, out)
+        return rebuild(out)
+
+    async def reduce_scatter(self, array: Any, op: str = "sum") -> np.ndarray:
+        """This rank's segment ``schedule.segments(array.size, size)[rank]`` of the reduced,
+        flattened array."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+        reduced = await self._pass("reduce_scatter", op, flat)
+        a, b = schedule.segments(flat.size, self.size)[self.rank]
+        seg = reduced[a:b].copy()
+        if op == "mean":
+            seg = seg / self.size
+        return seg
+
+    async def allgather(self, tree: Any) -> Any:
+        """Every rank's leaves stacked along a new first axis of length ``size``."""
+        leaves, rebuild = flatten(tree)
+        out = list(leaves)
+        for bucket in fuse(leaves, self.bucket_bytes):
+            gathered = await self._pass("allgather", "gather", bucket.flat)
+            unfuse(bucket, gathered.reshape(self.size, -1), out, stacked=self.size)
+        return rebuild(out)
+
+    async def broadcast(self, tree: Any, root: int = 0) -> Any:
+        """Rank ``root``'s values, in the structure every rank passes in."""
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} out of range for group size {self.size}")
+        leaves, rebuild = flatten(tree)
+        out = list(leaves)
+        for bucket in fuse(leaves, self.bucket_bytes):
+            got = await self._pass("broadcast", f"root{root}", bucket.flat, root=root)
+            unfuse(bucket, got, out)
+        return rebuild(out)
+
+    async def barrier(self) -> None:
+        """Return only when every rank has called barrier."""
+        await self._pass("barrier", "sum", np.zeros(1, np.uint8))
+
+    # -- one pass of the ring ---------------------------------------------------------------
+
+    async def _pass(self, kind: str, op: str, flat: np.ndarray, root: int = 0) -> np.ndarray:
+        async with self._lock:
+            seq = self._seq
+            self._seq += 1
+            sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}"
+            loop = asyncio.get_running_loop()
+            # Keep a quarter of the timeout (at most 2 s) for finding out who is missing, so
+            # that the error is raised within the timeout, not after it.
+            timer = loop.call_at(loop.time() + self.timeout - self._probe_budget, self._expire, seq)
+            try:
+                if self.size == 1:
+                    result = flat.copy()
+                elif kind == "broadcast":
+                    result = await self._broadcast(seq, sig, flat, root)
+                elif kind == "allgather":
+                    result = await self._allgather(seq, sig, flat)
+                else:
+                    result = await self._allreduce(seq, sig, OPS[op], flat, gather=kind != "reduce_scatter")
+            except _Expired:
+                raise await self._diagnose(kind, seq) from None
+            except CollectiveError as e:
+                self._tell_others(seq, str(e), e.missing)
+                raise
+            finally:
+                timer.cancel()
+                self._finish(seq)
+            self.ops += 1
+            return result
+
+    async def _allreduce(self, seq: int, sig: str, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
+        n, r = self.size, self.rank
+        nxt = self.members[(r + 1) % n]
+        segs = schedule.segments(flat.size, n)
+        step = max(1, self.chunk_bytes // max(flat.itemsize, 1))
+        acc = flat.copy()  # folded in place; never written after it is sent, never returned
+        out = np.empty_like(flat)
+        sent, _ = schedule.reduce_scatter_step(r, n, 0)
+        for ci, (a, b) in enumerate(schedule.chunks(*segs[sent], step)):
+            self._send(nxt, seq, 0, ci, sig, acc[a:b])
+        for k in range(n - 1):
+            _, got = schedule.reduce_scatter_step(r, n, k)
+            for ci, (a, b) in enumerate(schedule.chunks(*segs[got], step)):
+                data = await self._recv(seq, k, ci, sig, b - a, flat.dtype)
+                ufunc(data, acc[a:b], out=acc[a:b])  # (earlier ranks' partial) op (ours): fixed order
+                if k < n - 2:
+                    self._send(nxt, seq, k + 1, ci, sig, acc[a:b])
+                elif gather:
+                    out[a:b] = acc[a:b]  # segment r is final: all-gather step 0 sends it
+                    self._send(nxt, seq, n - 1, ci, sig, acc[a:b])
+        if not gather:
+            a, b = segs[r]
+            out[a:b] = acc[a:b]
+            return out
+        for j in range(n - 1):
+            _, got = schedule.allgather_step(r, n, j)
+            for ci, (a, b) in enumerate(schedule.chunks(*segs[got], step)):
+                data = await self._recv(seq, n - 1 + j, ci, sig, b - a, flat.dtype)
+                out[a:b] = data
+                if j < n - 2:
+                    self._send(nxt, seq, n + j, ci, sig, data)  # forward the received frame as is
+        return out
+
+    async def _allgather(self, seq: int, sig: str, flat: np.ndarray) -> np.ndarray:
+        n, r = self.size, self.rank
+        nxt = self.members[(r + 1) % n]
+        m = flat.size
+        step = max(1, self.chunk_bytes // max(flat.itemsize, 1))
+        out = np.empty(n * m, flat.dtype)
+        out[r * m:(r + 1) * m] = flat
+        for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
+            self._send(nxt, seq, 0, ci, sig, out[r * m + a:r * m + b].copy())
+        for j in range(n - 1):
+            _, got = schedule.allgather_step(r, n, j)
+            for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
+                data = await self._recv(seq, j, ci, sig, b - a, flat.dtype)
+                out[got * m + a:got * m + b] = data
+                if j < n - 2:
+                    self._send(nxt, seq, j + 1, ci, sig, data)
+        return out
+
+    async def _broadcast(self, seq: int, sig: str, flat: np.ndarray, root: int) -> np.ndarray:
+        n, r = self.size, self.rank
+        nxt = (r + 1) % n
+        step = max(1, self.chunk_bytes // max(flat.itemsize, 1))
+        pieces = schedule.chunks(0, flat.size, step)
+        if r == root:
+            src = flat.copy()  # the caller may reuse its buffer as soon as we return
+            for ci, (a, b) in enumerate(pieces):
+                self._send(self.members[nxt], seq, 0, ci, sig, src[a:b])
+            return src
+        out = np.empty_like(flat)
+        for ci, (a, b) in enumerate(pieces):
+            data = await self._recv(seq, 0, ci, sig, b - a, flat.dtype)
+            out[a:b] = data
+            if nxt != root:
+                self._send(self.members[nxt], seq, 0, ci, sig, data)
+        return out
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _send(self, peer: str, seq: int, step: int, ci: int, sig: str, data: np.ndarray) -> None:
+        try:
+            self.node.send(peer, CollectiveService.name, "chunk",
+                           {"g": self.name, "q": seq, "t": step, "c": ci, "sig": sig, "d": data})
+        except PeerUnreachable as e:
+            raise CollectiveError(f"{self._who()}: cannot send to rank {self.members.index(peer)} ({peer}): {e}",
+                                  missing=[self.members.index(peer)]) from None
+
+    async def _recv(self, seq: int, step: int, ci: int, sig: str, length: int, dtype: np.dtype) -> np.ndarray:
+        key = (seq, step, ci)
+        body = self._mail.pop(key, None)
+        if body is None:
+            if seq in self._failed:
+                raise self._failed[seq]
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[key] = fut
+            try:
+                body = await fut
+            finally:
+                self._waiters.pop(key, None)
+        prev = self.members[(self.rank - 1) % self.size]
+        if body["sig"] != sig:
+            raise CollectiveError(
+                f"{self._who()}: ranks disagree: rank {(self.rank - 1) % self.size} ({prev}) called "
+                f"{_describe(body['sig'])} but rank {self.rank} called {_describe(sig)}; every rank must make "
+                f"the same collective calls with the same op, dtype and size")
+        data = body["d"]
+        if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
+            raise CollectiveError(f"{self._who()}: malformed chunk from {prev}: expected {length} x {dtype}")
+        return data
+
+    def _deliver(self, body: dict, sender: str) -> None:
+        try:
+            key = (int(body["q"]), int(body["t"]), int(body["c"]))
+            if not isinstance(body["sig"], str):
+                raise TypeError("sig")
+        except (KeyError, TypeError, ValueError):
+            self.node.metrics.error("collective_malformed")
+            return
+        if key[0] < self._done_below:
+            return  # a duplicate or a straggler from a finished pass
+        fut = self._waiters.get(key)
+        if fut is not None and not fut.done():
+            fut.set_result(body)
+        elif len(self._mail) < 1 << 16:
+            self._mail[key] = body
+        else:
+            self.node.metrics.error("collective_dropped")
+
+    # -- failure ----------------------------------------------------------------------------
+
+    def _fail(self, seq: int, error: Exception) -> None:
+        self._failed[seq] = error
+        for key, fut in list(self._waiters.items()):
+            if key[0] == seq and not fut.done():
+                fut.set_exception(error)
+
+    def _expire(self, seq: int) -> None:
+        if seq not in self._failed:
+            self._fail(seq, _Expired())
+
+    def _remote_abort(self, body: dict, sender: str) -> None:
+        try:
+            seq = int(body["q"])
+            missing = [int(m) for m in body.get("missing", [])]
+            reason = str(body.get("reason", ""))
+        except (KeyError, TypeError, ValueError):
+            self.node.metrics.error("collective_malformed")
+            return
+        if seq < self._done_below or seq in self._failed:
+            return
+        self._fail(seq, CollectiveError(f"{self._who()}: aborted by {sender}: {reason}", missing=missing))
+
+    async def _diagnose(self, kind: str, seq: int) -> CollectiveError:
+        """Who is missing? Ask everyone; name those that do not answer (else our predecessor)."""
+        others = [m for m in self.members if m != self.node.name]
+        probe_timeout = self._probe_budget
+
+        async def alive(peer: str) -> bool:
+            try:
+                await self.node.call(peer, "node", "ping", None, timeout=probe_timeout)
+                return True
+            except NodeError:
+                return False
+
+        answers = await asyncio.gather(*(alive(p) for p in others))
+        dead = [self.members.index(p) for p, ok in zip(others, answers) if not ok]
+        prev = (self.rank - 1) % self.size
+        missing = dead or [prev]
+        names = ", ".join(f"rank {i} ({self.members[i]})" for i in missing)
+        verdict = "not answering" if dead else "alive but never sent its part"
+        error = CollectiveError(f"{kind} #{seq} on group {self.name!r}: rank {self.rank} timed out after "
+                                f"{self.timeout:g}s; missing: {names} ({verdict})", missing=missing)
+        self._tell_others(seq, str(error), missing)
+        return error
+
+    def _tell_others(self, seq: int, reason: str, missing: list[int]) -> None:
+        for i, peer in enumerate(self.members):
+            if i == self.rank or i in missing:
+                continue
+            try:
+                self.node.send(peer, CollectiveService.name, "abort",
+                               {"g": self.name, "q": seq, "missing": missing, "reason": reason})
+            except PeerUnreachable:
+                pass
+
+    def _finish(self, seq: int) -> None:
+        self._done_below = seq + 1
+        self._failed.pop(seq, None)
+        for key in [k for k in self._mail if k[0] <= seq]:
+            del self._mail[key]
+
+    def _who(self) -> str:
+        return f"group {self.name!r} rank {self.rank} ({self.node.name})"
+
+
+def _describe(sig: str) -> str:
+    try:
+        kind, op, dtype, size = sig.split(":")
+        return f"{kind}({op}, {np.dtype(dtype).name}[{size}])"
+    except (ValueError, TypeError):
+        return repr(sig)[:80]
