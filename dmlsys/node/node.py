@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 from dmlsys.node.directory import Directory
-from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
+from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError
 from dmlsys.node.metrics import NodeMetrics
+from dmlsys.node.pending import PendingCalls
 from dmlsys.node.service import CallContext, Gate, Handler, Service, rpc
 from dmlsys.wire.codec import DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode
 from dmlsys.wire.transport import Route, Transport, TransportError
@@ -70,7 +71,7 @@ class Node:
         self._handlers: dict[str, Handler] = {}
         self._gates: dict[str, Gate] = {}
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, str, str]] = {}
+        self._pending = PendingCalls()
         self._tasks: set[asyncio.Task] = set()
         self._bad_logged: dict[str, float] = {}
         self._stopped = asyncio.Event()
@@ -206,10 +207,7 @@ class Node:
         self._stopped.set()
 
     def _fail_pending(self) -> None:
-        for fut, _, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(NodeStopped(f"node {self.name!r} stopped while waiting for a reply"))
-        self._pending.clear()
+        self._pending.fail_all(lambda: NodeStopped(f"node {self.name!r} stopped while waiting for a reply"))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -226,20 +224,18 @@ class Node:
         # The callee learns how long we wait (clamped to what decode() accepts) to stop work nobody awaits.
         frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, min(max(timeout, 0.0), MAX_DEADLINE)))
         fut = loop.create_future()
-        self._pending[msg_id] = (fut, peer, full)
+        # No asyncio.wait_for (~100 µs a round trip) and no timer per call: see PendingCalls.
+        self._pending.add(loop, msg_id, fut, peer, full, timeout)
         started = self._clock()
         try:
             self._send(peer, frames)
         except PeerUnreachable:
-            del self._pending[msg_id]
+            self._pending.pop(msg_id)
             raise
-        # One timer per call, not one per receive: asyncio.wait_for costs ~100 µs a round trip.
-        timer = loop.call_later(timeout, _expire, fut, peer, full, timeout)
         try:
             return await fut
         finally:
-            timer.cancel()
-            self._pending.pop(msg_id, None)
+            self._pending.pop(msg_id)
             self.metrics.rpc_seconds.observe(full, self._clock() - started)
 
     def send(self, peer: str, service: str, method: str, body: Any = None) -> None:
@@ -279,7 +275,7 @@ class Node:
             if entry is None:
                 metrics.error("late_reply")  # timed out already, or a duplicate
                 return
-            fut, peer, method = entry
+            fut, peer, method, _ = entry
             if fut.done():
                 return
             if kind is Kind.REPLY:
@@ -410,8 +406,4 @@ class NodeService(Service):
     def ping(self, body):
         return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
 
-
-def _expire(fut: asyncio.Future, peer: str, method: str, timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(RpcTimeout(peer, method, timeout))
 
