@@ -222,16 +222,21 @@ class Node:
         msg_id = next(self._ids)
         full = f"{service}.{method}"
         # The callee learns how long we wait (clamped to what decode() accepts) to stop work nobody awaits.
-        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, min(max(timeout, 0.0), MAX_DEADLINE)))
+        dl = timeout if 0 <= timeout <= MAX_DEADLINE else min(max(timeout, 0.0), MAX_DEADLINE)
+        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, dl))
         fut = loop.create_future()
         # No asyncio.wait_for (~100 µs a round trip) and no timer per call: see PendingCalls.
         self._pending.add(loop, msg_id, fut, peer, full, timeout)
         started = self._clock()
         try:
-            self._send(peer, frames)
-        except PeerUnreachable:
+            self.transport.send(peer, frames)  # _send() inlined: the hot path
+        except TransportError as e:
             self._pending.pop(msg_id)
-            raise
+            self.metrics.error("unreachable")
+            raise PeerUnreachable(str(e)) from None
+        metrics = self.metrics
+        metrics.messages_out += 1
+        metrics.bytes_out += sum(map(len, frames))
         try:
             return await fut
         finally:

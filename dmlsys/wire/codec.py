@@ -138,6 +138,8 @@ def encode(msg: Message) -> list:
 
 
 _KINDS = tuple(Kind)  # indexed by the wire value: cheaper than Kind(k), which goes through EnumMeta
+_NKINDS = len(_KINDS)
+_unpackb = msgpack.unpackb
 MAX_DEADLINE = 1e9  # seconds; a larger (or negative, or NaN) "dl" is malformed, not a long wait
 
 
@@ -164,7 +166,12 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         if len(header_buf) > limits.max_header_bytes:
             raise WireError(f"header of {len(header_buf)} bytes exceeds the limit of {limits.max_header_bytes} "
                             "(Limits.max_header_bytes)")
-        header = _unpack(header_buf, _no_array_frames)
+        try:  # _unpack() inlined: this is the path every small message takes
+            header = _unpackb(header_buf, ext_hook=_no_array_frames, raw=False, strict_map_key=False)
+        except WireError:
+            raise
+        except Exception as e:
+            raise WireError(f"malformed header: {type(e).__name__}: {e}") from None
     elif n == 0:
         raise WireError("empty message: expected a header frame")
     else:
@@ -186,8 +193,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise WireError(f"protocol version {version!r:.40} is not supported (this node speaks v{PROTOCOL_VERSION})")
     # type(x) is int, not isinstance: True is an int to Python but not a kind or an id to us.
-    if type(kind) is not int or not 0 <= kind < len(_KINDS):
-        raise WireError(f"header field kind must be an int in 0..{len(_KINDS) - 1}, got {kind!r:.40}")
+    if type(kind) is not int or not 0 <= kind < _NKINDS:
+        raise WireError(f"header field kind must be an int in 0..{_NKINDS - 1}, got {kind!r:.40}")
     if type(msg_id) is not int or type(method) is not str or type(sender) is not str:
         raise WireError(
             "header fields id (int), method (str) and sender (str) have the wrong types: got "
@@ -199,7 +206,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
 def _unpack(buf: Any, ext_hook: Any) -> Any:
     try:
         # strict_map_key=False: bodies may key maps by int; lengths are bounded by the header size.
-        return msgpack.unpackb(buf, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        return _unpackb(buf, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except WireError:
         raise
     except Exception as e:  # msgpack raises a zoo of types on garbage; all mean "malformed header"

@@ -195,7 +195,6 @@ def test_transport_name_must_match_node_name():
 
 
 def test_rpc_latency_is_measured_in_virtual_time_under_the_simulation():
-    from dmlsys.wire import sim
     from dmlsys.wire.sim import Link
 
     net = Net("sim", link=Link(delay=0.05, jitter=0))
