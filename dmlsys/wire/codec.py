@@ -121,6 +121,8 @@ def encode(msg: Message) -> list:
             raise WireError(f"cannot encode a {type(obj).__name__} on the wire (allowed: msgpack types and arrays)")
         if arr.dtype.hasobject:
             raise WireError("object arrays cannot be sent (they would need pickle)")
+        if arr.dtype.fields is not None:  # dtype.str would say only "|V<n>": the fields would be lost
+            raise WireError(f"structured dtype {arr.dtype} cannot be sent; send each field as its own array")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)  # strided and Fortran-order views: one copy, in C order
         ref = msgpack.packb([arr.dtype.str, list(arr.shape), len(frames)])

@@ -146,9 +146,10 @@ def test_jax_arrays_travel_as_their_host_bytes():
     assert np.array_equal(got, np.asarray(x))
 
 
-@pytest.mark.parametrize("body", [{1, 2}, object(), np.array([1, "x"], dtype=object), {"f": len}])
+@pytest.mark.parametrize("body", [{1, 2}, object(), np.array([1, "x"], dtype=object), {"f": len},
+                                  np.zeros(2, dtype=[("a", "<i4"), ("b", "<f4")])])
 def test_what_the_wire_cannot_carry_is_refused_with_wire_error(body):
-    with pytest.raises(WireError, match="encode|object|pickle"):
+    with pytest.raises(WireError, match="encode|object|pickle|structured"):
         encode(Message(Kind.REQUEST, 1, "s.m", "a", body))
 
 
