@@ -28,7 +28,7 @@ from dmlsys.node.directory import Directory
 from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError
 from dmlsys.node.metrics import NodeMetrics
 from dmlsys.node.pending import PendingCalls
-from dmlsys.node.service import CallContext, Gate, Handler, Service, rpc
+from dmlsys.node.service import CallContext, Gate, Handler, NodeService, Service
 from dmlsys.wire.codec import DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode
 from dmlsys.wire.transport import Route, Transport, TransportError
 
@@ -397,18 +397,5 @@ class Node:
             "metrics": self.metrics.summary(),
         }
 
-
-class NodeService(Service):
-    """Built into every node: what balancers and supervisors probe."""
-
-    name = "node"
-
-    @rpc
-    def status(self, body=None):  # doubles as the Service.status hook, which Node.status skips
-        return self.node.status()
-
-    @rpc
-    def ping(self, body):
-        return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
 
 

@@ -116,3 +116,17 @@ class Gate:
         if self.reason != reason:
             self.reason = reason
             self._on_change()
+
+
+class NodeService(Service):
+    """Built into every node: what balancers and supervisors probe."""
+
+    name = "node"
+
+    @rpc
+    def status(self, body=None):  # doubles as the Service.status hook, which Node.status skips
+        return self.node.status()
+
+    @rpc
+    def ping(self, body):
+        return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
