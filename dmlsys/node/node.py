@@ -396,6 +396,3 @@ class Node:
             "in_flight": len(self._tasks),
             "metrics": self.metrics.summary(),
         }
-
-
-
