@@ -4,6 +4,7 @@
     python -m dmlsys.cluster up my.toml --detach # returns once every node is ready
     python -m dmlsys.cluster status [--json]
     python -m dmlsys.cluster scale replica 3
+    python -m dmlsys.cluster train fashion-mlp     # a new version, from the spec's recipe
     python -m dmlsys.cluster rollout fashion-mlp [--version 2]
     python -m dmlsys.cluster pipeline --limit 5000 # the end-to-end workflow (see its --help)
     python -m dmlsys.cluster cache ls              # the workflow memo cache
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     scale.add_argument("group", help="the [[nodes]] name that has `replicas = N`")
     scale.add_argument("replicas", type=int)
 
+    train = sub.add_parser("train", help="train a new version of a model from its [cluster.train.MODEL] recipe, "
+                                         "on the worker nodes if the cluster has any")
+    train.add_argument("model")
+
     rollout = sub.add_parser("rollout", help="reload every replica of a model with a new version, one at a time")
     rollout.add_argument("model")
     rollout.add_argument("--version", type=int, help="model store version (default: the latest)")
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command != "up":
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
-               "rollout": cmd_rollout}[args.command]
+               "rollout": cmd_rollout, "train": cmd_train}[args.command]
     sys.exit(handler(args, state_dir))
 
 
@@ -247,6 +252,24 @@ def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
     print_table({"nodes": rows, "cluster": doc.get("cluster")})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
+    doc = read_state(state_dir)
+    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
+        print(f"error: no cluster is running from {state_dir}", file=sys.stderr)
+        return 1
+    from dmlsys.node import RemoteError
+
+    try:
+        result = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "train", {"model": args.model}, timeout=7200.0))
+    except RemoteError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
+          f" ({'workers ' + ', '.join(result['workers']) if result['workers'] else 'in the supervisor'})")
+    print(f"serve it with: python -m dmlsys.cluster rollout {result['model']} --version {result['version']}")
     return 0
 
 

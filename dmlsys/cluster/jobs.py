@@ -71,17 +71,28 @@ async def before_phase(sup: "Supervisor", phase: str) -> None:
     if phase != "serving":
         return
     for model in missing_models(sup):
-        arch, hyperparams = recipe(sup, model)
-        workers = [p.member.name for p in sup.procs.values() if p.member.role == "worker" and sup._local(p.member)]
-        log.info("model %r is not in the store yet: training it (%s) on %s", model, arch,
-                 f"workers {', '.join(workers)}" if workers else "this process")
-        if workers:
-            from dmlsys.collective.job import train_on_workers
+        log.info("model %r is not in the store yet", model)
+        await train(sup, model)
 
-            result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams)
-        else:
-            result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams)
-        log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
+
+async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
+    """Train ``model`` from its recipe and save a new version to the store.
+
+    On the cluster's worker nodes when it has any (data parallel, ring allreduce), else in a
+    thread of this process, so the supervisor keeps answering while it trains."""
+    arch, hyperparams = recipe(sup, model)
+    workers = [p.member.name for p in sup.procs.values()
+               if p.member.role == "worker" and sup._local(p.member) and p.state == "ready"]
+    log.info("training %r (%s) on %s", model, arch, f"workers {', '.join(workers)}" if workers else "this process")
+    if workers:
+        from dmlsys.collective.job import train_on_workers
+
+        result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams)
+    else:
+        result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams)
+    log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
+    return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
+            "workers": workers}
 
 
 def train_in_process(store: Path, model: str, arch: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:

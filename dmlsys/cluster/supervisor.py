@@ -85,6 +85,14 @@ class ClusterService(Service):
         return await self.sup.scale(str(body["group"]), int(body["replicas"]))
 
     @rpc
+    async def train(self, body):
+        from dmlsys.cluster.jobs import train
+
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise ValueError('train takes {"model": name}')
+        return await train(self.sup, body["model"])
+
+    @rpc
     def shutdown(self, body):
         self.sup.request_stop()
         return "stopping"
