@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Any
 
 import numpy as np
@@ -132,7 +133,7 @@ class ProcessGroup:
         leaves, rebuild = flatten(tree)
         out = list(leaves)
         for bucket in fuse(leaves, self.bucket_bytes):
-            reduced = await self._pass("allreduce", op, bucket.flat)
+            reduced = await self._pass("allreduce", op, bucket.flat, layout=_layout(bucket.shapes))
             if op == "mean":
                 reduced = reduced / self.size if reduced.dtype.kind in "biu" else np.divide(reduced, self.size, out=reduced)
             unfuse(bucket, reduced, out)
@@ -144,7 +145,7 @@ class ProcessGroup:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
         flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
-        reduced = await self._pass("reduce_scatter", op, flat)
+        reduced = await self._pass("reduce_scatter", op, flat, layout=_layout([np.shape(array)]))
         a, b = schedule.segments(flat.size, self.size)[self.rank]
         seg = reduced[a:b].copy()
         if op == "mean":
@@ -156,7 +157,7 @@ class ProcessGroup:
         leaves, rebuild = flatten(tree)
         out = list(leaves)
         for bucket in fuse(leaves, self.bucket_bytes):
-            gathered = await self._pass("allgather", "gather", bucket.flat)
+            gathered = await self._pass("allgather", "gather", bucket.flat, layout=_layout(bucket.shapes))
             unfuse(bucket, gathered.reshape(self.size, -1), out, stacked=self.size)
         return rebuild(out)
 
@@ -167,7 +168,7 @@ class ProcessGroup:
         leaves, rebuild = flatten(tree)
         out = list(leaves)
         for bucket in fuse(leaves, self.bucket_bytes):
-            got = await self._pass("broadcast", f"root{root}", bucket.flat, root=root)
+            got = await self._pass("broadcast", f"root{root}", bucket.flat, root=root, layout=_layout(bucket.shapes))
             unfuse(bucket, got, out)
         return rebuild(out)
 
@@ -177,11 +178,13 @@ class ProcessGroup:
 
     # -- one pass of the ring ---------------------------------------------------------------
 
-    async def _pass(self, kind: str, op: str, flat: np.ndarray, root: int = 0) -> np.ndarray:
+    async def _pass(self, kind: str, op: str, flat: np.ndarray, root: int = 0, layout: str = "") -> np.ndarray:
         async with self._lock:
             seq = self._seq
             self._seq += 1
-            sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}"
+            # The leaves' shapes are in the signature too: same-size buffers of different shapes
+            # would otherwise be reduced elementwise into garbage without a word.
+            sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}:{layout}"
             loop = asyncio.get_running_loop()
             # Keep a quarter of the timeout (at most 2 s) for finding out who is missing, so
             # that the error is raised within the timeout, not after it.
@@ -302,7 +305,7 @@ class ProcessGroup:
             raise CollectiveError(
                 f"{self._who()}: ranks disagree: rank {(self.rank - 1) % self.size} ({prev}) called "
                 f"{_describe(body['sig'])} but rank {self.rank} called {_describe(sig)}; every rank must make "
-                f"the same collective calls with the same op, dtype and size")
+                f"the same collective calls with the same op, dtype and shapes")
         data = body["d"]
         if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
             raise CollectiveError(f"{self._who()}: malformed chunk from {prev}: expected {length} x {dtype}")
@@ -393,9 +396,15 @@ class ProcessGroup:
         return f"group {self.name!r} rank {self.rank} ({self.node.name})"
 
 
+def _layout(shapes: list[tuple[int, ...]]) -> str:
+    """The shapes of a bucket's leaves, spelled out when short, else counted and hashed."""
+    text = ",".join("x".join(map(str, s)) or "()" for s in shapes)
+    return text if len(text) <= 40 else f"{len(shapes)} leaves #{zlib.crc32(text.encode()):08x}"
+
+
 def _describe(sig: str) -> str:
     try:
-        kind, op, dtype, size = sig.split(":")
-        return f"{kind}({op}, {np.dtype(dtype).name}[{size}])"
+        kind, op, dtype, size, layout = sig.split(":")
+        return f"{kind}({op}, {np.dtype(dtype).name}[{size}]{' as ' + layout if layout else ''})"
     except (ValueError, TypeError):
         return repr(sig)[:80]
