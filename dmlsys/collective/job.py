@@ -1,0 +1,135 @@
+"""Training jobs on worker nodes: the caller's side.
+
+A job is one data-parallel training run over a list of worker nodes (role ``worker``, see
+:mod:`dmlsys.collective.roles`). The caller (the cluster supervisor, a script, a test) sends
+the same ``train.run`` request to every worker; worker i becomes rank i of a process group
+named after the job, trains its shard of every global batch, and rank 0 saves the model::
+
+    result = await train_on_workers(node, ["worker-0", "worker-1"], model="fashion-mlp",
+                                    arch={"kind": "mlp"}, hyperparams={"epochs": 3, "lr": 1e-3})
+    result["version"], result["test_accuracy"]
+
+Failure: when one worker fails, the others would only notice at their next collective, up
+to the group's timeout later. So the first failure cancels the job on every other worker at
+once, and :class:`JobError` names the worker whose failure came first (a worker that was only
+cancelled, or whose collective broke because a peer died, is never blamed when a better
+culprit is known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from dmlsys.node import Node, NodeError, RemoteError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "train"
+CANCEL_GRACE = 10.0  # seconds the other workers get to report after a failure
+DEFAULT_TIMEOUT = 7200.0  # a whole training run; the collectives inside have their own, shorter timeout
+
+
+class JobError(RuntimeError):
+    """A training job failed. ``worker`` is the node blamed, ``job`` the job's name."""
+
+    def __init__(self, message: str, *, job: str = "", worker: str | None = None) -> None:
+        super().__init__(message)
+        self.job = job
+        self.worker = worker
+
+
+class JobRejected(JobError):
+    """A worker refused a run request: busy with another job, not among the members, or bad
+    arguments. Nothing was trained."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled on this worker (another worker failed, or the caller gave up)."""
+
+
+# What a failure says about its worker, best culprit first: its own error, a broken collective
+# (often a consequence of another worker's death), a cancellation (always a consequence).
+_SECONDARY = ("CollectiveError", "JobCancelled")
+
+
+async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: dict[str, Any],
+                           hyperparams: dict[str, Any], epochs: int | None = None, limit: int | None = None,
+                           test_limit: int | None = None, timeout: float = DEFAULT_TIMEOUT,
+                           job: str | None = None) -> dict[str, Any]:
+    """Train ``model`` data-parallel on ``workers`` (rank = position in the list) and return
+    rank 0's result: ``version`` (in the workers' model store), ``test_accuracy``,
+    ``test_loss``, ``history`` (one dict per epoch: loss, accuracy, samples_per_s,
+    comm_fraction, ...), ``seconds``, plus ``job`` and ``workers``.
+
+    ``hyperparams`` are :class:`dmlsys.train.trainer.Hyperparams` fields (``batch_size`` is the
+    global batch, split among the workers); ``epochs`` overrides theirs; ``limit`` and
+    ``test_limit`` train and test on the first samples only (quick runs).
+
+    Raises:
+        ValueError: no workers, or the same worker twice.
+        JobError: a worker failed or could not be reached; names it and says why.
+    """
+    if not workers:
+        raise ValueError("train_on_workers needs at least one worker node")
+    if len(set(workers)) != len(workers):
+        raise ValueError(f"workers must be distinct, got {workers}")
+    job = job or f"{model}-{uuid.uuid4().hex[:8]}"
+    body = {"job": job, "members": list(workers), "model": model, "arch": dict(arch),
+            "hyperparams": dict(hyperparams), "epochs": epochs, "limit": limit, "test_limit": test_limit}
+    log.info("job %s: training %r on %s", job, model, ", ".join(workers))
+
+    async def start(worker: str) -> dict[str, Any]:
+        return await node.call(worker, SERVICE, "run", body, timeout=timeout)
+
+    tasks = {asyncio.ensure_future(start(w)): w for w in workers}
+    failures: list[tuple[str, BaseException]] = []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failures = [(tasks[t], t.exception()) for t in done if t.exception() is not None]
+        if failures:
+            # Tell the others now rather than letting them find out at their next collective;
+            # a dead worker never replies, so wait for the rest a bounded while only.
+            _cancel_everywhere(node, job, [tasks[t] for t in pending], f"{failures[0][0]} failed")
+            if pending:
+                done, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+                failures += [(tasks[t], t.exception()) for t in done if t.exception() is not None]
+                failures += [(tasks[t], TimeoutError(f"no reply {CANCEL_GRACE:g}s after the job was cancelled "
+                                                     "(the worker may have died)")) for t in pending]
+    finally:
+        for t in tasks:
+            t.cancel()
+    if failures:
+        raise _blame(job, workers, failures)
+    results = {tasks[t]: t.result() for t in tasks}
+    result = dict(results[workers[0]])
+    result.update(job=job, workers=list(workers))
+    return result
+
+
+def _cancel_everywhere(node: Node, job: str, workers: list[str], reason: str) -> None:
+    for worker in workers:
+        try:
+            node.send(worker, SERVICE, "cancel", {"job": job, "reason": reason})
+        except NodeError:
+            pass  # unreachable: it has nothing to cancel that we could reach
+
+
+def _blame(job: str, workers: list[str], failures: list[tuple[str, BaseException]]) -> JobError:
+    def rank(item: tuple[str, BaseException]) -> int:
+        _, e = item
+        if isinstance(e, RemoteError):
+            return 1 + _SECONDARY.index(e.type) if e.type in _SECONDARY else 0
+        return 0  # unreachable or timed out: the worker itself is the likely culprit
+
+    worker, error = min(failures, key=rank)
+    if isinstance(error, RemoteError):
+        why = f"{error.type}: {error.message}"
+    else:
+        why = f"{type(error).__name__}: {error}"
+    others = [w for w, _ in failures if w != worker]
+    tail = f" ({len(others)} other worker(s) failed after it: {', '.join(others)})" if others else ""
+    return JobError(f"training job {job!r}: worker {worker} (rank {workers.index(worker)}) failed: {why}{tail}",
+                    job=job, worker=worker)
