@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dmlsys.collective import schedule
+from dmlsys.collective import shm as shm_mod
 from dmlsys.collective.errors import CollectiveError
 from dmlsys.collective.tree import flatten, fuse, unfuse
 from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
@@ -88,7 +89,8 @@ class ProcessGroup:
     """Rank ``members.index(node.name)`` of a group of ``len(members)`` nodes."""
 
     def __init__(self, node: Node, members: list[str], *, name: str = "default", timeout: float = 30.0,
-                 chunk_bytes: int = 1 << 20, bucket_bytes: int = 25 << 20) -> None:
+                 chunk_bytes: int = 2 << 20, bucket_bytes: int = 25 << 20, direct_bytes: int = 64 << 10,
+                 shm: bool | None = None) -> None:
         if node.name not in members:
             raise ValueError(f"node {node.name!r} is not among the group's members {members}")
         if len(set(members)) != len(members):
@@ -107,6 +109,13 @@ class ProcessGroup:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.bucket_bytes = bucket_bytes
+        # Allreduce paths: up to direct_bytes every rank sends its whole buffer to every other
+        # and all fold the N buffers in rank order (one network hop instead of the ring's
+        # 2(N-1)); above it, shared memory when every member is on this host (shm=None decides
+        # from the members' addresses), else the ring.
+        self.direct_bytes = direct_bytes
+        self._use_shm = shm
+        self._shm = shm_mod.ShmState(f"{node.name}-{name}")
         self.ops = 0  # completed collective passes, for status
         self._service: CollectiveService = service  # type: ignore[assignment]
         self._seq = 0  # the next pass's sequence number; every rank counts the same
@@ -115,6 +124,7 @@ class ProcessGroup:
         self._waiters: dict[tuple[int, int, int], asyncio.Future] = {}
         self._failed: dict[int, Exception] = {}
         self._lock = asyncio.Lock()
+        self._current: tuple[int, str] = (-1, "")  # the pass in progress: (seq, signature)
         service.register(self)
 
     @property
@@ -123,6 +133,16 @@ class ProcessGroup:
 
     def close(self) -> None:
         self._service.unregister(self)
+        self._shm.close()
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether large allreduces go through shared memory (decided on first use)."""
+        if self._use_shm is None:
+            transport = self.node.transport
+            self._use_shm = shm_mod.available() and shm_mod.same_host(
+                transport.address, transport.peers(), [m for m in self.members if m != self.node.name])
+        return self._use_shm
 
     # -- public collectives -----------------------------------------------------------------
 
@@ -185,29 +205,58 @@ class ProcessGroup:
             # The leaves' shapes are in the signature too: same-size buffers of different shapes
             # would otherwise be reduced elementwise into garbage without a word.
             sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}:{layout}"
+            self._current = (seq, sig)
+            ok = False
             loop = asyncio.get_running_loop()
             # Keep a quarter of the timeout (at most 2 s) for finding out who is missing, so
             # that the error is raised within the timeout, not after it.
             timer = loop.call_at(loop.time() + self.timeout - self._probe_budget, self._expire, seq)
             try:
+                self._check_early(seq, sig)
                 if self.size == 1:
                     result = flat.copy()
                 elif kind == "broadcast":
                     result = await self._broadcast(seq, sig, flat, root)
                 elif kind == "allgather":
                     result = await self._allgather(seq, sig, flat)
+                elif kind != "reduce_scatter" and flat.nbytes <= self.direct_bytes:
+                    result = await self._direct(seq, sig, OPS[op], flat)
+                elif kind != "reduce_scatter" and self.uses_shm:
+                    result = await shm_mod.allreduce(self, seq, sig, OPS[op], flat)
                 else:
                     result = await self._allreduce(seq, sig, OPS[op], flat, gather=kind != "reduce_scatter")
+                ok = True
             except _Expired:
                 raise await self._diagnose(kind, seq) from None
             except CollectiveError as e:
                 self._tell_others(seq, str(e), e.missing)
                 raise
             finally:
+                if not ok:
+                    self._shm.drop()  # peers of a failed pass may never have mapped our segment
                 timer.cancel()
+                self._current = (-1, "")
                 self._finish(seq)
             self.ops += 1
             return result
+
+    async def _direct(self, seq: int, sig: str, ufunc, flat: np.ndarray) -> np.ndarray:
+        """Small buffers: all-to-all in one hop, then every rank folds the N buffers in rank
+        order, the same operations on the same bits everywhere."""
+        n, r = self.size, self.rank
+        mine = flat.copy()  # the caller may reuse its buffer before the network has sent ours
+        for j in range(n):
+            if j != r:
+                self._send_to(j, seq, 0, r, sig, mine)
+        parts = [mine] * n
+        for j in range(n):
+            if j != r:
+                parts[j] = await self._recv(seq, 0, j, sig, flat.size, flat.dtype, src=j)
+        acc = np.empty_like(flat)
+        ufunc(parts[0], parts[1], out=acc)
+        for j in range(2, n):
+            ufunc(acc, parts[j], out=acc)
+        return acc
 
     async def _allreduce(self, seq: int, sig: str, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
         n, r = self.size, self.rank
@@ -281,14 +330,22 @@ class ProcessGroup:
     # -- messages ---------------------------------------------------------------------------
 
     def _send(self, peer: str, seq: int, step: int, ci: int, sig: str, data: np.ndarray) -> None:
-        try:
-            self.node.send(peer, CollectiveService.name, "chunk",
-                           {"g": self.name, "q": seq, "t": step, "c": ci, "sig": sig, "d": data})
-        except PeerUnreachable as e:
-            raise CollectiveError(f"{self._who()}: cannot send to rank {self.members.index(peer)} ({peer}): {e}",
-                                  missing=[self.members.index(peer)]) from None
+        self._send_to(self.members.index(peer), seq, step, ci, sig, data)
 
-    async def _recv(self, seq: int, step: int, ci: int, sig: str, length: int, dtype: np.dtype) -> np.ndarray:
+    def _send_to(self, rank: int, seq: int, step: int, ci: int, sig: str, data: np.ndarray | None,
+                 **extra: Any) -> None:
+        peer = self.members[rank]
+        body = {"g": self.name, "q": seq, "t": step, "c": ci, "sig": sig, "d": data}
+        if extra:
+            body.update(extra)
+        try:
+            self.node.send(peer, CollectiveService.name, "chunk", body)
+        except PeerUnreachable as e:
+            raise CollectiveError(f"{self._who()}: cannot send to rank {rank} ({peer}): {e}",
+                                  missing=[rank]) from None
+
+    async def _recv_body(self, seq: int, step: int, ci: int, sig: str, src: int | None = None) -> dict:
+        """The message keyed (seq, step, ci), once its signature matched ours."""
         key = (seq, step, ci)
         body = self._mail.pop(key, None)
         if body is None:
@@ -300,16 +357,34 @@ class ProcessGroup:
                 body = await fut
             finally:
                 self._waiters.pop(key, None)
-        prev = self.members[(self.rank - 1) % self.size]
         if body["sig"] != sig:
-            raise CollectiveError(
-                f"{self._who()}: ranks disagree: rank {(self.rank - 1) % self.size} ({prev}) called "
-                f"{_describe(body['sig'])} but rank {self.rank} called {_describe(sig)}; every rank must make "
-                f"the same collective calls with the same op, dtype and shapes")
+            raise self._disagreement(body["sig"], sig, (self.rank - 1) % self.size if src is None else src)
+        return body
+
+    async def _recv(self, seq: int, step: int, ci: int, sig: str, length: int, dtype: np.dtype,
+                    src: int | None = None) -> np.ndarray:
+        body = await self._recv_body(seq, step, ci, sig, src)
         data = body["d"]
         if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
-            raise CollectiveError(f"{self._who()}: malformed chunk from {prev}: expected {length} x {dtype}")
+            who = self.members[(self.rank - 1) % self.size if src is None else src]
+            raise CollectiveError(f"{self._who()}: malformed chunk from {who}: expected {length} x {dtype}")
         return data
+
+    def _disagreement(self, theirs: str, ours: str, src: int) -> CollectiveError:
+        return CollectiveError(
+            f"{self._who()}: ranks disagree: rank {src} ({self.members[src]}) called "
+            f"{_describe(theirs)} but rank {self.rank} called {_describe(ours)}; every rank must make "
+            f"the same collective calls with the same op, dtype and shapes")
+
+    def _check_early(self, seq: int, sig: str) -> None:
+        """A message of this pass that came before we started it may already disagree."""
+        for key, body in self._mail.items():
+            if key[0] == seq and body["sig"] != sig:
+                raise self._disagreement(body["sig"], sig, self._rank_of(body))
+
+    def _rank_of(self, body: dict) -> int:
+        sender = body.get("_from")
+        return self.members.index(sender) if sender in self.members else (self.rank - 1) % self.size
 
     def _deliver(self, body: dict, sender: str) -> None:
         try:
@@ -321,6 +396,12 @@ class ProcessGroup:
             return
         if key[0] < self._done_below:
             return  # a duplicate or a straggler from a finished pass
+        body["_from"] = sender
+        if key[0] == self._current[0] and body["sig"] != self._current[1]:
+            # Disagreeing ranks may run different algorithms whose messages we would never
+            # wait for: fail the pass now rather than at the timeout.
+            self._fail(key[0], self._disagreement(body["sig"], self._current[1], self._rank_of(body)))
+            return
         fut = self._waiters.get(key)
         if fut is not None and not fut.done():
             fut.set_result(body)

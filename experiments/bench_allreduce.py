@@ -1,0 +1,395 @@
+"""Allreduce benchmark: dmlsys ring allreduce vs torch.distributed gloo and Open MPI, in one run.
+
+For each world size N and float32 buffer size, on loopback:
+
+  ours   N processes, each a Node on a ZmqTransport (ipc:// in a temp dir, or tcp://127.0.0.1)
+         with a CollectiveService and a ProcessGroup. The same processes also join a gloo
+         process group, and the two allreduces are timed alternately, sample by sample, so
+         that both see the same machine load.
+  mpi    Open MPI's MPI_Allreduce through mpi4py, over its shared-memory (vader) and tcp BTLs,
+         measured by the anchor script ``mpi_allreduce.py`` (run as a subprocess from
+         ``--anchors``), which times gloo alternately with MPI in the same way.
+
+Method (the anchors'): every timed sample starts right after a barrier and runs ``inner``
+back-to-back allreduces (enough that small sizes are not timer-dominated); a sample's time is
+the slowest rank's; the latency is the median sample. algbw = bytes / latency, busbw = algbw *
+2(N-1)/N (the nccl-tests definition). The ratio "x gloo" is the median over samples of
+t_gloo / t_impl, from the same run: above 1 means faster than gloo. Every implementation's
+result is first checked against the exact sum (test data whose float32 sums are exact).
+
+    python experiments/bench_allreduce.py --json docs/bench_allreduce.json
+    python experiments/bench_allreduce.py -N 2 --sizes 4KiB 64MiB --no-mpi --samples 5
+
+torch (2.13.0) and mpi4py belong to the ``bench`` extra; Open MPI is Debian's openmpi-bin.
+Without them, pass --no-gloo / --no-mpi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SIZES = ("4KiB", "64KiB", "1MiB", "16MiB", "64MiB")
+ANCHORS = "/work/shared/anchors/allreduce"
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4KiB' -> 4096, '16MiB' -> 16777216, '1024' -> 1024 (binary units)."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot parse size {text!r}; use e.g. 4KiB, 16MiB, 1024")
+    unit = (m.group(2) or "B").upper().replace("I", "").rstrip("B") or "B"
+    nbytes = int(m.group(1)) * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+    if nbytes < 4 or nbytes % 4:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be a positive multiple of 4 bytes (float32)")
+    return nbytes
+
+
+def fmt_size(nbytes: int) -> str:
+    for unit, mult in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= mult and nbytes % mult == 0:
+            return f"{nbytes // mult} {unit}"
+    return f"{nbytes} B"
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e6:.0f} µs" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def busbw(nbytes: int, seconds: float, n: int) -> float:
+    """GB/s (1e9) on the bus: algbw * 2(N-1)/N."""
+    return nbytes / seconds / 1e9 * 2 * (n - 1) / n
+
+
+def inner_reps(nbytes: int, target: int, cap: int) -> int:
+    return max(1, min(cap, math.ceil(target / nbytes)))
+
+
+def pattern(n: int, rank: int) -> np.ndarray:
+    """Per-rank float32 data whose sums are exact (small integers and halves), as the anchors use."""
+    i = np.arange(n, dtype=np.int64)
+    return (((i * 7 + rank * 13) % 31) - 15 + 0.5 * (rank % 2)).astype(np.float32)
+
+
+def expected(n: int, world: int) -> np.ndarray:
+    return sum(pattern(n, r).astype(np.float64) for r in range(world)).astype(np.float32)
+
+
+def machine_state() -> str:
+    load = os.getloadavg()
+    return f"nproc={os.cpu_count()} loadavg={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f} python={sys.version.split()[0]}"
+
+
+# -- our side: N worker processes --------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, transport: str, tmpdir: str, gloo_port: int, args: dict, conn) -> None:
+    signal.alarm(int(args["timeout"]) + 30)  # a stuck worker dies by itself
+    import uvloop
+
+    try:
+        result = uvloop.run(_run_worker(rank, world, transport, tmpdir, gloo_port, args, conn))
+        if rank == 0:
+            conn.send(("ok", result))
+    except BaseException as e:  # report, then die: the parent names the rank that failed
+        conn.send(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+        raise
+
+
+async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
+    from dmlsys.collective import CollectiveService, ProcessGroup
+    from dmlsys.node import Node
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    names = [f"r{i}" for i in range(world)]
+    bind = f"ipc://{tmpdir}/{names[rank]}" if transport == "ipc" else "tcp://127.0.0.1:0"
+    node = Node(names[rank], ZmqTransport(names[rank], bind), admin=None)
+    node.add_service(CollectiveService())
+    await node.start()
+    conn.send(("address", node.transport.address))
+    for name, address in conn.recv().items():  # every rank's address, from the parent
+        node.transport.add_peer(name, address)
+    kwargs = {"chunk_bytes": args["chunk_bytes"]} if args["chunk_bytes"] else {}
+    group = ProcessGroup(node, names, timeout=60, **kwargs)
+    if gloo_port:
+        from datetime import timedelta
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=args["timeout"]))
+    await group.barrier()  # connections up before anything is timed
+
+    async def barrier() -> None:
+        if gloo_port:
+            dist.barrier()
+        else:
+            await group.barrier()
+
+    results = []
+    for nbytes in args["sizes"]:
+        n = nbytes // 4
+        want = expected(n, world)
+        buf = pattern(n, rank)
+        got = await group.allreduce(buf, "sum")
+        verified = {"ours": bool(np.array_equal(got, want)) and bool(np.array_equal(buf, pattern(n, rank)))}
+        impls = {"ours": lambda: group.allreduce(buf, "sum")}
+        if gloo_port:
+            t = torch.from_numpy(pattern(n, rank))
+            dist.all_reduce(t)
+            verified["gloo"] = bool(np.array_equal(t.numpy(), want))
+            tbuf = torch.from_numpy(pattern(n, rank))
+
+            async def gloo_op(tbuf=tbuf):
+                dist.all_reduce(tbuf)  # synchronous: blocks this loop, as nothing else runs now
+            impls["gloo"] = gloo_op
+        inner = inner_reps(nbytes, args["inner_bytes"], args["inner_cap"])
+        for fn in impls.values():
+            for _ in range(args["warmup"]):
+                await fn()
+        per = {name: [] for name in impls}
+        order = list(impls)
+        for i in range(args["samples"]):
+            for name in order if i % 2 == 0 else order[::-1]:
+                fn = impls[name]
+                await barrier()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    await fn()
+                per[name].append((time.perf_counter() - t0) / inner)
+        flags = await group.allreduce(np.array([int(v) for v in verified.values()], np.int64), "min")
+        for name, times in per.items():
+            slowest = await group.allreduce(np.array(times), "max")  # an op is as slow as its slowest rank
+            results.append({"impl": name, "n": world, "bytes": nbytes, "inner": inner, "times": slowest.tolist(),
+                            "verified": bool(flags[list(verified).index(name)])})
+    await group.barrier()
+    if gloo_port:
+        dist.destroy_process_group()
+    group.close()
+    await node.stop()
+    return results
+
+
+def run_ours(world: int, transport: str, args: argparse.Namespace, gloo: bool) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    gloo_port = _free_port() if gloo else 0
+    cfg = {k: getattr(args, k) for k in ("sizes", "samples", "warmup", "inner_bytes", "inner_cap", "timeout",
+                                         "chunk_bytes")}
+    with tempfile.TemporaryDirectory(prefix="bench_allreduce_") as tmpdir:
+        pipes = [ctx.Pipe() for _ in range(world)]
+        procs = [ctx.Process(target=_worker, args=(r, world, transport, tmpdir, gloo_port, cfg, pipes[r][1]),
+                             daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + args.timeout
+        try:
+            addresses = {}
+            for r, (conn, _) in enumerate(pipes):
+                kind, value = _recv(conn, deadline)
+                if kind != "address":
+                    raise RuntimeError(value)
+                addresses[f"r{r}"] = value
+            for conn, _ in pipes:
+                conn.send(addresses)
+            kind, value = _recv(pipes[0][0], deadline)
+            if kind != "ok":
+                raise RuntimeError(value)
+            return value
+        finally:
+            for p in procs:
+                p.join(max(0.1, min(10.0, deadline - time.monotonic())))
+                if p.is_alive():
+                    p.kill()  # our own child, by its handle
+                    p.join(5)
+
+
+def _recv(conn, deadline: float):
+    while not conn.poll(1.0):
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark workers are still running past --timeout")
+    return conn.recv()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- Open MPI: the anchor script, as a subprocess ------------------------------------------------
+
+
+def run_mpi(args: argparse.Namespace) -> list[dict]:
+    script = os.path.join(args.anchors, "mpi_allreduce.py")
+    if not os.path.exists(script):
+        print(f"skipping Open MPI: {script} not found (point --anchors at the anchor scripts)")
+        return []
+    if shutil.which("mpirun") is None:
+        print("skipping Open MPI: no mpirun on PATH (apt-get install openmpi-bin libopenmpi-dev)")
+        return []
+    with tempfile.TemporaryDirectory(prefix="bench_allreduce_mpi_") as tmp:
+        out = os.path.join(tmp, "mpi.json")
+        cmd = [sys.executable, script, "-N", *map(str, args.world_sizes), "--sizes", *map(str, args.sizes),
+               "--samples", str(args.samples), "--warmup", str(args.warmup), "--inner-bytes", str(args.inner_bytes),
+               "--inner-cap", str(args.inner_cap), "--btls", *args.btls, "--timeout", str(args.timeout),
+               "--json", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * len(args.btls) * 2 + 120)
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"Open MPI run failed (rc={proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            return []
+        with open(out) as f:
+            return json.load(f)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def _paired(ref: list[float], times: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(ref, times))
+
+
+def build_rows(ours: dict[str, list[dict]], mpi: list[dict]) -> list[dict]:
+    rows = []
+    for transport, results in ours.items():
+        by = {(r["n"], r["bytes"], r["impl"]): r for r in results}
+        for n, nbytes in sorted({(r["n"], r["bytes"]) for r in results}):
+            o, g = by[(n, nbytes, "ours")], by.get((n, nbytes, "gloo"))
+            lat = statistics.median(o["times"])
+            row = {"n": n, "bytes": nbytes, "transport": transport, "ours_latency_s": lat,
+                   "ours_algbw": nbytes / lat / 1e9, "ours_busbw": busbw(nbytes, lat, n),
+                   "ours_verified": o["verified"], "ours_inner": o["inner"], "ours_samples": len(o["times"])}
+            if g is not None:
+                glat = statistics.median(g["times"])
+                row.update({"gloo_latency_s": glat, "gloo_algbw": nbytes / glat / 1e9,
+                            "gloo_busbw": busbw(nbytes, glat, n), "gloo_verified": g["verified"],
+                            "ours_vs_gloo": _paired(g["times"], o["times"])})
+            for btl in sorted({m["btl"] for m in mpi}):
+                mm = [m for m in mpi if m["btl"] == btl and m["world"] == n and m["bytes"] == nbytes]
+                mr = next((m for m in mm if m["impl"] == "mpi"), None)
+                mg = next((m for m in mm if m["impl"] == "gloo"), None)
+                if mr is None:
+                    continue
+                mlat = statistics.median(mr["times"])
+                row[f"mpi_{btl}_latency_s"] = mlat
+                row[f"mpi_{btl}_busbw"] = busbw(nbytes, mlat, n)
+                row[f"mpi_{btl}_verified"] = mr["verified"] == 1
+                if mg is not None:
+                    row[f"mpi_{btl}_vs_gloo"] = _paired(mg["times"], mr["times"])
+            row["target"] = _target(row)
+            rows.append(row)
+    return rows
+
+
+def _target(row: dict) -> str:
+    """Issue 3's targets: busbw >= 1.3x gloo (N=2) / 1.0x (N>2) from 1 MiB; 4 KiB latency <= 0.5x."""
+    if "ours_vs_gloo" not in row:
+        return "-"
+    if row["bytes"] >= 1 << 20:
+        need = 1.3 if row["n"] == 2 else 1.0
+    elif row["bytes"] <= 4096:
+        need = 2.0  # latency <= 0.5x gloo's
+    else:
+        return "-"
+    return f"{'met' if row['ours_vs_gloo'] >= need else 'MISSED'} (>= {need:g}x)"
+
+
+def print_table(rows: list[dict], console) -> None:
+    from rich.table import Table
+
+    btls = sorted({k.split("_")[1] for r in rows for k in r if k.startswith("mpi_") and k.endswith("_busbw")})
+    table = Table(title="allreduce, float32 sum, loopback: latency | busbw GB/s | x gloo (paired median)")
+    for col in ["N", "size", "ours via", "ours", "gloo", *[f"MPI {b}" for b in btls], "target", "== sum"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [str(r["n"]), fmt_size(r["bytes"]), r["transport"],
+                 f"{fmt_time(r['ours_latency_s'])} | {r['ours_busbw']:.2f} | "
+                 f"{r.get('ours_vs_gloo', float('nan')):.2f}x"]
+        cells.append(f"{fmt_time(r['gloo_latency_s'])} | {r['gloo_busbw']:.2f}" if "gloo_busbw" in r else "-")
+        for b in btls:
+            if f"mpi_{b}_busbw" in r:
+                cells.append(f"{fmt_time(r[f'mpi_{b}_latency_s'])} | {r[f'mpi_{b}_busbw']:.2f} | "
+                             f"{r.get(f'mpi_{b}_vs_gloo', float('nan')):.2f}x")
+            else:
+                cells.append("-")
+        ok = [r["ours_verified"], r.get("gloo_verified", True), *[r.get(f"mpi_{b}_verified", True) for b in btls]]
+        cells += [r["target"], "yes" if all(ok) else "NO"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-N", "--world-sizes", type=int, nargs="+", default=[2, 4], help="ranks per run (default 2 4)")
+    p.add_argument("--sizes", type=parse_size, nargs="+", default=[parse_size(s) for s in SIZES],
+                   help="float32 buffer sizes, binary units (default: 4KiB 64KiB 1MiB 16MiB 64MiB)")
+    p.add_argument("--samples", type=int, default=7, help="timed samples per size and implementation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed ops per size and implementation")
+    p.add_argument("--inner-bytes", type=parse_size, default=parse_size("8MiB"),
+                   help="a sample runs ceil(inner_bytes/size) back-to-back ops (capped by --inner-cap)")
+    p.add_argument("--inner-cap", type=int, default=100, help="at most this many ops per sample")
+    p.add_argument("--transport", nargs="+", choices=["ipc", "tcp"], default=["ipc"],
+                   help="our ranks' ZeroMQ transport(s): ipc:// in a temp dir, tcp://127.0.0.1")
+    p.add_argument("--chunk-bytes", type=parse_size, default=0, help="ProcessGroup chunk_bytes (default: its own)")
+    p.add_argument("--no-gloo", action="store_true", help="do not run torch.distributed gloo")
+    p.add_argument("--no-mpi", action="store_true", help="do not run Open MPI")
+    p.add_argument("--btls", nargs="+", choices=["shm", "tcp"], default=["shm", "tcp"], help="Open MPI transports")
+    p.add_argument("--anchors", default=ANCHORS, help="directory of the anchor scripts (mpi_allreduce.py)")
+    p.add_argument("--timeout", type=float, default=300.0, help="wall-clock limit per run of processes, seconds")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = p.parse_args()
+    if args.samples < 3:
+        p.error("--samples must be >= 3")
+    from rich.console import Console
+
+    console = Console()
+    gloo = not args.no_gloo
+    if gloo:
+        try:
+            import torch.distributed  # noqa: F401
+        except ImportError:
+            console.print("torch is not installed: running without gloo (pip install torch==2.13.0)")
+            gloo = False
+    console.print(f"machine at start: {machine_state()}")
+    started = time.monotonic()
+    ours: dict[str, list[dict]] = {}
+    for transport in args.transport:
+        for world in args.world_sizes:
+            with console.status(f"ours ({transport}){' + gloo' if gloo else ''}, N={world} ..."):
+                t0 = time.monotonic()
+                ours.setdefault(transport, []).extend(run_ours(world, transport, args, gloo))
+            console.print(f"ours ({transport}){' + gloo' if gloo else ''}, N={world}: {time.monotonic() - t0:.0f} s")
+    mpi: list[dict] = []
+    if not args.no_mpi:
+        with console.status(f"Open MPI ({', '.join(args.btls)}) + gloo ..."):
+            t0 = time.monotonic()
+            mpi = run_mpi(args)
+        console.print(f"Open MPI: {time.monotonic() - t0:.0f} s")
+    rows = build_rows(ours, mpi)
+    print_table(rows, console)
+    console.print(f"machine at end: {machine_state()}; total {time.monotonic() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)  # issue 3: a JSON list of row objects
+    return 0 if all(r["ours_verified"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
