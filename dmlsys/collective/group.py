@@ -31,7 +31,7 @@ import numpy as np
 from dmlsys.collective import schedule
 from dmlsys.collective import shm as shm_mod
 from dmlsys.collective.errors import CollectiveError
-from dmlsys.collective.tree import flatten, fuse, unfuse
+from dmlsys.collective.tree import Bucket, flatten, fuse, unfuse
 from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class ProcessGroup:
         self._failed: dict[int, Exception] = {}
         self._lock = asyncio.Lock()
         self._current: tuple[int, str] = (-1, "")  # the pass in progress: (seq, signature)
+        self._waiting_on = 0  # the rank whose message the pass in progress awaits
         service.register(self)
 
     @property
@@ -152,7 +153,7 @@ class ProcessGroup:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
         leaves, rebuild = flatten(tree)
         out = list(leaves)
-        for bucket in fuse(leaves, self.bucket_bytes):
+        for bucket in _buckets(leaves, self.bucket_bytes):
             reduced = await self._pass("allreduce", op, bucket.flat, layout=_layout(bucket.shapes))
             if op == "mean":
                 reduced = reduced / self.size if reduced.dtype.kind in "biu" else np.divide(reduced, self.size, out=reduced)
@@ -353,6 +354,7 @@ class ProcessGroup:
                 raise self._failed[seq]
             fut = asyncio.get_running_loop().create_future()
             self._waiters[key] = fut
+            self._waiting_on = (self.rank - 1) % self.size if src is None else src  # whom a timeout blames
             try:
                 body = await fut
             finally:
@@ -448,8 +450,7 @@ class ProcessGroup:
 
         answers = await asyncio.gather(*(alive(p) for p in others))
         dead = [self.members.index(p) for p, ok in zip(others, answers) if not ok]
-        prev = (self.rank - 1) % self.size
-        missing = dead or [prev]
+        missing = dead or [self._waiting_on]
         names = ", ".join(f"rank {i} ({self.members[i]})" for i in missing)
         verdict = "not answering" if dead else "alive but never sent its part"
         error = CollectiveError(f"{kind} #{seq} on group {self.name!r}: rank {self.rank} timed out after "
@@ -475,6 +476,14 @@ class ProcessGroup:
 
     def _who(self) -> str:
         return f"group {self.name!r} rank {self.rank} ({self.node.name})"
+
+
+def _buckets(leaves: list[np.ndarray], bucket_bytes: int) -> list[Bucket]:
+    """``fuse``, but a lone leaf (one gradient buffer, the benchmark's array) goes as a view,
+    not a copy: every pass reads its input without writing it or keeping it past return."""
+    if len(leaves) == 1 and leaves[0].flags.c_contiguous:
+        return [Bucket(leaves[0].reshape(-1), [0], [leaves[0].shape])]
+    return fuse(leaves, bucket_bytes)
 
 
 def _layout(shapes: list[tuple[int, ...]]) -> str:

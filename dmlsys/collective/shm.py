@@ -3,14 +3,14 @@
 Over sockets every byte is copied into the kernel and out again, and on a small machine the
 ranks' wake-ups take turns on the same cores. When every member is on this host, each rank
 instead owns a file in ``/dev/shm`` that every other rank maps read-only, and an allreduce of
-L elements costs each rank three passes over memory (MPI's shared-memory transports work the
-same way):
+L elements costs each rank about three passes over memory and no system call on the data
+(MPI's shared-memory transports work the same way). Rank r, with segments as in the ring:
 
-1. copy its input into its segment, then send ``ready`` (with the segment's name) to all;
-2. when every ``ready`` is in: reduce segment r of the buffer, its own, over all N inputs in
-   rank order 0, 1, .., N-1, writing the result over its own input's segment r; send
-   ``reduced`` to all;
-3. when every ``reduced`` is in: copy segment j of the result from rank j's file, for every j.
+1. copies its input into its file, all but segment r (which only it reads), then sends
+   ``ready`` (naming the file) to every rank;
+2. when every ``ready`` is in: folds segment r over all N inputs in rank order 0, 1, .., N-1
+   into its output, publishes it in its file's segment r, and sends ``reduced`` to all;
+3. when every ``reduced`` is in: copies segment j of the result from rank j's file, for all j.
 
 Each segment is computed by exactly one rank, in a fixed order, and copied bit for bit by the
 others: every rank ends with identical bits, as in the ring.
@@ -50,13 +50,13 @@ def available() -> bool:
 
 
 def same_host(own: str, peers: dict[str, str], members: list[str]) -> bool:
-    """True when every member's address says "this host": ipc:// paths or loopback TCP.
+    """True when our address and every other member's (``members``, looked up in ``peers``)
+    say "this host": ipc:// paths or loopback TCP.
 
     Every rank decides from the same address table, so every rank decides the same way."""
-    addresses = [peers.get(m) for m in members]
-    addresses = [a for a in addresses if a is not None] + [own]
-    if len(addresses) < len(members):
-        return False
+    addresses = [own, *(peers.get(m) for m in members)]
+    if None in addresses:
+        return False  # an unknown address is not provably here
     return all(a.startswith("ipc://") or a.startswith("tcp://127.") or a.startswith("tcp://localhost")
                for a in addresses)
 
@@ -149,19 +149,25 @@ class ShmState:
 
 
 async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.ndarray) -> np.ndarray:
-    """One allreduce pass over shared memory (see the module docstring); the group's ``_send``
-    and ``_recv`` carry the two control messages, with their signature and deadline checks."""
+    """One allreduce pass over shared memory (see the module docstring); the group's ``_send_to``
+    and ``_recv_body`` carry the two notices, with their signature and deadline checks.
+
+    ``flat`` is only read, and never after we return: the caller may reuse it at once."""
     state: ShmState = group._shm
     n, r, dtype = group.size, group.rank, flat.dtype
     parity = seq % 2
     segs = schedule.segments(flat.size, n)
+    a, b = segs[r]
     try:
         own = state.segment_for(flat.nbytes)
-        mine = own.region(parity, dtype, flat.size)
-        np.copyto(mine, flat)
     except OSError as e:
         raise CollectiveError(f"{group._who()}: cannot create a shared-memory segment in {SHM_DIR}: {e}; "
                               "create the group with shm=False to use sockets only") from None
+    mine = own.region(parity, dtype, flat.size)
+    # Peers read every segment of our input but ours (r): that one we fold from flat itself.
+    mine[:a] = flat[:a]
+    mine[b:] = flat[b:]
+    out = np.empty_like(flat)
     for j in range(n):
         if j != r:
             group._send_to(j, seq, 0, r, sig, None, shm=own.name, cap=own.capacity)
@@ -169,7 +175,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
     for j in range(n):
         if j == r:
             continue
-        body = await group._recv_body(seq, 0, j, sig)
+        body = await group._recv_body(seq, 0, j, sig, src=j)
         name, cap = body.get("shm"), body.get("cap")
         if not isinstance(name, str) or type(cap) is not int or cap < flat.nbytes:
             raise CollectiveError(f"{group._who()}: malformed shared-memory notice from rank {j}")
@@ -178,23 +184,23 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
         except (OSError, ValueError) as e:
             raise CollectiveError(f"{group._who()}: cannot map rank {j}'s shared-memory segment {name!r}: {e}; "
                                   "are all members on one host? If not, create the group with shm=False") from None
-    out = np.empty_like(flat)
-    a, b = segs[r]
     if b > a:
-        # Into out first, not into our region: inputs[r] is that region, and it is read below.
+        # Segment r, folded in rank order ((x0 op x1) op x2) ..., into the output; x_r is read
+        # from the caller's buffer, so it never needed copying into our segment.
         acc = out[a:b]
-        ufunc(inputs[0][a:b], inputs[1][a:b], out=acc)
+        part = [flat[a:b] if j == r else inputs[j][a:b] for j in range(n)]
+        ufunc(part[0], part[1], out=acc)
         for j in range(2, n):
-            ufunc(acc, inputs[j][a:b], out=acc)
-        mine[a:b] = acc  # only this rank writes segment r of its own region
+            ufunc(acc, part[j], out=acc)
+        mine[a:b] = acc  # published for the peers' copy-out
     for j in range(n):
         if j != r:
             group._send_to(j, seq, 1, r, sig, None)
     for j in range(n):
         if j != r:
-            await group._recv_body(seq, 1, j, sig)
-    for j, (a, b) in enumerate(segs):
+            await group._recv_body(seq, 1, j, sig, src=j)
+    for j, (lo, hi) in enumerate(segs):
         if j != r:
-            out[a:b] = inputs[j][a:b]
+            out[lo:hi] = inputs[j][lo:hi]
     own.unlink()  # every peer has mapped it by now
     return out
