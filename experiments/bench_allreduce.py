@@ -124,6 +124,8 @@ async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
     for name, address in conn.recv().items():  # every rank's address, from the parent
         node.transport.add_peer(name, address)
     kwargs = {"chunk_bytes": args["chunk_bytes"]} if args["chunk_bytes"] else {}
+    if args["no_shm"]:
+        kwargs["shm"] = False
     group = ProcessGroup(node, names, timeout=60, **kwargs)
     if gloo_port:
         from datetime import timedelta
@@ -190,7 +192,7 @@ def run_ours(world: int, transport: str, args: argparse.Namespace, gloo: bool) -
     ctx = mp.get_context("spawn")
     gloo_port = _free_port() if gloo else 0
     cfg = {k: getattr(args, k) for k in ("sizes", "samples", "warmup", "inner_bytes", "inner_cap", "timeout",
-                                         "chunk_bytes")}
+                                         "chunk_bytes", "no_shm")}
     with tempfile.TemporaryDirectory(prefix="bench_allreduce_") as tmpdir:
         pipes = [ctx.Pipe() for _ in range(world)]
         procs = [ctx.Process(target=_worker, args=(r, world, transport, tmpdir, gloo_port, cfg, pipes[r][1]),
@@ -248,7 +250,7 @@ def run_mpi(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench_allreduce_mpi_") as tmp:
         out = os.path.join(tmp, "mpi.json")
         cmd = [sys.executable, script, "-N", *map(str, args.world_sizes), "--sizes", *map(str, args.sizes),
-               "--samples", str(args.samples), "--warmup", str(args.warmup), "--inner-bytes", str(args.inner_bytes),
+               "--samples", str(max(5, args.samples)), "--warmup", str(args.warmup), "--inner-bytes", str(args.inner_bytes),
                "--inner-cap", str(args.inner_cap), "--btls", *args.btls, "--timeout", str(args.timeout),
                "--json", out]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * len(args.btls) * 2 + 120)
@@ -266,14 +268,19 @@ def _paired(ref: list[float], times: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ref, times))
 
 
-def build_rows(ours: dict[str, list[dict]], mpi: list[dict]) -> list[dict]:
+def _path(nbytes: int, shm: bool) -> str:
+    """Which allreduce our group ran (ProcessGroup's defaults: direct up to 64 KiB)."""
+    return "direct" if nbytes <= 64 << 10 else "shm" if shm else "ring"
+
+
+def build_rows(ours: dict[str, list[dict]], mpi: list[dict], shm: bool = True) -> list[dict]:
     rows = []
     for transport, results in ours.items():
         by = {(r["n"], r["bytes"], r["impl"]): r for r in results}
         for n, nbytes in sorted({(r["n"], r["bytes"]) for r in results}):
             o, g = by[(n, nbytes, "ours")], by.get((n, nbytes, "gloo"))
             lat = statistics.median(o["times"])
-            row = {"n": n, "bytes": nbytes, "transport": transport, "ours_latency_s": lat,
+            row = {"n": n, "bytes": nbytes, "transport": transport, "ours_path": _path(nbytes, shm), "ours_latency_s": lat,
                    "ours_algbw": nbytes / lat / 1e9, "ours_busbw": busbw(nbytes, lat, n),
                    "ours_verified": o["verified"], "ours_inner": o["inner"], "ours_samples": len(o["times"])}
             if g is not None:
@@ -315,20 +322,24 @@ def print_table(rows: list[dict], console) -> None:
     from rich.table import Table
 
     btls = sorted({k.split("_")[1] for r in rows for k in r if k.startswith("mpi_") and k.endswith("_busbw")})
-    table = Table(title="allreduce, float32 sum, loopback: latency | busbw GB/s | x gloo (paired median)")
-    for col in ["N", "size", "ours via", "ours", "gloo", *[f"MPI {b}" for b in btls], "target", "== sum"]:
+    table = Table(title="allreduce, float32 sum, loopback. busbw in GB/s; x gloo: median over samples of "
+                        "t_gloo / t (above 1: faster than gloo)")
+    cols = ["N", "size", "ours via", "path", "ours latency", "ours busbw", "x gloo", "gloo latency", "gloo busbw"]
+    for b in btls:
+        cols += [f"MPI {b} latency", f"MPI {b} busbw", f"MPI {b} x gloo"]
+    for col in [*cols, "target", "== sum"]:
         table.add_column(col, justify="right")
+    nan = float("nan")
     for r in rows:
-        cells = [str(r["n"]), fmt_size(r["bytes"]), r["transport"],
-                 f"{fmt_time(r['ours_latency_s'])} | {r['ours_busbw']:.2f} | "
-                 f"{r.get('ours_vs_gloo', float('nan')):.2f}x"]
-        cells.append(f"{fmt_time(r['gloo_latency_s'])} | {r['gloo_busbw']:.2f}" if "gloo_busbw" in r else "-")
+        cells = [str(r["n"]), fmt_size(r["bytes"]), r["transport"], r["ours_path"], fmt_time(r["ours_latency_s"]),
+                 f"{r['ours_busbw']:.3f}", f"{r.get('ours_vs_gloo', nan):.2f}"]
+        cells += [fmt_time(r["gloo_latency_s"]), f"{r['gloo_busbw']:.3f}"] if "gloo_busbw" in r else ["-", "-"]
         for b in btls:
             if f"mpi_{b}_busbw" in r:
-                cells.append(f"{fmt_time(r[f'mpi_{b}_latency_s'])} | {r[f'mpi_{b}_busbw']:.2f} | "
-                             f"{r.get(f'mpi_{b}_vs_gloo', float('nan')):.2f}x")
+                cells += [fmt_time(r[f"mpi_{b}_latency_s"]), f"{r[f'mpi_{b}_busbw']:.3f}",
+                          f"{r.get(f'mpi_{b}_vs_gloo', nan):.2f}"]
             else:
-                cells.append("-")
+                cells += ["-", "-", "-"]
         ok = [r["ours_verified"], r.get("gloo_verified", True), *[r.get(f"mpi_{b}_verified", True) for b in btls]]
         cells += [r["target"], "yes" if all(ok) else "NO"]
         table.add_row(*cells)
@@ -348,6 +359,8 @@ def main() -> int:
     p.add_argument("--transport", nargs="+", choices=["ipc", "tcp"], default=["ipc"],
                    help="our ranks' ZeroMQ transport(s): ipc:// in a temp dir, tcp://127.0.0.1")
     p.add_argument("--chunk-bytes", type=parse_size, default=0, help="ProcessGroup chunk_bytes (default: its own)")
+    p.add_argument("--no-shm", action="store_true",
+                   help="our ranks use the socket ring even on one host (ProcessGroup(shm=False))")
     p.add_argument("--no-gloo", action="store_true", help="do not run torch.distributed gloo")
     p.add_argument("--no-mpi", action="store_true", help="do not run Open MPI")
     p.add_argument("--btls", nargs="+", choices=["shm", "tcp"], default=["shm", "tcp"], help="Open MPI transports")
@@ -359,7 +372,7 @@ def main() -> int:
         p.error("--samples must be >= 3")
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=200)  # a wide table; a pipe would otherwise get 80 columns
     gloo = not args.no_gloo
     if gloo:
         try:
@@ -382,7 +395,7 @@ def main() -> int:
             t0 = time.monotonic()
             mpi = run_mpi(args)
         console.print(f"Open MPI: {time.monotonic() - t0:.0f} s")
-    rows = build_rows(ours, mpi)
+    rows = build_rows(ours, mpi, shm=not args.no_shm)
     print_table(rows, console)
     console.print(f"machine at end: {machine_state()}; total {time.monotonic() - started:.0f} s")
     if args.json:
