@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -67,9 +68,14 @@ async def serve_worker(name: str, bind: str, store: str, config: dict) -> None:
     print(json.dumps({"ready": name}), flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    # stdin closing means the driver is gone: exit rather than linger as an orphan
-    eof = loop.run_in_executor(None, sys.stdin.read)
-    await asyncio.wait([asyncio.ensure_future(stop.wait()), eof], return_when=asyncio.FIRST_COMPLETED)
+
+    def watch_stdin() -> None:  # stdin closing means the driver is gone: exit, don't linger
+        sys.stdin.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    # a daemon thread, not the loop's executor: a blocked read must not hold up exit on SIGTERM
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    await stop.wait()
     await node.stop(drain_timeout=1)
 
 
