@@ -115,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     p.add_argument("--doc", metavar="MD", help="rewrite the results section of this markdown file")
+    p.add_argument("--plot", metavar="PNG", help="epoch times per configuration (default: the --json path, .png)")
+    p.add_argument("--from-json", metavar="FILE", help="only plot what an earlier --json wrote (no measuring)")
     args = p.parse_args(argv)
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        _plot.bench_batching(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        return 0
     if args.epochs < 2:
         p.error("--epochs must be >= 2 (one to fill the cache, one to serve from it)")
     ds = data.load(limit=args.limit, test_limit=0)
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"whole set up front: {upfront['seconds'] * 1e3:.0f} ms, {upfront['mib']:.0f} MiB resident")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "whole_set_up_front": upfront}, indent=2))
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.bench_batching({"rows": rows, "whole_set_up_front": upfront}, out)
     if args.doc:
         replace_section(Path(args.doc), markdown(rows, upfront, ds.train_images.nbytes / MiB, ds.num_train))
         console.print(f"wrote results to {args.doc}")

@@ -153,10 +153,16 @@ def main() -> None:
     ap.add_argument("--shapes", default="chain,fan,layered", help="comma-separated shapes (default all)")
     ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list to FILE")
+    ap.add_argument("--plot", metavar="PNG", help="bar chart of µs per step (default: the --json path with .png)")
+    ap.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
     ap.add_argument("--child", nargs=2, metavar=("RUNNER", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], args.reps)
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        return _plot.bench_dag(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
 
     from rich.console import Console
     from rich.progress import Progress
@@ -224,6 +230,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"\nrows written to {args.json}")
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.bench_dag(rows, out)
 
 
 if __name__ == "__main__":

@@ -373,10 +373,17 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
     ap.add_argument("--tables", metavar="JSON", help="only print the tables of rows an earlier --json wrote")
+    ap.add_argument("--plot", metavar="PNG", help="req/s, p99 and failover figure (default: the --json path, .png)")
+    ap.add_argument("--from-json", metavar="JSON", help="only print the tables and plot the rows of an earlier --json")
     args = ap.parse_args()
     args.replicas = [int(x) for x in args.replicas.split(",")]
-    if args.tables:
-        print(table(json.loads(Path(args.tables).read_text()), args))
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.tables or args.from_json:
+        rows = json.loads(Path(args.tables or args.from_json).read_text())
+        print(table(rows, args))
+        if out := _plot.plot_path(args.plot, args.from_json):
+            _plot.bench_serving(rows, out)
         return
     for tool in (NGINX, WRK):
         if not os.path.exists(tool):
@@ -408,6 +415,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.markdown:
         Path(args.markdown).write_text(text)
+    if rows and (out := _plot.plot_path(args.plot, args.json)):
+        _plot.bench_serving(rows, out)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", metavar="MD", help="rewrite the results section of this markdown file")
     p.add_argument("--json", metavar="FILE", help="write the result rows as a JSON list")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot", metavar="PNG", help="accuracy and loss per epoch (default: the --json path with .png)")
+    p.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote (no training)")
     args = p.parse_args(argv)
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        _plot.train_accuracy(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        return 0
     console = Console()
     ds = data.load()
     store = ModelStore(args.store)
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": {"mlp": "≈0.87", "cnn": "≈0.91–0.92"}[name],
             "seconds": time.perf_counter() - t0, "store_version": result.version,
             "per_epoch_test_accuracy": [h.test_accuracy for h in result.history],
+            "per_epoch_train_loss": [h.loss for h in result.history],
+            "per_epoch_test_loss": [h.test_loss for h in result.history],
             "data_fingerprint": ds.fingerprint,
         })
     table = Table(title="Fashion-MNIST test accuracy")
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.train_accuracy(rows, out)
     if args.doc:
         replace_section(Path(args.doc), markdown(rows))
         console.print(f"wrote results to {args.doc}")

@@ -1,0 +1,274 @@
+"""Figures for the experiment scripts: one function per script, drawn from the rows its --json writes.
+
+Every script takes ``--plot FILE.png`` (default: the --json path with ``.png``) and
+``--from-json FILE`` (re-plot an earlier run's rows without measuring again), so the figures in
+docs/ are redrawn from the committed JSON in a second:
+
+    python experiments/bench_dag.py --from-json docs/bench_dag.json        # -> docs/bench_dag.png
+
+matplotlib is a bench-only dependency (``pip install -e '.[bench]'``), imported lazily with the
+Agg backend (no display needed). When it is missing a script prints one line and skips the
+figure: a benchmark that ran for ten minutes must not fail over its picture.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+OURS, PEER, FLOOR, OURS_ALT = "#1f77b4", "#ff7f0e", "#7f7f7f", "#9ecae1"  # one colour per role, in every figure
+
+
+def plot_path(plot: str | None, *json_paths: str | None) -> Path | None:
+    """Where the figure goes: --plot if given, else the first JSON path with .png, else nowhere."""
+    if plot:
+        return Path(plot)
+    for p in json_paths:
+        if p:
+            return Path(p).with_suffix(".png")
+    return None
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (after one line saying how to get it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.axisbelow": True,
+                         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False})
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
+def _num(v: float) -> str:
+    """Three significant digits without exponents: 108, 49.5, 9.29, 0.31."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _label_bars(ax, bars, fmt=_num, tops=None) -> None:
+    """Each bar's value above it (above ``tops[i]``, a whisker's end, when given)."""
+    for i, b in enumerate(bars):
+        h = b.get_height()
+        if h and h == h:  # skip 0 and NaN
+            y = max(h, tops[i]) if tops is not None else h
+            ax.annotate(fmt(h), (b.get_x() + b.get_width() / 2, y), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+
+
+# ----------------------------------------------------------------------------- bench_dag
+def bench_dag(rows: list[dict], path: Path) -> None:
+    """Grouped bars, µs per step per DAG shape for each runner, log scale; whiskers = min..max of reps."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    import numpy as np
+
+    runners = [("ours", "ours_us_per_step", "dmlsys (inline steps)", OURS),
+               ("ours-thread", "ours_thread_us_per_step", "dmlsys (thread-pool steps)", OURS_ALT),
+               ("dask", "dask_us_per_step", "Dask threaded", PEER),
+               ("asyncio", "asyncio_us_per_step", "asyncio floor (1 Task/step)", FLOOR)]
+    runners = [r for r in runners if any(row.get(r[1]) for row in rows)]
+    x, w = np.arange(len(rows)), 0.8 / max(1, len(runners))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (key, col, label, colour) in enumerate(runners):
+        vals = [row.get(col) or np.nan for row in rows]
+        lo_hi = [row.get("spread", {}).get(key) for row in rows]
+        err = np.array([[v - s[0], s[1] - v] if s and v == v else [0, 0] for v, s in zip(vals, lo_hi)]).T
+        bars = ax.bar(x + (i - (len(runners) - 1) / 2) * w, vals, w, label=label, color=colour,
+                      yerr=err, capsize=2, error_kw={"elinewidth": 0.8, "alpha": 0.6})
+        _label_bars(ax, bars, tops=[v + e for v, e in zip(vals, err[1])])
+    ax.set_yscale("log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.6)
+    ax.set_xticks(x, [row["shape"] + (f"\nours/dask {row['ours_over_dask']:.2f}×" if row.get("ours_over_dask")
+                                      else "") for row in rows])
+    ax.set_ylabel("µs per step (log scale, lower is better)")
+    reps = rows[0].get("reps", "?") if rows else "?"
+    ax.set_title(f"Scheduling overhead per no-op step (median of {reps} runs; whiskers: min–max)")
+    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- bench_serving
+def bench_serving(rows: list[dict], path: Path) -> None:
+    """req/s and p99 vs replicas (median line, each round a dot) and failed requests on failover."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    import statistics
+
+    load = [r for r in rows if r["kind"] == "load"]
+    fo = [r for r in rows if r["kind"] == "failover"]
+    panels = (2 if load else 0) + (1 if fo else 0)
+    if not panels:
+        print("plot skipped: no rows to plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    axes = list(axes[0])
+    colours = {"dmlsys": OURS, "nginx": PEER}
+    if load:
+        ns = sorted({r["replicas"] for r in load})
+        for ax, key, ylabel, title in ((axes[0], "rps", "requests per second (higher is better)", "Throughput"),
+                                       (axes[1], "p99_ms", "p99 latency, ms (lower is better)", "p99 latency")):
+            for system in ("dmlsys", "nginx"):
+                pts = [(r["replicas"], r[key]) for r in load if r["system"] == system]
+                if not pts:
+                    continue
+                xs = [n for n in ns if any(p[0] == n for p in pts)]
+                med = [statistics.median(v for m, v in pts if m == n) for n in xs]
+                ax.plot(xs, med, "-o", color=colours[system], label=f"{system} (median)")
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=colours[system], alpha=0.4,
+                           label=f"{system} (each round)")
+            ax.set_xticks(ns)
+            ax.set_xlabel("replicas")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            conns = load[0].get("conns")
+            ax.set_title(f"{title}, wrk -c{conns}" if conns else title)
+        axes[0].legend(fontsize=7)
+    if fo:
+        ax = axes[-1]
+        keys = sorted({(r["system"], r["variant"]) for r in fo}, key=lambda k: (k[0] != "dmlsys", k[1]))
+        failed = [statistics.median(r["failed"] for r in fo if (r["system"], r["variant"]) == k) for k in keys]
+        reqs = [statistics.median(r["requests"] for r in fo if (r["system"], r["variant"]) == k) for k in keys]
+        bars = ax.bar(range(len(keys)), failed, color=[colours.get(k[0], FLOOR) for k in keys])
+        for b, f, n in zip(bars, failed, reqs):
+            ax.annotate(f"{f:g} of {n:,.0f}", (b.get_x() + b.get_width() / 2, f), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(keys)), [f"{s}\n{v}" for s, v in keys], fontsize=8)
+        ax.set_ylabel("failed requests per run (lower is better)")
+        ax.set_ylim(0, max(failed + [1]) * 1.25)
+        r0 = fo[0]
+        ax.set_title(f"Failover: {r0['replicas']} replicas, one SIGKILLed")
+        ax.grid(axis="x", visible=False)
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- train_accuracy
+def train_accuracy(rows: list[dict], path: Path) -> None:
+    """Test accuracy per epoch with each model's target dashed; loss per epoch beside it if recorded."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    has_loss = any(r.get("per_epoch_test_loss") for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_loss else 1, figsize=(10 if has_loss else 5.5, 4), squeeze=False)
+    acc_ax = axes[0][0]
+    colours = dict(zip(("mlp", "cnn"), (OURS, PEER)))
+    for r in rows:
+        c = colours.get(r["model"], FLOOR)
+        ys = r["per_epoch_test_accuracy"]
+        acc_ax.plot(range(1, len(ys) + 1), ys, "-o", ms=3, color=c, label=f"{r['model']} test accuracy")
+        acc_ax.axhline(r["target"], ls="--", lw=1, color=c, label=f"{r['model']} target {r['target']:.2f}")
+        if has_loss:
+            loss_ax = axes[0][1]
+            if r.get("per_epoch_train_loss"):
+                tl = r["per_epoch_train_loss"]
+                loss_ax.plot(range(1, len(tl) + 1), tl, "-o", ms=3, color=c, label=f"{r['model']} train loss")
+            if r.get("per_epoch_test_loss"):
+                te = r["per_epoch_test_loss"]
+                loss_ax.plot(range(1, len(te) + 1), te, ":s", ms=3, color=c, label=f"{r['model']} test loss")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("test accuracy (10,000 images)")
+    acc_ax.set_title("Fashion-MNIST test accuracy per epoch")
+    acc_ax.legend(fontsize=8, loc="lower right")
+    if has_loss:
+        loss_ax.set_xlabel("epoch")
+        loss_ax.set_ylabel("cross-entropy loss")
+        loss_ax.set_title("Loss per epoch (train: mean over the epoch)")
+        loss_ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- bench_batching
+def bench_batching(doc: dict, path: Path) -> None:
+    """Epoch time per configuration: first (prepare + fill cache), cached, no cache; log scale."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    import numpy as np
+
+    rows = doc["rows"]
+    series = [("first_epoch_s", "epoch 1 (prepare + fill cache)", FLOOR),
+              ("cached_epoch_s", "later epoch, cached", OURS), ("nocache_epoch_s", "later epoch, no cache", PEER)]
+    x, w = np.arange(len(rows)), 0.27
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    for i, (key, label, colour) in enumerate(series):
+        bars = ax.bar(x + (i - 1) * w, [r[key] * 1e3 for r in rows], w, label=label, color=colour)
+        _label_bars(ax, bars, lambda v: f"{v:.0f}" if v >= 10 else f"{v:.1f}")
+    ax.set_yscale("log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.5)
+    ax.set_xticks(x, [f"batch {r['batch']}\n{'flattened' if r['flatten'] else '28×28'}"
+                      f"{' + flips' if r['augment'] else ''}\nspeedup {r['speedup']:.1f}×" for r in rows],
+                  fontsize=8)
+    ax.set_ylabel("ms per epoch (log scale, lower is better)")
+    ax.set_title("Preparing the training set's batches, per epoch: first vs cached vs no cache")
+    ax.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def pipeline(rows: list[dict], path: Path) -> None:
+    """One Gantt panel per run: each step's bar from start to end (ran vs cache hit), serve runs marked."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    rows = [r for r in rows if r.get("steps")]
+    if not rows:
+        print("plot skipped: these rows carry no step times (rerun experiments/pipeline.py to record them)",
+              file=sys.stderr)
+        return
+    from matplotlib.patches import Patch
+
+    colour = {"ran": OURS, "hit": "#2ca02c", "other": "#d62728"}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 1.0 + 1.9 * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        steps = r["steps"]
+        names = [s["name"] for s in steps]
+        for y, s in enumerate(steps):
+            if s["start"] is None or s["end"] is None:
+                continue
+            kind = "hit" if s["cache"] == "hit" else "ran" if s["state"] == "done" else "other"
+            ax.barh(y, max(s["end"] - s["start"], 0), left=s["start"], height=0.6, color=colour[kind])
+            if s["end"] - s["start"] < 0.01 * r["wall_s"]:  # too short to see as a bar: a dot marks it
+                ax.plot(s["start"], y, "o", ms=4, color=colour[kind])
+        if "serve" in names:
+            y = names.index("serve")
+            for ev in r.get("timeline", []):
+                ax.plot(ev["t"], y, "v", ms=7, color="black")
+                ax.annotate(", ".join(ev["serving"]), (ev["t"], y), xytext=(0, 7), textcoords="offset points",
+                            ha="center", fontsize=6.5)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_ylim(len(names) - 0.4, -0.9)  # first step on top, room for the serve labels
+        ax.set_xlim(0, max([s["end"] or 0 for s in steps] + [0.001]) * 1.06)
+        ax.set_title(f"{r['run']}: {r['wall_s']:.1f} s wall (incl. fleet start/stop), "
+                     f"{r['vs_cold']:.2f}× cold", fontsize=9, loc="left")
+        ax.grid(axis="y", visible=False)
+    axes[-1, 0].set_xlabel("seconds since the workflow began (each panel its own scale)")
+    fig.legend(handles=[Patch(color=colour["ran"], label="ran"), Patch(color=colour["hit"], label="cache hit"),
+                        Patch(color=colour["other"], label="failed / skipped"),
+                        plt.Line2D([], [], marker="v", ls="", color="black", label="serve run finished (serving)")],
+               loc="upper right", ncols=4, fontsize=8)
+    fig.suptitle("Pipeline steps over time", x=0.01, ha="left", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _save(plt, fig, path)
+
+
+def load_json(path: str) -> Any:
+    import json
+
+    return json.loads(Path(path).read_text())
