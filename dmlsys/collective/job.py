@@ -129,7 +129,8 @@ def _blame(job: str, workers: list[str], failures: list[tuple[str, BaseException
         why = f"{error.type}: {error.message}"
     else:
         why = f"{type(error).__name__}: {error}"
-    others = [w for w, _ in failures if w != worker]
-    tail = f" ({len(others)} other worker(s) failed after it: {', '.join(others)})" if others else ""
+    others = [f"{w} ({e.type if isinstance(e, RemoteError) else type(e).__name__})"
+              for w, e in failures if w != worker]
+    tail = f"; then {len(others)} other worker(s) failed: {', '.join(others)}" if others else ""
     return JobError(f"training job {job!r}: worker {worker} (rank {workers.index(worker)}) failed: {why}{tail}",
                     job=job, worker=worker)
