@@ -50,6 +50,10 @@ def row(run: str, r, cold_wall: float | None) -> dict:
         "served": [s["name"] for s in r.serving],
         "ensemble_accuracy": round(r.ensemble["ensemble_accuracy"], 4),
         "served_accuracy": {n: round(a, 4) for n, a in r.ensemble["accuracy"].items()},
+        # for the Gantt figure: each step's span on the run clock, and when each serve run finished
+        "steps": [{"name": n, "start": rec.start, "end": rec.end, "state": rec.state, "cache": rec.cache,
+                   "runs": rec.runs} for n, rec in r.report.records.items()],
+        "timeline": [{"t": ev["t"], "serving": ev["serving"]} for ev in r.timeline],
     }
 
 
@@ -66,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live table of the steps (default: when stdout is a terminal)")
     p.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    p.add_argument("--plot", metavar="PNG", help="Gantt chart of the steps per run (default: the --json path, .png)")
+    p.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote (no runs)")
     args = p.parse_args(argv)
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        _plot.pipeline(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        return 0
     console = Console(width=max(Console().width, 130))
 
     with tempfile.TemporaryDirectory(prefix="dmlsys-pipeline-") as tmp:
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         console.print(f"wrote {args.json}")
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.pipeline(rows, out)
     return 0
 
 
