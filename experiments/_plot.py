@@ -57,6 +57,18 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
+def _log_if_wide(ax, values, label: str) -> None:
+    """Log y axis when the values span more than a decade (else bars of 4 and 6 read as equal-ish)."""
+    vals = [v for v in values if v and v == v and v > 0]
+    wide = bool(vals) and max(vals) / min(vals) > 10
+    if wide:
+        ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.6)
+    else:
+        ax.set_ylim(0, max(vals + [1]) * 1.15)
+    ax.set_ylabel(label.format(scale="log scale, " if wide else ""))
+
+
 def _label_bars(ax, bars, fmt=_num, tops=None) -> None:
     """Each bar's value above it (above ``tops[i]``, a whisker's end, when given)."""
     for i, b in enumerate(bars):
@@ -82,6 +94,7 @@ def bench_dag(rows: list[dict], path: Path) -> None:
     runners = [r for r in runners if any(row.get(r[1]) for row in rows)]
     x, w = np.arange(len(rows)), 0.8 / max(1, len(runners))
     fig, ax = plt.subplots(figsize=(8, 4.2))
+    every: list[float] = []
     for i, (key, col, label, colour) in enumerate(runners):
         vals = [row.get(col) or np.nan for row in rows]
         lo_hi = [row.get("spread", {}).get(key) for row in rows]
@@ -89,13 +102,13 @@ def bench_dag(rows: list[dict], path: Path) -> None:
         bars = ax.bar(x + (i - (len(runners) - 1) / 2) * w, vals, w, label=label, color=colour,
                       yerr=err, capsize=2, error_kw={"elinewidth": 0.8, "alpha": 0.6})
         _label_bars(ax, bars, tops=[v + e for v, e in zip(vals, err[1])])
-    ax.set_yscale("log")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.6)
+        every += [v + e for v, e in zip(vals, err[1])] + vals
+    _log_if_wide(ax, every, "µs per step ({scale}lower is better)")
     ax.set_xticks(x, [row["shape"] + (f"\nours/dask {row['ours_over_dask']:.2f}×" if row.get("ours_over_dask")
                                       else "") for row in rows])
-    ax.set_ylabel("µs per step (log scale, lower is better)")
     reps = rows[0].get("reps", "?") if rows else "?"
-    ax.set_title(f"Scheduling overhead per no-op step (median of {reps} runs; whiskers: min–max)")
+    ax.set_title(f"Scheduling overhead per no-op step (median of {reps} run{'' if reps == 1 else 's'}; "
+                 "whiskers: min–max)")
     ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     _save(plt, fig, path)
 
@@ -188,8 +201,9 @@ def train_accuracy(rows: list[dict], path: Path) -> None:
         loss_ax.set_ylabel("cross-entropy loss")
         loss_ax.set_title("Loss per epoch (train: mean over the epoch)")
         loss_ax.legend(fontsize=8)
-    for ax in axes[0]:
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    epochs = max((len(r["per_epoch_test_accuracy"]) for r in rows), default=1)
+    for ax in axes[0]:  # whole epochs only
+        ax.set_xticks(range(1, epochs + 1, max(1, epochs // 12)))
     fig.tight_layout()
     _save(plt, fig, path)
 
@@ -210,12 +224,10 @@ def bench_batching(doc: dict, path: Path) -> None:
     for i, (key, label, colour) in enumerate(series):
         bars = ax.bar(x + (i - 1) * w, [r[key] * 1e3 for r in rows], w, label=label, color=colour)
         _label_bars(ax, bars, lambda v: f"{v:.0f}" if v >= 10 else f"{v:.1f}")
-    ax.set_yscale("log")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.5)
+    _log_if_wide(ax, [r[k] * 1e3 for r in rows for k, _, _ in series], "ms per epoch ({scale}lower is better)")
     ax.set_xticks(x, [f"batch {r['batch']}\n{'flattened' if r['flatten'] else '28×28'}"
                       f"{' + flips' if r['augment'] else ''}\nspeedup {r['speedup']:.1f}×" for r in rows],
                   fontsize=8)
-    ax.set_ylabel("ms per epoch (log scale, lower is better)")
     ax.set_title("Preparing the training set's batches, per epoch: first vs cached vs no cache")
     ax.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     _save(plt, fig, path)
