@@ -43,7 +43,17 @@ from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
 log = logging.getLogger(__name__)
 
 OPS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
-MAX_EARLY = 4096  # chunks buffered for a group this node has not created yet
+# Bounds on what peers can make us hold: messages for a group this node has not created yet,
+# and messages of a group that arrived before the pass that waits for them.
+MAX_EARLY_BYTES = 256 << 20
+MAX_EARLY_GROUPS = 64
+MAX_MAIL = 1 << 16
+MAX_MAIL_BYTES = 1 << 30
+
+
+def _nbytes(body: Any) -> int:
+    data = body.get("d") if isinstance(body, dict) else None
+    return data.nbytes if isinstance(data, np.ndarray) else len(data) if isinstance(data, bytes) else 0
 
 
 class _Expired(Exception):
@@ -58,12 +68,14 @@ class CollectiveService(Service):
     def __init__(self) -> None:
         self.groups: dict[str, ProcessGroup] = {}
         self._early: dict[str, list[tuple[dict, str]]] = {}
+        self._early_bytes = 0
 
     def register(self, group: "ProcessGroup") -> None:
         if group.name in self.groups:
             raise ValueError(f"node {self.node.name!r} already has a process group named {group.name!r}")
         self.groups[group.name] = group
         for body, sender in self._early.pop(group.name, []):
+            self._early_bytes -= _nbytes(body)
             group._deliver(body, sender)
 
     def unregister(self, group: "ProcessGroup") -> None:
@@ -76,9 +88,11 @@ class CollectiveService(Service):
         if group is not None:
             group._deliver(body, ctx.sender)
             return
-        early = self._early.setdefault(str(name), [])
-        if len(early) < MAX_EARLY and len(self._early) < 64:
-            early.append((body, ctx.sender))  # a peer that created the group before we did
+        size = _nbytes(body)
+        if self._early_bytes + size <= MAX_EARLY_BYTES and (
+                str(name) in self._early or len(self._early) < MAX_EARLY_GROUPS):
+            self._early.setdefault(str(name), []).append((body, ctx.sender))  # its group comes later
+            self._early_bytes += size
         else:
             self.node.metrics.error("collective_dropped")
 
@@ -127,6 +141,8 @@ class ProcessGroup:
         self._seq = 0  # the next pass's sequence number; every rank counts the same
         self._done_below = 0  # passes below this number are finished: their late chunks are dropped
         self._mail: dict[tuple[int, int, int], dict] = {}
+        self._mail_bytes = 0
+        self._closed = False
         self._waiters: dict[tuple[int, int, int], asyncio.Future] = {}
         self._failed: dict[int, Exception] = {}
         self._lock = asyncio.Lock()
@@ -139,6 +155,10 @@ class ProcessGroup:
         return min(2.0, self.timeout / 4)
 
     def close(self) -> None:
+        """Leave the group: a pass in progress raises ``CollectiveError``, later calls too."""
+        self._closed = True
+        if self._current[0] >= 0:
+            self._fail(self._current[0], CollectiveError(f"{self._who()}: the group was closed"))
         self._service.unregister(self)
         self._shm.close()
 
@@ -210,6 +230,8 @@ class ProcessGroup:
 
     async def _pass(self, kind: str, op: str, flat: np.ndarray, root: int = 0, layout: str = "") -> np.ndarray:
         async with self._lock:
+            if self._closed:
+                raise CollectiveError(f"{self._who()}: the group is closed")
             seq = self._seq
             self._seq += 1
             # The leaves' shapes are in the signature too: same-size buffers of different shapes
@@ -296,7 +318,9 @@ class ProcessGroup:
         """The message keyed (seq, step, ci), once its signature matched ours."""
         key = (seq, step, ci)
         body = self._mail.pop(key, None)
-        if body is None:
+        if body is not None:
+            self._mail_bytes -= _nbytes(body)
+        else:
             if seq in self._failed:
                 raise self._failed[seq]
             fut = asyncio.get_running_loop().create_future()
@@ -307,7 +331,7 @@ class ProcessGroup:
             finally:
                 self._waiters.pop(key, None)
         if body["sig"] != sig:
-            raise self._disagreement(body["sig"], sig, (self.rank - 1) % self.size if src is None else src)
+            raise self._disagreement(body["sig"], sig, self._rank_of(body))
         return body
 
     async def _recv(self, seq: int, step: int, ci: int, sig: str, length: int, dtype: np.dtype,
@@ -354,8 +378,9 @@ class ProcessGroup:
         fut = self._waiters.get(key)
         if fut is not None and not fut.done():
             fut.set_result(body)
-        elif len(self._mail) < 1 << 16:
+        elif len(self._mail) < MAX_MAIL and self._mail_bytes + _nbytes(body) <= MAX_MAIL_BYTES:
             self._mail[key] = body
+            self._mail_bytes += _nbytes(body)
         else:
             self.node.metrics.error("collective_dropped")
 
@@ -419,7 +444,7 @@ class ProcessGroup:
         self._done_below = seq + 1
         self._failed.pop(seq, None)
         for key in [k for k in self._mail if k[0] <= seq]:
-            del self._mail[key]
+            self._mail_bytes -= _nbytes(self._mail.pop(key))
 
     def _who(self) -> str:
         return f"group {self.name!r} rank {self.rank} ({self.node.name})"

@@ -77,10 +77,12 @@ async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray,
     step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
     pieces = schedule.chunks(0, flat.size, step)
     if r == root:
-        src = flat.copy()  # the caller may reuse its buffer as soon as we return
+        # Chunks leave zero-copy and may still be queued when we return, so they go from a
+        # private copy: neither the caller's buffer nor the result we hand back.
+        src = flat.copy()
         for ci, (a, b) in enumerate(pieces):
             group._send(group.members[nxt], seq, 0, ci, sig, src[a:b])
-        return src
+        return flat.copy()
     out = np.empty_like(flat)
     for ci, (a, b) in enumerate(pieces):
         data = await group._recv(seq, 0, ci, sig, b - a, flat.dtype)

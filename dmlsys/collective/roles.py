@@ -9,7 +9,7 @@
     limit = 10000                                   # optional: train on the first samples only
     test_limit = 2000                               # optional: test on the first samples only
     timeout = 30.0                                  # seconds a collective waits for the other ranks
-    chunk_bytes = 1048576                           # ring pipelining unit
+    chunk_bytes = 2097152                           # ring pipelining unit
     single_thread = false                           # true: XLA on one core (several workers per host)
 
 A worker hosts the ``collective`` service (the receiving end of its process groups) and the
@@ -48,7 +48,7 @@ class WorkerConfig:
     limit: int | None = None
     test_limit: int | None = None
     timeout: float = 30.0
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = 2 << 20
 
 
 def _int(config: dict, key: str, default: int | None) -> int | None:
@@ -75,7 +75,7 @@ def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerCon
         raise ConfigError("single_thread", f"true or false, got {config['single_thread']!r}")
     return WorkerConfig(store=str(store), data_dir=data_dir, limit=_int(config, "limit", None),
                         test_limit=_int(config, "test_limit", None), timeout=float(timeout),
-                        chunk_bytes=_int(config, "chunk_bytes", 1 << 20))
+                        chunk_bytes=_int(config, "chunk_bytes", 2 << 20))
 
 
 def build_worker(ctx) -> list[Service]:

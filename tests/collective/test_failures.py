@@ -106,3 +106,30 @@ def test_after_a_failed_pass_the_group_still_works_for_the_next_one():
     assert all(isinstance(r, CollectiveError) for r in first)
     for r in second:
         np.testing.assert_array_equal(r, np.full(4, 3.0))
+
+
+def test_a_disagreement_names_the_rank_whose_message_showed_it():
+    async def body(sg):
+        return await sg.each(lambda g: g.allreduce(np.ones(4), "max" if g.rank == 1 else "sum"))
+
+    r0, r1 = run_groups(2, body, timeout=TIMEOUT)
+    assert "rank 1 (w1) called allreduce(max" in str(r0), str(r0)
+    assert "rank 0 (w0) called allreduce(sum" in str(r1), str(r1)
+
+
+def test_closing_a_group_fails_its_pass_in_progress_at_once_and_later_calls_too():
+    async def body(sg):
+        loop = asyncio.get_running_loop()
+        g0 = sg.groups[0]
+        waiting = asyncio.ensure_future(g0.allreduce(np.ones(10)))  # rank 1 never joins
+        await asyncio.sleep(1.0)
+        t0 = loop.time()
+        g0.close()
+        first = await asyncio.gather(waiting, return_exceptions=True)
+        later = await asyncio.gather(g0.allreduce(np.ones(10)), return_exceptions=True)
+        return first[0], later[0], loop.time() - t0
+
+    first, later, elapsed = run_groups(2, body, timeout=TIMEOUT)
+    assert isinstance(first, CollectiveError) and "closed" in str(first), first
+    assert isinstance(later, CollectiveError) and "closed" in str(later), later
+    assert elapsed < 1.0

@@ -98,6 +98,27 @@ def test_the_callers_buffer_is_unchanged_and_reusable_and_results_do_not_alias_i
     assert all(np.all(x == 100.0) for x in xs)
 
 
+def test_the_broadcast_roots_result_and_buffer_can_be_overwritten_while_its_chunks_are_in_flight(tmp_path):
+    """The root's chunks leave zero-copy: writing into its input or its result the moment the
+    call returns must not change what the other ranks receive."""
+    original = np.arange(1 << 20, dtype=np.float32)  # 4 MiB in 64 KiB chunks
+
+    async def body(groups):
+        async def one(g):
+            x = original.copy() if g.rank == 0 else np.zeros_like(original)
+            got = await g.broadcast(x, root=0)
+            if g.rank == 0:
+                x[:] = -1.0
+                got[:] = -2.0
+            return got
+
+        return await asyncio.gather(*(one(g) for g in groups))
+
+    results = run_ranks(tmp_path, 3, body, chunk_bytes=1 << 16)
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, original)
+
+
 def test_small_buffers_take_the_direct_path_and_pytrees_with_mean_still_agree(tmp_path):
     async def body(groups):
         trees = [{"w": np.arange(6.0).reshape(2, 3) * (g.rank + 1), "b": [np.int64(g.rank), 2.5]} for g in groups]
