@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,9 +160,12 @@ def up_detached(args: argparse.Namespace, state_dir: Path) -> int:
     if args.host:
         cmd += ["--host", args.host]
     with open(log_path, "ab") as log_file:
+        start = log_file.tell()
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                  start_new_session=True)
+    echo = LogEcho(log_path, start)  # what the supervisor is doing (training, say) while we wait
     while True:
+        echo.poll()
         doc = read_state(state_dir)
         if doc and doc.get("supervisor", {}).get("pid") == child.pid and doc["state"] in ("ready", "failed"):
             break
@@ -169,6 +173,7 @@ def up_detached(args: argparse.Namespace, state_dir: Path) -> int:
             doc = read_state(state_dir)
             break
         time.sleep(0.1)
+    echo.poll()
     if not doc or doc["state"] != "ready":
         error = (doc or {}).get("error") or f"the supervisor exited with code {child.poll()}"
         print(f"error: {error}\n(see {log_path})", file=sys.stderr)
@@ -179,6 +184,28 @@ def up_detached(args: argparse.Namespace, state_dir: Path) -> int:
     print(f"supervisor pid {child.pid} runs in the background; logs in {state_dir}/; "
           f"stop it with `python -m dmlsys.cluster down`")
     return 0
+
+
+class LogEcho:
+    """Copies the supervisor's log records (not its table) to stderr as they are written."""
+
+    RECORD = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) ")
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset, self.partial = path, offset, ""
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                f.seek(self.offset)
+                text = f.read()
+                self.offset = f.tell()
+        except OSError:
+            return
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if self.RECORD.match(line):
+                print(line, file=sys.stderr, flush=True)
 
 
 # -- status / down / scale ------------------------------------------------------------------------

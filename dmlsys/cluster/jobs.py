@@ -87,17 +87,32 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
     if workers:
         from dmlsys.collective.job import train_on_workers
 
-        result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams)
+        result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams,
+                                        on_epoch=lambda e: _log_epoch(model, e, hyperparams))
     else:
-        result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams)
+        loop = asyncio.get_running_loop()
+
+        def on_epoch(stats) -> None:  # in the training thread
+            loop.call_soon_threadsafe(_log_epoch, model, dataclasses.asdict(stats), hyperparams)
+
+        result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams, on_epoch)
     log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
     return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
             "workers": workers}
 
 
-def train_in_process(store: Path, model: str, arch: dict[str, Any], hyperparams: dict[str, Any]) -> dict[str, Any]:
+def _log_epoch(model: str, epoch: dict[str, Any], hyperparams: dict[str, Any]) -> None:
+    total = hyperparams.get("epochs")
+    log.info("training %r: epoch %s%s loss %.4f test accuracy %.4f (%.1fs, %.0f samples/s)", model,
+             epoch.get("epoch"), f"/{total}" if total else "", epoch.get("loss", float("nan")),
+             epoch.get("test_accuracy", float("nan")), epoch.get("seconds", 0.0), epoch.get("samples_per_s", 0.0))
+
+
+def train_in_process(store: Path, model: str, arch: dict[str, Any], hyperparams: dict[str, Any],
+                     on_epoch=None) -> dict[str, Any]:
     from dmlsys.train.store import ModelStore
     from dmlsys.train.trainer import Hyperparams, train_model
 
-    result = train_model(arch, Hyperparams(**hyperparams), store=ModelStore(store), model_name=model)
+    result = train_model(arch, Hyperparams(**hyperparams), store=ModelStore(store), model_name=model,
+                         progress=False, on_epoch=on_epoch)
     return {"version": result.version, "test_accuracy": result.test_accuracy}

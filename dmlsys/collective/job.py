@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from dmlsys.node import Node, NodeError, RemoteError
 
@@ -58,7 +58,8 @@ _SECONDARY = ("CollectiveError", "JobCancelled")
 async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: dict[str, Any],
                            hyperparams: dict[str, Any], epochs: int | None = None, limit: int | None = None,
                            test_limit: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                           job: str | None = None) -> dict[str, Any]:
+                           job: str | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                           poll_every: float = 2.0) -> dict[str, Any]:
     """Train ``model`` data-parallel on ``workers`` (rank = position in the list) and return
     rank 0's result: ``version`` (in the workers' model store), ``test_accuracy``,
     ``test_loss``, ``history`` (one dict per epoch: loss, accuracy, samples_per_s,
@@ -66,7 +67,10 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
 
     ``hyperparams`` are :class:`dmlsys.train.trainer.Hyperparams` fields (``batch_size`` is the
     global batch, split among the workers); ``epochs`` overrides theirs; ``limit`` and
-    ``test_limit`` train and test on the first samples only (quick runs).
+    ``test_limit`` train and test on the first samples only (quick runs). ``on_epoch`` is called
+    with each finished epoch's stats (a ``history`` entry), in order, each exactly once: while
+    the job runs from rank 0's ``train.progress`` every ``poll_every`` seconds, and the rest from
+    the result when it ends.
 
     Raises:
         ValueError: no workers, or the same worker twice.
@@ -86,6 +90,8 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
 
     tasks = {asyncio.ensure_future(start(w)): w for w in workers}
     failures: list[tuple[str, BaseException]] = []
+    reported = [0]  # epochs passed to on_epoch
+    watcher = asyncio.ensure_future(_watch(node, workers[0], job, on_epoch, poll_every, reported)) if on_epoch else None
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failures = [(tasks[t], t.exception()) for t in done if t.exception() is not None]
@@ -101,12 +107,31 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
     finally:
         for t in tasks:
             t.cancel()
+        if watcher is not None:
+            watcher.cancel()
     if failures:
         raise _blame(job, workers, failures)
     results = {tasks[t]: t.result() for t in tasks}
     result = dict(results[workers[0]])
+    if on_epoch is not None:
+        for epoch in result.get("history", [])[reported[0]:]:
+            on_epoch(epoch)
     result.update(job=job, workers=list(workers))
     return result
+
+
+async def _watch(node: Node, worker: str, job: str, on_epoch: Callable[[dict[str, Any]], None],
+                 every: float, reported: list[int]) -> None:
+    """Pass rank 0's newly finished epochs to ``on_epoch`` every ``every`` seconds."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            reply = await node.call(worker, SERVICE, "progress", {"job": job, "since": reported[0]}, timeout=every)
+        except NodeError:
+            continue  # a failing worker is the run's business, not the watcher's
+        for epoch in reply.get("epochs", []) if isinstance(reply, dict) else []:
+            reported[0] += 1
+            on_epoch(epoch)
 
 
 def _cancel_everywhere(node: Node, job: str, workers: list[str], reason: str) -> None:

@@ -17,7 +17,8 @@ A worker hosts the ``collective`` service (the receiving end of its process grou
 caller's side): it loads the data (cached between jobs), makes a process group over the job's
 members named after the job, runs :class:`dmlsys.train.trainer.Trainer` on this rank's shard
 of every global batch, and on rank 0 saves the model to the cluster's model store. One job at
-a time per worker; ``train.cancel`` stops one.
+a time per worker; ``train.cancel`` stops one; ``train.progress`` returns the epochs the running
+job has finished so far (the caller polls it to report progress).
 
 Every bad config value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the
 file and node name. Every bad run request raises :class:`~dmlsys.collective.job.JobRejected`.
@@ -120,6 +121,7 @@ class TrainingService(Service):
         self.job: str | None = None
         self.rank: int | None = None
         self.epochs_done = 0
+        self.history: list[dict[str, Any]] = []  # the running job's finished epochs
         self.jobs_done = 0
         self._task: asyncio.Task | None = None
         self._cancel_reason = ""
@@ -133,6 +135,7 @@ class TrainingService(Service):
                               f"wait for it or cancel it before running {req['job']!r}",
                               job=req["job"], worker=self.node.name)
         self.job, self.rank, self.epochs_done = req["job"], req["members"].index(self.node.name), 0
+        self.history = []
         self._cancel_reason = ""
         task = self._task = asyncio.ensure_future(self._run(req))
         task.add_done_callback(self._finished)
@@ -193,6 +196,17 @@ class TrainingService(Service):
 
     def _on_epoch(self, stats) -> None:
         self.epochs_done = stats.epoch
+        self.history.append(dataclasses.asdict(stats))
+
+    @rpc
+    async def progress(self, body, ctx) -> dict[str, Any]:
+        """``{"job", "since"}`` -> ``{"job", "epochs"}``: the job's finished epochs from index
+        ``since`` on; none when that job is not the one running here."""
+        job = body.get("job") if isinstance(body, dict) else None
+        since = body.get("since", 0) if isinstance(body, dict) else 0
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise JobRejected(f"train.progress: since: an integer >= 0, got {since!r}")
+        return {"job": self.job, "epochs": self.history[since:] if job == self.job else []}
 
     async def _dataset(self, limit: int | None, test_limit: int | None):
         """Fashion-MNIST, cut to the tighter of the config's and the job's limits; the last

@@ -54,7 +54,7 @@ def test_worker_config_defaults_and_services():
     services = build_worker(ctx({"limit": 100, "timeout": 5}))
     assert [s.name for s in services] == ["collective", "train"]
     config = worker_config({"limit": 100, "timeout": 5}, "store")
-    assert (config.limit, config.timeout, config.chunk_bytes, config.test_limit) == (100, 5.0, 1 << 20, None)
+    assert (config.limit, config.timeout, config.chunk_bytes, config.test_limit) == (100, 5.0, 2 << 20, None)
 
 
 async def _cluster(net: Net, store, data_dir: str, n: int, timeout: float = 30.0):
@@ -124,3 +124,34 @@ def test_bad_hyperparams_are_rejected_naming_the_field(tmp_path, data_dir):
             await train_on_workers(caller, workers, **{**TINY, "hyperparams": {"learning_rate": 0.1}})
 
     net.run(main)
+
+
+def test_on_epoch_reports_every_epoch_once_in_order_while_the_job_runs(tmp_path, data_dir):
+    net = Net("zmq")
+    seen: list[tuple[dict, float]] = []
+
+    async def main():
+        caller, workers = await _cluster(net, tmp_path, data_dir, 2)
+        loop = asyncio.get_running_loop()
+        args = dict(TINY, epochs=4)
+        result = await train_on_workers(caller, workers, **args, poll_every=0.05,
+                                        on_epoch=lambda e: seen.append((e, loop.time())))
+        return result, loop.time()
+
+    result, finished = net.run(main)
+    assert [e["epoch"] for e, _ in seen] == [1, 2, 3, 4]
+    assert [e for e, _ in seen] == result["history"]  # the same stats the job returns
+    assert seen[0][1] < finished - 0.01  # the first epoch was reported before the job ended
+
+
+def test_progress_of_another_job_is_empty_and_a_bad_since_is_refused(tmp_path, data_dir):
+    net = Net("zmq")
+
+    async def main():
+        caller, workers = await _cluster(net, tmp_path, data_dir, 1)
+        other = await caller.call(workers[0], "train", "progress", {"job": "nope", "since": 0}, timeout=5)
+        with pytest.raises(Exception, match="since"):
+            await caller.call(workers[0], "train", "progress", {"job": "nope", "since": -1}, timeout=5)
+        return other
+
+    assert net.run(main) == {"job": None, "epochs": []}
