@@ -19,6 +19,11 @@ shows and acts on their answers:
   requests), waits for its in-flight requests, reloads it, waits for a probe to see it ready
   with the new version, releases it, and moves on. With one replica it reloads in place; the
   replica keeps answering with the old version until the swap.
+* **One version per model.** The version a model is served at changes only by a rollout: the
+  first version seen ready is pinned, and a rollout pins the version it rolled out. A replica
+  that comes up on another version (restarted after a rollback, or started after a newer
+  version was trained but not rolled out, both of which load "latest") gets no traffic; the
+  balancer reloads it to the pinned version first.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ class Balancer:
         self.pools: dict[str, Pool] = {}
         self._waiters: dict[str, collections.deque] = {}
         self._held: set[str] = set()  # replicas a rollout holds back from new requests
+        self.pinned: dict[str, int] = {}  # model -> the version it is served at
+        self._rolling: set[str] = set()  # models a rollout is changing the version of
+        self._aligning: dict[str, asyncio.Task] = {}  # replica -> its reload to the pinned version
+        self._align_failed: dict[str, float] = {}  # replica -> when its last such reload failed
         self._probe_task: asyncio.Task | None = None
         self._outbox: dict[str, list] = {}
         self._deliveries: set[asyncio.Task] = set()
@@ -105,9 +114,9 @@ class Balancer:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
             self._probe_task = None
-        for task in list(self._deliveries):
+        for task in list(self._deliveries) + list(self._aligning.values()):
             task.cancel()
-        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await asyncio.gather(*self._deliveries, *self._aligning.values(), return_exceptions=True)
 
     # -- probes ---------------------------------------------------------------------------
 
@@ -130,10 +139,41 @@ class Balancer:
             pool.observe(name, ready=False, serving=False)
             return
         model = (st.get("services") or {}).get("model") or {}
-        state = st.get("state")
+        state, version = st.get("state"), model.get("version")
+        if state == "ready" and version is not None and not self._on_pinned_version(pool, name, version):
+            pool.observe(name, ready=False, serving=False, draining=True, version=version)
+            return
         pool.observe(name, ready=state == "ready", serving=bool(model.get("serving")) and state in ("ready", "alive"),
-                     draining=state == "draining" or name in self._held, version=model.get("version"))
+                     draining=state == "draining" or name in self._held, version=version)
         self._wake(pool.model)
+
+    def _on_pinned_version(self, pool: Pool, name: str, version: int) -> bool:
+        """Whether replica ``name``, ready on ``version``, may serve; if not, reload it."""
+        if pool.model in self._rolling:
+            return True
+        pinned = self.pinned.setdefault(pool.model, version)
+        if version == pinned:
+            return True
+        loop = asyncio.get_running_loop()
+        failed_at = self._align_failed.get(name)
+        if name not in self._aligning and (failed_at is None or loop.time() - failed_at > 30.0):
+            log.warning("replica %s came up on %s v%s, but v%s is served: reloading it to v%s before it "
+                        "gets traffic", name, pool.model, version, pinned, pinned)
+            task = loop.create_task(self._align(pool, name, pinned))
+            self._aligning[name] = task
+            task.add_done_callback(lambda _: self._aligning.pop(name, None))
+        return False
+
+    async def _align(self, pool: Pool, name: str, version: int) -> None:
+        try:
+            await self.node.call(name, "model", "reload", {"version": version}, timeout=300.0)
+        except (RemoteError, RpcTimeout, PeerUnreachable, NodeStopped) as e:
+            self._align_failed[name] = asyncio.get_running_loop().time()
+            log.warning("reloading replica %s to %s v%s failed (%s); it stays out of rotation", name, pool.model,
+                        version, e)
+            return
+        self._align_failed.pop(name, None)
+        await self.probe(pool, name)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -159,6 +199,14 @@ class Balancer:
                 timeout = min(self.config.try_timeout, remaining) if failed_tries == 0 else remaining
                 reply = await self._send(r.name, body, timeout)
                 pool.record_success(r)
+                version = reply.get("version")
+                if (version is not None and refusals < self.config.max_not_ready_retries
+                        and not self._on_pinned_version(pool, r.name, version)):
+                    # A replica restarted since its last probe, on another version: ask elsewhere.
+                    refusals += 1
+                    pool.observe(r.name, ready=False, serving=False, draining=True, version=version)
+                    tried.append(r.name)
+                    continue
                 return reply
             except RemoteError as e:
                 typed = from_remote(e.type, e.message)
@@ -289,8 +337,21 @@ class Balancer:
         pool = self.pools.get(model)
         if pool is None:
             raise UnknownModel(model, list(self.pools))
-        loop = asyncio.get_running_loop()
         done: list[dict[str, Any]] = []
+        self._rolling.add(model)
+        try:
+            report = await self._roll(pool, model, version, ready_timeout, done)
+            if done:  # the new version is served; any replica not on it is brought to it
+                self.pinned[model] = done[-1]["version"]
+            return report
+        finally:
+            # A rollout that stopped halfway leaves the old version pinned: the replicas it
+            # moved are reloaded back, so the model is never served at two versions for long.
+            self._rolling.discard(model)
+
+    async def _roll(self, pool: Pool, model: str, version: int | None, ready_timeout: float,
+                    done: list[dict[str, Any]]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
         for name in sorted(pool.replicas):
             r = pool.replicas.get(name)
             if r is None:

@@ -178,3 +178,46 @@ def test_bad_input_is_not_retried_and_does_not_eject_the_replica():
         await c.stop()
 
     run(scenario)
+
+
+def test_a_replica_that_comes_up_on_another_version_serves_only_after_moving_to_the_served_one():
+    """v2 is trained but not rolled out; a replica that joins loads "latest" (v2). It gets no
+    traffic until the balancer has reloaded it to v1, so every answer is v1."""
+
+    async def scenario():
+        c = Cluster(8, n=2)
+        await c.start()
+        c.store_versions["m"] = 2
+        c.directory.update(members({"r0": "m", "r1": "m", "r2": "m"}))
+        await c.start_replica("r2")
+        replies, errors = await c.stream(100, 0.02)
+        assert errors == [] and {r["version"] for r in replies} == {1}
+        r2 = c.balancer.pools["m"].replicas["r2"]
+        assert r2.ready and r2.version == 1
+        assert c.replicas["r2"].service("model").requests > 0  # and it does get traffic, on v1
+        assert c.balancer.models()["m"]["versions"] == [1]
+        await c.stop()
+
+    run(scenario)
+
+
+def test_after_a_rollout_a_restarted_replica_comes_back_on_the_rolled_out_version():
+    """Roll back from v2 to v1 explicitly; a replica that restarts loads latest (v2) and is
+    brought back to v1 before it answers."""
+
+    async def scenario():
+        c = Cluster(9, n=2)
+        c.store_versions["m"] = 2
+        await c.start()
+        await c.balancer.rollout("m", 1)
+        assert c.balancer.pinned["m"] == 1
+        c.net.crash("r1")
+        c.replicas["r1"].kill()
+        await c.replicas["r1"].service("model").stop()
+        await c.start_replica("r1")
+        replies, errors = await c.stream(100, 0.02)
+        assert errors == [] and {r["version"] for r in replies} == {1}
+        assert c.balancer.pools["m"].replicas["r1"].version == 1
+        await c.stop()
+
+    run(scenario)
