@@ -23,6 +23,7 @@ expected. Inside, the resolved spec is trusted.
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
 import socket
 import tomllib
@@ -195,11 +196,33 @@ def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True) -> Mem
     return Member(name, node.role, zmq, admin, node.host, dict(node.config))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    # The port is free now; a race with another process is possible but reported by name at bind.
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+def free_port(host: str = "127.0.0.1", rng: random.Random = random.SystemRandom()) -> int:
+    """A port that can be bound on ``host`` now, below the kernel's ephemeral range.
+
+    The node binds it a moment later. A port from the ephemeral range could be taken in
+    between by any outgoing connection on the machine (a load generator's, a proxy's); below it
+    only another explicit bind can race us, and the node's bind failure names the port."""
+    low = _ephemeral_low()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(64):
+        port = rng.randrange(max(1024, low // 2), low)
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
+    with socket.socket(family) as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return low if low >= 4096 else 32768
 
 
 def port_in_use(address: str) -> bool:

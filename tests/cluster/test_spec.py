@@ -1,0 +1,96 @@
+"""Cluster specs, in process: every bad spec names the file, the key and what was expected;
+good specs resolve to the members ``up`` will start; free ports avoid the ephemeral range."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dmlsys.cluster.spec import SpecError, _ephemeral_low, free_port, load, parse, resolve_member
+
+GOOD = {"cluster": {"name": "t"}, "nodes": [{"name": "gw", "role": "gateway"}]}
+
+
+def spec(**changes):
+    data = {"cluster": dict(GOOD["cluster"]), "nodes": [dict(n) for n in GOOD["nodes"]]}
+    for key, value in changes.items():
+        if key.startswith("node_"):
+            data["nodes"][0][key[5:]] = value
+        elif key.startswith("cluster_"):
+            data["cluster"][key[8:]] = value
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize("data, key, words", [
+    (spec(extra={}), "extra", "unknown top-level table"),
+    (spec(cluster_nmae="x"), "cluster.nmae", "unknown key"),
+    (spec(cluster_name=3), "cluster.name", "string"),
+    (spec(cluster_http="localhost"), "cluster.http", "HOST:PORT"),
+    (spec(nodes=[]), "nodes", "at least one"),
+    (spec(node_name="9lives"), "nodes[0].name", "not a valid node name"),
+    (spec(node_role=None), "nodes.gw.role", "string"),
+    (spec(node_host="mars"), "nodes.gw.host", "unknown host 'mars'"),
+    (spec(node_replicas=-1), "nodes.gw.replicas", "from 0 to 64"),
+    (spec(node_replicas=True), "nodes.gw.replicas", "from 0 to 64"),
+    (spec(node_zmq="http://x:1"), "nodes.gw.zmq", "tcp://"),
+    (spec(node_config=[1]), "nodes.gw.config", "table"),
+    (spec(node_colour="red"), "nodes[0].colour", "unknown key"),
+    (spec(nodes=[{"name": "a", "role": "echo"}, {"name": "a", "role": "echo"}]), "nodes.a.name", "duplicate"),
+    (spec(nodes=[{"name": "a", "role": "echo", "replicas": 2}, {"name": "a-1", "role": "echo"}]),
+     "nodes.a-1.name", "duplicate node name 'a-1'"),
+    (spec(hosts={"h1": {"address": "10.0.0.1"}}, nodes=[{"name": "a", "role": "echo", "host": "h1"}]),
+     "nodes.a.zmq", "explicit port"),
+])
+def test_a_bad_spec_names_the_file_the_key_and_what_was_expected(data, key, words):
+    with pytest.raises(SpecError) as info:
+        parse(data, "my.toml")
+    e = info.value
+    assert (e.path, e.key) == ("my.toml", key), str(e)
+    assert words in e.expected, str(e)
+    assert str(e).startswith(f"my.toml: {key}: ")
+
+
+def test_unreadable_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(SpecError, match="file not found"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cluster\nname = 1")
+    with pytest.raises(SpecError, match=r"bad\.toml: \(syntax\): not valid TOML"):
+        load(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(["cluster", "hosts", "nodes", "other"]),
+                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                                    max_leaves=8)))
+def test_any_document_parses_or_raises_spec_error(data):
+    try:
+        parse(data, "x.toml")
+    except SpecError as e:
+        assert str(e).startswith("x.toml: ")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True), st.integers(1, 4)),
+                min_size=1, max_size=4, unique_by=lambda t: t[0]))
+def test_groups_expand_to_numbered_members_with_distinct_picked_ports(groups):
+    data = {"nodes": [{"name": n, "role": "echo", "replicas": k} for n, k in groups]}
+    parsed = parse(data)
+    members = [resolve_member(node, name) for node in parsed.nodes for name in node.member_names()]
+    assert [m.name for m in members] == [f"{n}-{i}" for n, k in groups for i in range(k)]
+    ports = [m.zmq.rsplit(":", 1)[1] for m in members]
+    assert "0" not in ports and all(m.admin.startswith("127.0.0.1:") for m in members)
+
+
+def test_free_ports_are_bindable_and_below_the_ephemeral_range():
+    low = _ephemeral_low()
+    for _ in range(20):
+        port = free_port()
+        assert 1024 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
