@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -33,7 +32,6 @@ from rich.table import Table
 from dmlsys.train import data
 from dmlsys.train.batching import BatchConfig, BatchLoader, prepare
 
-BEGIN, END = "<!-- bench_batching:begin -->", "<!-- bench_batching:end -->"
 MiB = 1 << 20
 
 
@@ -72,16 +70,6 @@ def whole_set_up_front(ds: data.Dataset) -> dict:
     return {"seconds": time.perf_counter() - t0, "mib": (x.nbytes + y.nbytes) / MiB}
 
 
-def replace_section(doc: Path, text: str) -> None:
-    body = doc.read_text() if doc.exists() else ""
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in body and END in body:
-        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(body)
-
-
 def markdown(rows: list[dict], upfront: dict, raw_mib: float, n: int) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPU cores; "
@@ -118,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", help="epoch times per configuration (default: the --json path, .png)")
     p.add_argument("--from-json", metavar="FILE", help="only plot what an earlier --json wrote (no measuring)")
     args = p.parse_args(argv)
+    import _docs  # experiments/_docs.py
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.from_json:
@@ -146,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if out := _plot.plot_path(args.plot, args.json):
         _plot.bench_batching({"rows": rows, "whole_set_up_front": upfront}, out)
     if args.doc:
-        replace_section(Path(args.doc), markdown(rows, upfront, ds.train_images.nbytes / MiB, ds.num_train))
+        _docs.replace_section(Path(args.doc), "bench_batching",
+                              markdown(rows, upfront, ds.train_images.nbytes / MiB, ds.num_train))
         console.print(f"wrote results to {args.doc}")
     return 0
 

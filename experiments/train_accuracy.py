@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,18 +34,6 @@ RUNS = {
     "cnn": ({"kind": "cnn", "channels": [32, 64], "dense": 128},
             Hyperparams(lr=1e-3, batch_size=128, epochs=6, schedule="cosine", augment=True), 0.91),
 }
-BEGIN, END = "<!-- train_accuracy:begin -->", "<!-- train_accuracy:end -->"
-
-
-def replace_section(doc: Path, text: str) -> None:
-    """Put ``text`` between the BEGIN/END markers of ``doc`` (appended if the markers are absent)."""
-    body = doc.read_text() if doc.exists() else ""
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in body and END in body:
-        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, body, flags=re.S)
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(body)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -82,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", help="accuracy and loss per epoch (default: the --json path with .png)")
     p.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote (no training)")
     args = p.parse_args(argv)
+    import _docs  # experiments/_docs.py
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.from_json:
@@ -126,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if out := _plot.plot_path(args.plot, args.json):
         _plot.train_accuracy(rows, out)
     if args.doc:
-        replace_section(Path(args.doc), markdown(rows))
+        _docs.replace_section(Path(args.doc), "train_accuracy", markdown(rows))
         console.print(f"wrote results to {args.doc}")
     return 0 if all(r["passed"] for r in rows) else 1
 

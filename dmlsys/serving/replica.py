@@ -30,7 +30,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import time
 from typing import Any, Callable
 
 import numpy as np

@@ -5,7 +5,6 @@ import signal
 import socket
 import time
 
-import pytest
 
 from tests.cluster.conftest import alive, wait_for
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmlsys.node import Directory, Member, Node
+from dmlsys.node import Member
 from dmlsys.serving.runtime import Runtime
 
 LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
