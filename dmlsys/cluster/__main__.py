@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
                "rollout": cmd_rollout, "train": cmd_train}[args.command]
-    sys.exit(handler(args, state_dir))
+    try:
+        code = handler(args, state_dir)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 # -- up ---------------------------------------------------------------------------------------
@@ -266,34 +271,13 @@ def cmd_down(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
-    doc = read_state(state_dir)
-    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
-        print(f"error: no cluster is running from {state_dir}", file=sys.stderr)
-        return 1
-    from dmlsys.node import RemoteError
-
-    try:
-        rows = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "scale",
-                                          {"group": args.group, "replicas": args.replicas}, timeout=300.0))
-    except RemoteError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
+    doc, rows = tell_supervisor(state_dir, "scale", {"group": args.group, "replicas": args.replicas}, timeout=300.0)
     print_table({"nodes": rows, "cluster": doc.get("cluster")})
     return 0
 
 
 def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
-    doc = read_state(state_dir)
-    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
-        print(f"error: no cluster is running from {state_dir}", file=sys.stderr)
-        return 1
-    from dmlsys.node import RemoteError
-
-    try:
-        result = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "train", {"model": args.model}, timeout=7200.0))
-    except RemoteError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
+    _, result = tell_supervisor(state_dir, "train", {"model": args.model}, timeout=7200.0)
     print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
           f" ({'workers ' + ', '.join(result['workers']) if result['workers'] else 'in the supervisor'})")
     print(f"serve it with: python -m dmlsys.cluster rollout {result['model']} --version {result['version']}")
@@ -342,6 +326,23 @@ async def ask(peer: str, address: str, service: str, method: str, body: Any, *, 
 
 async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
     return await ask("supervisor", address, "cluster", method, body, timeout=timeout)
+
+
+class CliError(Exception):
+    """What a command could not do; ``main`` prints it as ``error: ...`` and exits 1."""
+
+
+def tell_supervisor(state_dir: Path, method: str, body: Any, *, timeout: float) -> tuple[dict, Any]:
+    """(state document, reply) of one RPC to the running cluster's supervisor."""
+    from dmlsys.node import RemoteError
+
+    doc = read_state(state_dir)
+    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
+        raise CliError(f"no cluster is running from {state_dir}")
+    try:
+        return doc, asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], method, body, timeout=timeout))
+    except RemoteError as e:
+        raise CliError(e.message) from None
 
 
 def read_state(state_dir: Path) -> dict | None:
