@@ -274,9 +274,20 @@ class Supervisor:
         self._set(proc, "restarting")
         log.warning("node %s (pid %d) exited with code %s after %.1fs; restarting in %.1fs (restart #%d)",
                     proc.member.name, process.pid, code, ran, delay, proc.restarts)
+        self._tell_peer_lost(proc.member.name, f"exited with code {code}")
         await asyncio.sleep(delay)
         if self.state == "ready" and not proc.stopping:
             await self._spawn(proc)
+
+    def _tell_peer_lost(self, name: str, reason: str) -> None:
+        """Tell every other running node at once, so calls waiting on ``name`` fail over now."""
+        for other in self.procs.values():
+            if other.member.name == name or other.process is None or other.process.returncode is not None:
+                continue
+            try:
+                self.node.send(other.member.name, "node", "peer_lost", {"name": name, "reason": reason})
+            except NodeError:
+                pass  # it is going too, or not up yet: nothing of it waits on the dead node
 
     async def supervise(self) -> None:
         """Probe every node until asked to stop; restarts happen in each process's watcher."""

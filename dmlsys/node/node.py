@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from dmlsys.node.directory import Directory
 from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError
@@ -79,6 +79,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = time.perf_counter
         self.directory = directory or Directory()
+        self._peer_lost_watchers: list[Callable[[str], None]] = []
         transport.set_receiver(self._on_frames)
         self.add_service(NodeService())
 
@@ -208,6 +209,24 @@ class Node:
 
     def _fail_pending(self) -> None:
         self._pending.fail_all(lambda: NodeStopped(f"node {self.name!r} stopped while waiting for a reply"))
+
+    def peer_lost(self, peer: str, reason: str) -> None:
+        """``peer``'s process is gone (the supervisor saw it exit): fail the calls waiting on it
+        with ``PeerUnreachable`` now, so callers retry elsewhere instead of waiting out their
+        timeouts, and tell the watchers (``on_peer_lost``). A message already queued for it may
+        still reach its next incarnation; like a timeout, the failure says nothing of whether
+        the call ran."""
+        failed = self._pending.fail_peer(peer, lambda: PeerUnreachable(f"{peer} {reason}"))
+        log.info("node %s: peer %s %s; %d waiting call(s) failed over", self.name, peer, reason, failed)
+        for callback in list(self._peer_lost_watchers):
+            try:
+                callback(peer)
+            except Exception:
+                log.exception("peer-lost watcher %r failed", callback)
+
+    def on_peer_lost(self, callback: Callable[[str], None]) -> None:
+        """``callback(peer)`` whenever a peer is reported gone (see ``peer_lost``)."""
+        self._peer_lost_watchers.append(callback)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

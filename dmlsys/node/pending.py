@@ -46,6 +46,16 @@ class PendingCalls:
     def pop(self, msg_id: int) -> Entry | None:
         return self._calls.pop(msg_id, None)
 
+    def fail_peer(self, peer: str, make_error: Callable[[], BaseException]) -> int:
+        """Fail every call waiting on ``peer`` (it is known to be gone); return how many.
+        Their heap entries go stale and are skipped as usual."""
+        lost = [msg_id for msg_id, (_, p, _, _) in self._calls.items() if p == peer]
+        for msg_id in lost:
+            fut = self._calls.pop(msg_id)[0]
+            if not fut.done():
+                fut.set_exception(make_error())
+        return len(lost)
+
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Fail every waiting call (the node stopped) and forget them."""
         for fut, *_ in self._calls.values():

@@ -130,3 +130,14 @@ class NodeService(Service):
     @rpc
     def ping(self, body):
         return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
+
+    @oneway
+    def peer_lost(self, body, ctx):
+        """``{"name", "reason"}`` from the supervisor, which saw that node's process exit: calls
+        waiting on it fail now (``PeerUnreachable``), not at their timeouts. From anyone else: ignored."""
+        supervisor = self.node.directory.supervisor
+        name = body.get("name") if isinstance(body, dict) else None
+        if supervisor is None or ctx.sender != supervisor or not isinstance(name, str):
+            self.node.metrics.error("peer_lost_refused")
+            return
+        self.node.peer_lost(name, str(body.get("reason") or "is gone"))

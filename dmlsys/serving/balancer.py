@@ -102,12 +102,20 @@ class Balancer:
     async def start(self) -> None:
         self.set_members(self.node.directory.members())
         self.node.directory.watch(self._on_directory)
+        self.node.on_peer_lost(self._on_peer_lost)
         await self.probe_all()
         self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
 
     def _on_directory(self, members: list[Member]) -> None:
         self.set_members(members)
         asyncio.get_running_loop().create_task(self.probe_all())  # newcomers get a chance at once
+
+    def _on_peer_lost(self, name: str) -> None:
+        # Its in-flight tries have just failed over (Node.peer_lost); send it nothing new
+        # until a probe finds its next incarnation ready.
+        for pool in self.pools.values():
+            if name in pool.replicas:
+                pool.observe(name, ready=False, serving=False)
 
     async def stop(self) -> None:
         if self._probe_task is not None:

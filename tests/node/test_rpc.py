@@ -133,6 +133,36 @@ def test_a_killed_peer_means_timeouts_not_hangs(net):
     net.run(main)
 
 
+def test_the_supervisors_peer_lost_fails_calls_waiting_on_that_peer_at_once(net):
+    """Calls to a peer the supervisor reports gone fail now with PeerUnreachable, not at their
+    timeouts; calls to other peers go on; watchers hear of it; anyone else's report is ignored."""
+    from dmlsys.node import Directory
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = await net.node("b", Echo())
+        c = await net.node("c", Echo())
+        a = await net.node("a", directory=Directory(supervisor="supervisor"))
+        sup = await net.node("supervisor")
+        heard: list[str] = []
+        a.on_peer_lost(heard.append)
+        to_b = asyncio.ensure_future(a.call("b", "echo", "slow", {"s": 60}, timeout=30))
+        to_c = asyncio.ensure_future(a.call("c", "echo", "slow", {"s": 0.5, "tag": "c"}, timeout=30))
+        await eventually(lambda: b.service("echo").started)
+        c.send("a", "node", "peer_lost", {"name": "b", "reason": "exited"})  # not the supervisor
+        await asyncio.sleep(0.2)
+        assert not to_b.done() and heard == []
+        t0 = loop.time()
+        sup.send("a", "node", "peer_lost", {"name": "b", "reason": "exited with code -9"})
+        with pytest.raises(PeerUnreachable, match="b exited with code -9"):
+            await to_b
+        assert loop.time() - t0 < 1.0 and heard == ["b"]
+        assert await to_c == "c"
+        assert a.metrics.errors.get("peer_lost_refused") == 1
+
+    net.run(main)
+
+
 def test_unknown_peer_is_unreachable_on_zmq():
     async def main():
         a = await net.node("a")
