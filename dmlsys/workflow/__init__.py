@@ -6,7 +6,7 @@ or continue), and memoize them in a ``MemoStore`` (SQLite index + blobs, no pick
 composable cache policies (``DEFAULT``, ``MaxAge``, ``Probe``, ``NONE``). See docs/workflow.md.
 """
 
-from .dag import AsCompleted, NO_RETRY, Plan, Retry, Step, Workflow, validate
+from .dag import AsCompleted, Latest, NO_RETRY, Plan, Retry, Step, Workflow, validate
 from .errors import (CacheError, CacheKeyError, CacheValueError, CycleError, DuplicateStep, InvalidStep,
                      InvalidWorkflow, MissingDependency, SignatureMismatch, StepTimeout, WorkflowError,
                      WorkflowFailed)
@@ -17,7 +17,7 @@ from .scheduler import CONTINUE, FAIL_FAST, RunConfig, RunResult, Scheduler, run
 from .store import DEFAULT_ROOT, Entry, MemoStore
 
 __all__ = [
-    "AsCompleted", "NO_RETRY", "Plan", "Retry", "Step", "Workflow", "validate",
+    "AsCompleted", "Latest", "NO_RETRY", "Plan", "Retry", "Step", "Workflow", "validate",
     "CacheError", "CacheKeyError", "CacheValueError", "CycleError", "DuplicateStep", "InvalidStep",
     "InvalidWorkflow", "MissingDependency", "SignatureMismatch", "StepTimeout", "WorkflowError", "WorkflowFailed",
     "cache_key", "code_version", "fingerprint",

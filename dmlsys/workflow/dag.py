@@ -27,6 +27,13 @@ each time another one arrives (arrivals during a run are coalesced into one reru
 *final* result — the one regular dependents receive — is that of the run that saw every source
 that succeeded. Sources that fail only shrink the dict, as long as ``k`` of them succeed.
 
+A **streaming edge**, ``Latest("a")``, passes a step's results on as they come, partial ones
+included: the argument is ``a``'s newest result. The step first runs on ``a``'s first result
+(a partial result of an ``AsCompleted`` step counts), reruns on each newer one, and is final
+once ``a`` is final and it has run on ``a``'s final result. So ``select`` on an async edge
+over three trainings can feed ``serve`` with ``Latest("select")``: the first model is served
+as soon as it is trained, the best two once the second arrives.
+
 ``Workflow.validate()`` returns a ``Plan`` (topological order, dependency and child indices) or
 raises an ``InvalidWorkflow`` naming the step: duplicate names, missing dependencies,
 signatures that do not accept the declared inputs and params, inconsistent options, and cycles
@@ -61,6 +68,20 @@ class AsCompleted:
             raise ValueError(f"AsCompleted k={k} must be between 1 and the number of sources ({len(steps)})")
         object.__setattr__(self, "steps", tuple(steps))
         object.__setattr__(self, "k", k)
+
+
+class Latest(AsCompleted):
+    """A streaming edge: the argument is ``step``'s newest result, partial ones included; the
+    step reruns on each newer one (see the module docstring)."""
+
+    __slots__ = ()
+
+    def __init__(self, step: str) -> None:
+        super().__init__(step, k=1)
+
+    @property
+    def step(self) -> str:
+        return self.steps[0]
 
 
 Edge = str | AsCompleted

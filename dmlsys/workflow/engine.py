@@ -16,7 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Mapping, Sequence
 
 from . import report as R
-from .dag import AsCompleted, Plan
+from .dag import AsCompleted, Latest, Plan
 from .errors import CacheKeyError, CacheValueError, StepTimeout
 from .memo import NotCanonical, cache_key, code_version, fingerprint
 from .policy import KeyContext
@@ -63,6 +63,7 @@ class RunState:
         self.settled: list[list[int]] = [[0] * len(e) for e in self.edges]
         self.total_arrivals = [0] * n
         self.used = [0] * n  # arrivals seen by the latest run
+        self.emitted = [0] * n  # the run whose result Latest edges last received
         self.queued = [False] * n
         self.inline_q: deque[int] = deque()
         self.task_q: deque[int] = deque()
@@ -182,7 +183,10 @@ class RunState:
             arrived = self.arrived[i]
 
             def val(x: Any) -> Any:
-                return results[x] if isinstance(x, int) else dict(arrived[x[1]])
+                if isinstance(x, int):
+                    return results[x]
+                got = arrived[x[1]]
+                return next(iter(got.values())) if isinstance(self.edges[i][x[1]], Latest) else dict(got)
 
             args = [val(x) for x in self.pos[i]]
             kwargs = {k: val(x) for k, x in self.kw[i]}
@@ -344,6 +348,9 @@ class RunState:
             try:
                 if isinstance(spec, int):
                     return self._fp(spec)
+                edge = self.edges[i][spec[1]]
+                if isinstance(edge, Latest):  # a partial result: the step's cached fp may be older
+                    return [(edge.step, fingerprint(value))]
                 # An async edge: which sources this run saw, in arrival order, and their values.
                 return [(src, self._fp(index[src])) for src in value]
             except NotCanonical as e:
@@ -378,10 +385,26 @@ class RunState:
                 rec.state = R.PARTIAL
                 if self.s.on_result is not None:
                     self.s.on_result(rec.name, value, False)
+                self._stream(i, final=False)
                 if more:
                     self._enqueue(i)
                 return
         self._finalize(i)
+
+    def _stream(self, i: int, final: bool) -> None:
+        """Pass step ``i``'s newest result on to the steps with a ``Latest`` edge on it."""
+        fresh = self.emitted[i] != self.records[i].runs
+        self.emitted[i] = self.records[i].runs
+        for c, e in self.async_children[i]:
+            if not isinstance(self.edges[c][e], Latest):
+                continue
+            if fresh:
+                self.arrived[c][e][self.records[i].name] = self.results[i]
+                self.total_arrivals[c] += 1
+            if final:
+                self.settled[c][e] += 1
+            if fresh or final:
+                self._check_async(c)
 
     def _finalize(self, i: int) -> None:
         rec = self.records[i]
@@ -399,10 +422,13 @@ class RunState:
                 else:
                     self._enqueue(c)
         for c, e in self.async_children[i]:
+            if isinstance(self.edges[c][e], Latest):
+                continue  # _stream below
             self.arrived[c][e][rec.name] = value
             self.settled[c][e] += 1
             self.total_arrivals[c] += 1
             self._check_async(c)
+        self._stream(i, final=True)
 
     def _all_settled(self, i: int) -> bool:
         return all(n == len(e.steps) for n, e in zip(self.settled[i], self.edges[i]))

@@ -1,11 +1,11 @@
-"""The end-to-end pipeline as a shipped workflow: ingest -> train x3 -> select + serve -> aggregate.
+"""The end-to-end pipeline as a shipped workflow: ingest -> train x3 -> select -> serve -> aggregate.
 
 ::
 
     ingest ──┬── train_mlp_small ──┐
-             ├── train_mlp_wide  ──┼─(AsCompleted, k=1)── serve ── aggregate
-             ├── train_cnn ────────┘                                   │
-             └─────────────────────────────────────────────────────────┘
+             ├── train_mlp_wide  ──┼─(AsCompleted, k=1)── select ─(Latest)── serve ── aggregate
+             ├── train_cnn ────────┘                                                   │
+             └─────────────────────────────────────────────────────────────────────────┘
 
 * **ingest** loads Fashion-MNIST (``dmlsys.train.data``), sliced by ``limit``/``test_limit``.
   Memoized with ``DEFAULT + Probe(file_stamp(data files))``: a rerun with unchanged files is a
@@ -16,10 +16,12 @@
   one model's hyperparameters retrains that model only. Each saves a version to the
   ``ModelStore`` and returns its card fields *and* its parameters, so a cached result can
   republish the model if the store no longer holds it (a cache outliving a store).
-* **serve** has an asynchronous edge over the train steps: it runs as soon as the first model is
-  trained and serves it at once, then reruns on each arrival and serves the best ``top`` (two)
-  by test accuracy (``select_top``, pure), while the slowest training keeps running. Not
-  memoized: putting models up is its whole point.
+* **select** has an asynchronous edge over the train steps: it runs as soon as the first model
+  is trained, then reruns on each arrival, and picks the best ``top`` (two) by test accuracy
+  (``select_top``, pure) among those trained so far.
+* **serve** follows select's results as they come (a ``Latest`` edge): it serves the first model
+  at once, then the best two when the second arrives, while the slowest training keeps running.
+  Not memoized: putting models up is its whole point.
 * **aggregate** sends the test set through the served models (balancer -> replica over ZeroMQ)
   and averages their scores: each model's accuracy, the ensemble's, and how often they agree.
 
@@ -39,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .dag import AsCompleted, Step, Workflow
+from .dag import AsCompleted, Latest, Step, Workflow
 from .errors import WorkflowError
 from .fleet import FLEETS, ServeError
 from .policy import DEFAULT, Probe, file_stamp
@@ -222,14 +224,19 @@ class _Steps:
             self._published[key] = store.save(r["model"], r["params"], {**card, "republished_from": r["version"]})
         return self._published[key]
 
-    async def serve(self, trained: dict[str, dict[str, Any]], top: int) -> dict[str, Any]:
+    @staticmethod
+    def select(trained: dict[str, dict[str, Any]], top: int) -> dict[str, Any]:
         # ``trained`` is keyed by step (train_<name>), in the order the trainings finished.
-        chosen = [trained[step] for step in select_top(trained, top)]
+        return {"chosen": [trained[step] for step in select_top(trained, top)],
+                "arrived": [r["name"] for r in trained.values()]}
+
+    async def serve(self, selected: Mapping[str, Any]) -> dict[str, Any]:
+        chosen = selected["chosen"]
         versions = [await asyncio.to_thread(self._publish, r) for r in chosen]
         await self.fleet.ensure({r["model"]: v for r, v in zip(chosen, versions)})
         serving = [{"name": r["name"], "model": r["model"], "version": v, "test_accuracy": r["test_accuracy"]}
                    for r, v in zip(chosen, versions)]
-        arrived = [r["name"] for r in trained.values()]
+        arrived = list(selected["arrived"])
         self.timeline.append({"t": time.perf_counter() - self.t0, "arrived": arrived,
                               "serving": [s["name"] for s in serving]})
         return {"serving": serving, "arrived": arrived, "url": self.fleet.url}
@@ -282,7 +289,9 @@ def build_workflow(config: PipelineConfig, steps: _Steps, data_dir: str) -> Work
     for m in config.normalized_models():
         trains.append(f"train_{m['name']}")
         wf.add(Step(trains[-1], steps.train, {"data": "ingest"}, params=m, version=TRAIN_VERSION, cache=DEFAULT))
-    wf.add(Step("serve", steps.serve, {"trained": AsCompleted(*trains, k=1)}, params={"top": config.top}))
+    wf.add(Step("select", steps.select, {"trained": AsCompleted(*trains, k=1)}, params={"top": config.top},
+                inline=True))
+    wf.add(Step("serve", steps.serve, {"selected": Latest("select")}))
     wf.add(Step("aggregate", steps.aggregate, {"served": "serve", "data": "ingest"}))
     return wf
 

@@ -64,7 +64,7 @@ def runs(tmp_path_factory):
 def test_cold_run_runs_every_step_and_trains_three_models(runs):
     r = runs["cold"]
     assert set(r.report.states().values()) == {"done"}
-    assert r.ran() == ["ingest", *TRAINS, "serve", "aggregate"] and r.hits() == []
+    assert r.ran() == ["ingest", *TRAINS, "select", "serve", "aggregate"] and r.hits() == []
     assert {m["version"] for m in r.models.values()} == {1}
     assert all(0.1 < m["test_accuracy"] <= 1 for m in r.models.values())
 
@@ -101,14 +101,14 @@ def test_ensemble_combines_predictions_of_both_served_models(runs):
 def test_rerun_with_unchanged_data_hits_the_cache_for_ingest_and_training(runs):
     r = runs["warm"]
     assert r.hits() == ["ingest", *TRAINS]
-    assert r.ran() == ["serve", "aggregate"]
+    assert r.ran() == ["select", "serve", "aggregate"]
     assert r.serving == runs["cold"].serving
     np.testing.assert_array_equal(r.ensemble["ensemble_predictions"], runs["cold"].ensemble["ensemble_predictions"])
 
 
 def test_changing_one_models_hyperparameters_retrains_only_that_model(runs):
     r = runs["changed"]
-    assert r.ran() == ["train_mlp_a", "serve", "aggregate"]
+    assert r.ran() == ["train_mlp_a", "select", "serve", "aggregate"]
     assert r.hits() == ["ingest", "train_mlp_b", "train_cnn"]
     assert r.models["mlp_a"]["version"] == 2 and r.models["mlp_a"]["train"] == "trained"
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmlsys.workflow import (CONTINUE, AsCompleted, Retry, RunConfig, Scheduler, Step, StepTimeout, Workflow,
-                             WorkflowFailed, run)
+from dmlsys.workflow import (CONTINUE, AsCompleted, Latest, Retry, RunConfig, Scheduler, Step, StepTimeout,
+                             Workflow, WorkflowFailed, run)
 from wfhelpers import Recorder, build, dags
 
 QUIET = RunConfig(progress=False)
@@ -105,6 +105,59 @@ def test_as_completed_runs_on_first_k_and_reruns_as_more_arrive():
         assert result.report["serve"].runs == 3 and result.report["report"].runs == 1
 
     asyncio.run(main())
+
+
+def test_latest_follows_every_partial_result_and_finishes_on_the_final_one():
+    """select (async edge over a, b, c) -> serve (Latest) -> report: serve runs on each of
+    select's results as it comes, partial ones included; report gets serve's final result."""
+
+    async def main():
+        seen, finals = [], []
+        gates = {n: asyncio.Event() for n in ("a", "b", "c")}
+
+        async def train(name):
+            await gates[name].wait()
+            return name.upper()
+
+        async def serve(chosen):
+            seen.append(chosen)
+            return "+".join(chosen)
+
+        wf = Workflow("stream", [Step(n, train, params={"name": n}) for n in gates] + [
+            Step("select", lambda got: sorted(got.values())[:2], [AsCompleted("a", "b", "c", k=1)], inline=True),
+            Step("serve", serve, [Latest("select")]),
+            Step("report", lambda s: f"[{s}]", ["serve"], inline=True)])
+        sched = Scheduler(QUIET, on_result=lambda s, v, final: finals.append(final) if s == "serve" else None)
+        task = asyncio.ensure_future(sched.run(wf))
+        gates["c"].set()
+        await _until(lambda: len(seen) == 1)
+        assert seen == [["C"]] and not task.done()  # served while a and b still train
+        gates["b"].set()
+        await _until(lambda: len(seen) == 2)
+        gates["a"].set()
+        result = await task
+        assert seen == [["C"], ["B", "C"], ["A", "B"]]
+        assert finals == [False, False, True]
+        assert result["serve"] == "A+B" and result["report"] == "[A+B]"
+        assert result.report["serve"].runs == 3 and result.report["report"].runs == 1
+
+    asyncio.run(main())
+
+
+def test_latest_on_a_plain_step_runs_once_on_its_result():
+    r = run(Workflow("w", [Step("a", lambda: 41, inline=True),
+                           Step("b", lambda x: x + 1, [Latest("a")], inline=True)]), QUIET)
+    assert r["b"] == 42 and r.report["b"].runs == 1
+
+
+def test_latest_on_a_failed_step_is_skipped_and_the_rest_finishes():
+    def boom():
+        raise ValueError("no")
+
+    wf = Workflow("w", [Step("a", boom, inline=True), Step("b", lambda x: x, [Latest("a")], inline=True),
+                        Step("c", lambda: 1, inline=True)])
+    r = run(wf, cfg(on_failure=CONTINUE, raise_on_failure=False))
+    assert r.report["b"].state == "skipped" and r["c"] == 1
 
 
 def test_as_completed_coalesces_arrivals_during_a_run_and_waits_for_k():
