@@ -330,3 +330,34 @@ def test_progress_view_renders_a_table(capsys):
     assert r["b"] == 1
     out = capsys.readouterr().out
     assert "step" in out and "cache" in out and "done" in out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=5), st.integers(1, 5), st.booleans())
+def test_a_chain_of_latest_edges_sees_growing_prefixes_and_ends_on_everything(delays, k, slow_consumer):
+    """Sources finish in any order; gather (async edge) -> a (Latest) -> b (Latest). Every
+    value a and b see is a prefix-closed growing set, and their final results cover every
+    source, however runs and arrivals interleave."""
+    k = min(k, len(delays))
+    names = [f"s{i}" for i in range(len(delays))]
+    seen_a: list[tuple] = []
+
+    async def source(i):
+        await asyncio.sleep(delays[i] / 1000)
+        return i
+
+    async def a(got):
+        seen_a.append(got)
+        if slow_consumer:
+            await asyncio.sleep(0.002)
+        return got
+
+    wf = Workflow("chain", [Step(n, source, params={"i": i}) for i, n in enumerate(names)] + [
+        Step("gather", lambda got: tuple(sorted(got.values())), [AsCompleted(*names, k=k)], inline=True),
+        Step("a", a, [Latest("gather")]),
+        Step("b", lambda got: len(got), [Latest("a")], inline=True)])
+    r = asyncio.run(Scheduler(QUIET).run(wf))
+    everything = tuple(range(len(delays)))
+    assert r["gather"] == r["a"] == everything and r["b"] == len(delays)
+    assert len(seen_a[0]) >= k and seen_a[-1] == everything
+    assert all(set(x) < set(y) for x, y in zip(seen_a, seen_a[1:]))  # strictly growing, never repeated
