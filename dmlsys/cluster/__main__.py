@@ -277,11 +277,51 @@ def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
-    _, result = tell_supervisor(state_dir, "train", {"model": args.model}, timeout=7200.0)
+    doc = running_state(state_dir)
+    from dmlsys.node import RemoteError
+
+    try:
+        result = asyncio.run(train_with_progress(doc, args.model))
+    except RemoteError as e:
+        raise CliError(e.message) from None
     print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
           f" ({'workers ' + ', '.join(result['workers']) if result['workers'] else 'in the supervisor'})")
     print(f"serve it with: python -m dmlsys.cluster rollout {result['model']} --version {result['version']}")
     return 0
+
+
+async def train_with_progress(doc: dict, model: str) -> dict:
+    """Ask the supervisor to train ``model``; meanwhile show rank 0's epochs as a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmlsys.node import NodeError
+
+    workers = [n for n in doc["nodes"] if n["role"] == "worker" and pid_alive(n.get("pid"))]
+    async with client_node({"supervisor": doc["supervisor"]["zmq"], **{n["name"]: n["zmq"] for n in workers}}) as node:
+        job = asyncio.ensure_future(node.call("supervisor", "cluster", "train", {"model": model}, timeout=7200.0))
+        if not workers:  # trained in the supervisor's process: its log has the epochs
+            return await job
+        columns = (TextColumn(f"training {model} on {len(workers)} workers"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("epochs {task.fields[stats]}"), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("train", total=None, stats="")
+            done = 0
+            while not job.done():
+                try:
+                    reply = await node.call(workers[0]["name"], "train", "progress", {"job": None, "since": done},
+                                            timeout=2.0)
+                except NodeError:
+                    reply = {}
+                for epoch in reply.get("epochs", []) if reply.get("model") == model else []:
+                    done += 1
+                    bar.update(task, total=reply.get("epochs_total"), completed=done,
+                               stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
+                await asyncio.wait([job], timeout=1.0)
+            if not job.exception():  # the last epochs may have ended after our last look
+                bar.update(task, completed=bar.tasks[0].total or done,
+                           stats=f"test accuracy {job.result()['test_accuracy']:.4f}")
+        return job.result()
 
 
 def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
@@ -311,6 +351,13 @@ def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
 
 async def ask(peer: str, address: str, service: str, method: str, body: Any, *, timeout: float) -> Any:
     """One RPC from a short-lived client node named after this process."""
+    async with client_node({peer: address}) as node:
+        return await node.call(peer, service, method, body, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def client_node(peers: dict[str, str]):
+    """A short-lived node named after this process that knows ``peers`` (name -> address)."""
     from dmlsys.node import Node
     from dmlsys.wire.zmq_transport import ZmqTransport
 
@@ -318,8 +365,9 @@ async def ask(peer: str, address: str, service: str, method: str, body: Any, *, 
     node = Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"))
     await node.start()
     try:
-        node.transport.add_peer(peer, address)
-        return await node.call(peer, service, method, body, timeout=timeout)
+        for peer, address in peers.items():
+            node.transport.add_peer(peer, address)
+        yield node
     finally:
         await node.stop(drain_timeout=0)
 
@@ -332,13 +380,19 @@ class CliError(Exception):
     """What a command could not do; ``main`` prints it as ``error: ...`` and exits 1."""
 
 
+def running_state(state_dir: Path) -> dict:
+    """The state document of the cluster running from ``state_dir``, or CliError."""
+    doc = read_state(state_dir)
+    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
+        raise CliError(f"no cluster is running from {state_dir}")
+    return doc
+
+
 def tell_supervisor(state_dir: Path, method: str, body: Any, *, timeout: float) -> tuple[dict, Any]:
     """(state document, reply) of one RPC to the running cluster's supervisor."""
     from dmlsys.node import RemoteError
 
-    doc = read_state(state_dir)
-    if doc is None or not pid_alive(doc.get("supervisor", {}).get("pid")):
-        raise CliError(f"no cluster is running from {state_dir}")
+    doc = running_state(state_dir)
     try:
         return doc, asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], method, body, timeout=timeout))
     except RemoteError as e:

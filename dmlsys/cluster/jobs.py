@@ -67,12 +67,40 @@ def missing_models(sup: "Supervisor") -> list[str]:
 
 
 async def before_phase(sup: "Supervisor", phase: str) -> None:
-    """Called before each phase ("base", then "serving") of ``up``."""
-    if phase != "serving":
-        return
-    for model in missing_models(sup):
-        log.info("model %r is not in the store yet", model)
-        await train(sup, model)
+    """Called before each phase of ``up``: "base", "serving", then "ready" (every node is)."""
+    if phase == "serving":
+        for model in missing_models(sup):
+            log.info("model %r is not in the store yet", model)
+            await train(sup, model)
+    elif phase == "ready":
+        await gateways_see_replicas(sup)
+
+
+async def gateways_see_replicas(sup: "Supervisor", timeout: float = 30.0) -> None:
+    """Wait until every local gateway has a ready replica of every model served, so that the
+    first request after ``up`` returns is answered, not refused while a probe catches up."""
+    from dmlsys.node import NodeError
+
+    models = {p.member.config.get("model") for p in sup.procs.values()
+              if p.member.role == "replica" and p.member.config.get("model")}
+    gateways = [p.member for p in sup.procs.values() if p.member.role == "gateway" and sup._local(p.member)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for member in gateways:
+        gateway, only = member.name, member.config.get("models")
+        wanted = models & set(only) if only else models  # a gateway may serve a subset
+        missing = set(wanted)
+        while missing and loop.time() < deadline:
+            try:
+                seen = await sup.node.call(gateway, "serving", "models", None, timeout=2.0)
+                missing = {m for m in wanted if not (seen.get(m) or {}).get("ready_replicas")}
+            except NodeError:
+                pass
+            if missing:
+                await asyncio.sleep(0.1)
+        if missing:
+            log.warning("gateway %s sees no ready replica of %s after %.0fs; requests may get 503 until it does",
+                        gateway, ", ".join(sorted(missing)), timeout)
 
 
 async def train(sup: "Supervisor", model: str) -> dict[str, Any]:

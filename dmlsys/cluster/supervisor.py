@@ -171,6 +171,10 @@ class Supervisor:
                         await result
                 await asyncio.gather(*(self._spawn(p) for p in procs))
                 await self._wait_ready(procs)
+            if self._before_phase is not None:  # the last hook: everything runs, is it wired up?
+                result = self._before_phase(self, "ready")
+                if asyncio.iscoroutine(result):
+                    await result
             self.state = "ready"
             self.write_state()
         except BaseException as e:

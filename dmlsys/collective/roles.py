@@ -122,6 +122,8 @@ class TrainingService(Service):
         self.rank: int | None = None
         self.epochs_done = 0
         self.history: list[dict[str, Any]] = []  # the running job's finished epochs
+        self.epochs_total: int | None = None  # of the running job
+        self.model: str | None = None  # the running job's model
         self.jobs_done = 0
         self._task: asyncio.Task | None = None
         self._cancel_reason = ""
@@ -136,6 +138,7 @@ class TrainingService(Service):
                               job=req["job"], worker=self.node.name)
         self.job, self.rank, self.epochs_done = req["job"], req["members"].index(self.node.name), 0
         self.history = []
+        self.model = req["model"]
         self._cancel_reason = ""
         task = self._task = asyncio.ensure_future(self._run(req))
         task.add_done_callback(self._finished)
@@ -172,6 +175,7 @@ class TrainingService(Service):
         except TypeError as e:  # an unknown field
             known = ", ".join(f.name for f in dataclasses.fields(Hyperparams))
             raise JobRejected(f"job {req['job']!r}: hyperparams: {e} (known: {known})") from None
+        self.epochs_total = req.get("epochs") or hp.epochs
         dataset = await self._dataset(req.get("limit"), req.get("test_limit"))
         group = ProcessGroup(self.node, req["members"], name=f"job:{req['job']}", timeout=self.config.timeout,
                              chunk_bytes=self.config.chunk_bytes)
@@ -200,13 +204,16 @@ class TrainingService(Service):
 
     @rpc
     async def progress(self, body, ctx) -> dict[str, Any]:
-        """``{"job", "since"}`` -> ``{"job", "epochs"}``: the job's finished epochs from index
-        ``since`` on; none when that job is not the one running here."""
+        """``{"job", "since"}`` -> ``{"job", "model", "epochs", "epochs_total"}``: the job's
+        finished epochs from index ``since`` on; none when that job is not the one running here.
+        ``job`` null means whichever job is running."""
         job = body.get("job") if isinstance(body, dict) else None
         since = body.get("since", 0) if isinstance(body, dict) else 0
         if not isinstance(since, int) or isinstance(since, bool) or since < 0:
             raise JobRejected(f"train.progress: since: an integer >= 0, got {since!r}")
-        return {"job": self.job, "epochs": self.history[since:] if job == self.job else []}
+        mine = self.job is not None and job in (None, self.job)
+        return {"job": self.job, "model": self.model, "epochs": self.history[since:] if mine else [],
+                "epochs_total": self.epochs_total if mine else None}
 
     async def _dataset(self, limit: int | None, test_limit: int | None):
         """Fashion-MNIST, cut to the tighter of the config's and the job's limits; the last

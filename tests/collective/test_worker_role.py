@@ -129,17 +129,23 @@ def test_bad_hyperparams_are_rejected_naming_the_field(tmp_path, data_dir):
 def test_on_epoch_reports_every_epoch_once_in_order_while_the_job_runs(tmp_path, data_dir):
     net = Net("zmq")
     seen: list[tuple[dict, float]] = []
+    progress: list[dict] = []
 
     async def main():
         caller, workers = await _cluster(net, tmp_path, data_dir, 2)
         loop = asyncio.get_running_loop()
         args = dict(TINY, epochs=4)
-        result = await train_on_workers(caller, workers, **args, poll_every=0.05,
-                                        on_epoch=lambda e: seen.append((e, loop.time())))
-        return result, loop.time()
+        job = asyncio.ensure_future(train_on_workers(caller, workers, **args, poll_every=0.05,
+                                                     on_epoch=lambda e: seen.append((e, loop.time()))))
+        while not seen:
+            progress.append(await caller.call(workers[0], "train", "progress", {"job": None}, timeout=5))
+            await asyncio.sleep(0.05)
+        return await job, loop.time()
 
     result, finished = net.run(main)
     assert [e["epoch"] for e, _ in seen] == [1, 2, 3, 4]
+    running = [p for p in progress if p["job"]]  # "job": null asks for whichever job runs
+    assert running and all(p["epochs_total"] == 4 and p["model"] == "tiny" for p in running)
     assert [e for e, _ in seen] == result["history"]  # the same stats the job returns
     assert seen[0][1] < finished - 0.01  # the first epoch was reported before the job ended
 
@@ -154,4 +160,4 @@ def test_progress_of_another_job_is_empty_and_a_bad_since_is_refused(tmp_path, d
             await caller.call(workers[0], "train", "progress", {"job": "nope", "since": -1}, timeout=5)
         return other
 
-    assert net.run(main) == {"job": None, "epochs": []}
+    assert net.run(main) == {"job": None, "model": None, "epochs": [], "epochs_total": None}
