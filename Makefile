@@ -9,7 +9,7 @@ DATA_DIR := /usr/share/datasets/fashion-mnist
 
 help:
 	@echo "make up      venv + install + Fashion-MNIST + python -m dmlsys.cluster up"
-	@echo "make test    venv + install + the whole test suite"
+	@echo "make test    venv + install + Fashion-MNIST + the whole test suite"
 	@echo "make bench-deps  the peers benchmarks compare against (torch, mpi4py, dask, nginx, ...)"
 
 $(STAMP): pyproject.toml
@@ -31,7 +31,7 @@ data: venv
 up: data
 	$(BIN)/python -m dmlsys.cluster up
 
-test: venv
+test: data
 	$(BIN)/python -m pytest -q
 
 bench-deps: venv
