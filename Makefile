@@ -31,7 +31,10 @@ data: venv
 up: data
 	$(BIN)/python -m dmlsys.cluster up
 
+# `ip` (iproute2) for the two-host network-namespace test, which skips with its reason without it.
 test: data
+	@if ! command -v ip >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y iproute2 || true; fi
 	$(BIN)/python -m pytest -q
 
 bench-deps: venv
