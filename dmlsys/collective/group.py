@@ -136,6 +136,7 @@ class ProcessGroup:
         self.direct_bytes = direct_bytes
         self._use_shm = shm
         self._shm = shm_mod.ShmState(f"{node.name}-{name}")
+        self._pool = ring.BufferPool()  # the ring's results and private send copies, reused
         self.ops = 0  # completed collective passes, for status
         self._service: CollectiveService = service  # type: ignore[assignment]
         self._seq = 0  # the next pass's sequence number; every rank counts the same
@@ -161,6 +162,7 @@ class ProcessGroup:
             self._fail(self._current[0], CollectiveError(f"{self._who()}: the group was closed"))
         self._service.unregister(self)
         self._shm.close()
+        self._pool.clear()
 
     @property
     def uses_shm(self) -> bool:
