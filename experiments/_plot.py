@@ -280,6 +280,68 @@ def pipeline(rows: list[dict], path: Path) -> None:
     _save(plt, fig, path)
 
 
+# ----------------------------------------------------------------------------- bench_rpc
+def bench_rpc(rows: list[dict], path: Path) -> None:
+    """One panel per metric: dmlsys vs raw pyzmq for each transport, the ratio under each pair."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    import numpy as np
+
+    metrics = [m for m in ("latency", "throughput", "array") if any(r["metric"] == m for r in rows)]
+    transports = sorted({r["transport"] for r in rows}, key=["tcp", "ipc"].index)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.6), squeeze=False)
+    better = {"latency": "lower is better", "throughput": "higher is better", "array": "higher is better"}
+    for ax, metric in zip(axes[0], metrics):
+        got = {r["transport"]: r for r in rows if r["metric"] == metric}
+        x = np.arange(len(transports))
+        for i, (key, label, colour) in enumerate((("ours", "dmlsys", OURS), ("raw", "raw pyzmq", PEER))):
+            bars = ax.bar(x + (i - 0.5) * 0.38, [got[t][key] for t in transports], 0.38, label=label, color=colour)
+            _label_bars(ax, bars)
+        unit = got[transports[0]]["unit"]
+        ax.set_ylim(0, max(max(got[t]["ours"], got[t]["raw"]) for t in transports) * 1.2)
+        ax.set_xticks(x, [f"{t}\nratio {got[t]['ratio']:.2f}×" for t in transports])
+        ax.set_title(f"{metric} ({unit}, {better[metric]})", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"dmlsys RPC vs raw pyzmq (medians of {rows[0].get('repeats', '?')} alternating runs)", fontsize=10)
+    _save(plt, fig, path)
+
+
+# ----------------------------------------------------------------------------- train_data_parallel
+def train_data_parallel(rows: list[dict], path: Path) -> None:
+    """samples/s per worker count for each model and XLA threading, comm fraction on each bar
+    (the first row of each configuration, as the tables in docs/collective.md)."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    import numpy as np
+
+    first: dict[tuple, dict] = {}
+    for r in rows:
+        first.setdefault((r["model"], bool(r.get("single_thread")), r["n"]), r)
+    models = list(dict.fromkeys(m for m, _, _ in first))
+    counts = sorted({n for _, _, n in first})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        x = np.arange(len(counts))
+        for i, (single, label, colour) in enumerate(((False, "XLA default threads", OURS),
+                                                     (True, "one XLA thread per worker", OURS_ALT))):
+            got = [first.get((model, single, n)) for n in counts]
+            bars = ax.bar(x + (i - 0.5) * 0.38, [g["samples_per_s"] if g else np.nan for g in got], 0.38,
+                          label=label, color=colour)
+            _label_bars(ax, bars, fmt=lambda v: f"{v:,.0f}")
+            for b, g in zip(bars, got):
+                if g and g["n"] > 1:
+                    ax.annotate(f"comm {g['comm_fraction']:.0%}", (b.get_x() + b.get_width() / 2, b.get_height() / 2),
+                                ha="center", fontsize=7, rotation=90, color="white")
+        ax.set_xticks(x, [f"{n} worker{'s' if n > 1 else ''}" for n in counts])
+        ax.set_ylabel("samples/s (higher is better)")
+        ax.set_title(model, fontsize=10)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Data-parallel training throughput over ZeroMQ (global batch fixed)", fontsize=10)
+    _save(plt, fig, path)
+
+
 def load_json(path: str) -> Any:
     import json
 

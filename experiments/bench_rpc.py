@@ -225,7 +225,13 @@ def main() -> None:
     parser.add_argument("--throughput-n", type=int, default=20000)
     parser.add_argument("--arrays", type=int, default=20)
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    parser.add_argument("--plot", metavar="PNG", help="bar chart of the rows (default: the --json path with .png)")
+    parser.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
     args = parser.parse_args()
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        return _plot.bench_rpc(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
 
     tmp = tempfile.mkdtemp(prefix="dmlsys-bench-")
     rows: list[dict] = []
@@ -252,6 +258,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.bench_rpc(rows, out)
 
 
 if __name__ == "__main__":

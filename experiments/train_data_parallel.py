@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="collective timeout in the workers, seconds")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the usual places)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    parser.add_argument("--plot", metavar="PNG", help="bar chart of samples/s (default: the --json path with .png)")
+    parser.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
     # worker mode: how the driver starts each worker process
     parser.add_argument("--serve-worker", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--bind", help=argparse.SUPPRESS)
@@ -231,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_worker:
         asyncio.run(serve_worker(args.serve_worker, args.bind, args.store, json.loads(args.worker_config)))
         return 0
+    import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
+
+    if args.from_json:
+        _plot.train_data_parallel(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        return 0
     rows = asyncio.run(drive(args))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if out := _plot.plot_path(args.plot, args.json):
+        _plot.train_data_parallel(rows, out)
     return 0
 
 
