@@ -6,7 +6,7 @@ import socket
 import time
 
 
-from tests.cluster.conftest import alive, wait_for
+from tests.cluster.helpers import alive, wait_for
 
 ECHO_SPEC = """
 [cluster]

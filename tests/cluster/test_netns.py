@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.cluster.conftest import ROOT, alive, wait_for
+from tests.cluster.helpers import ROOT, alive, wait_for
 
 SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
 

@@ -5,51 +5,30 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from dmlsys.cluster.spec import free_port
+from tests.cluster.helpers import Cli
 from tests.serving.helpers import body, make_store
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    import socket
+class Cluster(Cli):
+    """The cluster CLI in ``cwd``, with a free port for the front door."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
     def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DMLSYS_LOG": "WARNING"}
+        super().__init__(cwd)
+        self.env["DMLSYS_LOG"] = "WARNING"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "dmlsys.cluster", *args], cwd=self.cwd, env=self.env,
-                           capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
-        return r
-
     def state(self) -> dict:
         return json.loads((self.cwd / ".dmlsys" / "state.json").read_text())
-
-    def pids(self) -> list[int]:
-        try:
-            st = self.state()
-        except (OSError, ValueError):
-            return []
-        return [st["supervisor"]["pid"], *(n["pid"] for n in st["nodes"] if n.get("pid"))]
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +59,12 @@ version = 1
 """)
     seen: set[int] = set()
     try:
-        c.cli("up", "--detach", "spec.toml", timeout=180)
+        c("up", "--detach", "spec.toml", timeout=180)
         seen.update(c.pids())
         yield c
     finally:
         seen.update(c.pids())
-        c.cli("down", check=False, timeout=90)
+        c("down", check=False, timeout=90)
         for pid in seen:  # whatever down missed is still ours to stop
             try:
                 os.kill(pid, signal.SIGKILL)
