@@ -120,10 +120,13 @@ async def allgather(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray)
     nxt = group.members[(r + 1) % n]
     m = flat.size
     step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
-    out = np.empty(n * m, flat.dtype)
+    out = group._pool.take(n * m, flat.dtype)
     out[r * m:(r + 1) * m] = flat
+    src = group._pool.take(m, flat.dtype)  # our chunks leave zero-copy: not from the result
+    src[:] = flat
     for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
-        group._send(nxt, seq, 0, ci, sig, out[r * m + a:r * m + b].copy())
+        group._send(nxt, seq, 0, ci, sig, src[a:b])
+    del src
     for j in range(n - 1):
         _, got = schedule.allgather_step(r, n, j)
         for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
@@ -142,11 +145,15 @@ async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray,
     if r == root:
         # Chunks leave zero-copy and may still be queued when we return, so they go from a
         # private copy: neither the caller's buffer nor the result we hand back.
-        src = flat.copy()
+        src = group._pool.take(flat.size, flat.dtype)
+        src[:] = flat
         for ci, (a, b) in enumerate(pieces):
             group._send(group.members[nxt], seq, 0, ci, sig, src[a:b])
-        return flat.copy()
-    out = np.empty_like(flat)
+        del src
+        out = group._pool.take(flat.size, flat.dtype)
+        out[:] = flat
+        return out
+    out = group._pool.take(flat.size, flat.dtype)
     for ci, (a, b) in enumerate(pieces):
         data = await group._recv(seq, 0, ci, sig, b - a, flat.dtype)
         out[a:b] = data
