@@ -97,21 +97,23 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
                 ufunc(data, flat[a:b], out=data)
             else:  # a transport that hands out read-only bytes (the simulated network)
                 data = ufunc(data, flat[a:b])
+            # Forward before copying out: the copy only reads the frame, so the next rank's
+            # work starts a copy's time sooner at every hop of the ring.
             if k < n - 2:
                 group._send(nxt, seq, k + 1, ci, sig, data)
             else:
-                out[a:b] = data  # segment r is final
-                if gather:  # all-gather step 0 sends it
+                if gather:  # segment r is final: all-gather step 0 sends it
                     group._send(nxt, seq, n - 1, ci, sig, data)
+                out[a:b] = data
     if not gather:
         return out
     for j in range(n - 1):
         _, got = schedule.allgather_step(r, n, j)
         for ci, (a, b) in enumerate(schedule.chunks(*segs[got], step)):
             data = await group._recv(seq, n - 1 + j, ci, sig, b - a, flat.dtype)
-            out[a:b] = data
             if j < n - 2:
                 group._send(nxt, seq, n + j, ci, sig, data)  # forward the received frame as is
+            out[a:b] = data
     return out
 
 
@@ -131,9 +133,9 @@ async def allgather(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray)
         _, got = schedule.allgather_step(r, n, j)
         for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
             data = await group._recv(seq, j, ci, sig, b - a, flat.dtype)
-            out[got * m + a:got * m + b] = data
             if j < n - 2:
                 group._send(nxt, seq, j + 1, ci, sig, data)
+            out[got * m + a:got * m + b] = data
     return out
 
 
@@ -156,7 +158,7 @@ async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray,
     out = group._pool.take(flat.size, flat.dtype)
     for ci, (a, b) in enumerate(pieces):
         data = await group._recv(seq, 0, ci, sig, b - a, flat.dtype)
-        out[a:b] = data
         if nxt != root:
             group._send(group.members[nxt], seq, 0, ci, sig, data)
+        out[a:b] = data
     return out
