@@ -70,6 +70,19 @@ class CollectiveService(Service):
         self._early: dict[str, list[tuple[dict, str]]] = {}
         self._early_bytes = 0
 
+    async def start(self, node) -> None:
+        await super().start(node)
+        node.on_peer_lost(self._peer_lost)
+
+    def _peer_lost(self, peer: str, reason: str) -> None:
+        """The supervisor saw ``peer``'s process exit: a pass it takes part in cannot finish, so
+        it fails now, naming that rank, rather than at the group's timeout."""
+        for group in list(self.groups.values()):
+            seq = group._current[0]
+            if peer in group.members and peer != self.node.name and seq >= 0:
+                rank = group.members.index(peer)
+                group._fail(seq, CollectiveError(f"{group._who()}: rank {rank} ({peer}) {reason}", missing=[rank]))
+
     def register(self, group: "ProcessGroup") -> None:
         if group.name in self.groups:
             raise ValueError(f"node {self.node.name!r} already has a process group named {group.name!r}")

@@ -79,7 +79,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = time.perf_counter
         self.directory = directory or Directory()
-        self._peer_lost_watchers: list[Callable[[str], None]] = []
+        self._peer_lost_watchers: list[Callable[[str, str], None]] = []
         transport.set_receiver(self._on_frames)
         self.add_service(NodeService())
 
@@ -220,12 +220,12 @@ class Node:
         log.info("node %s: peer %s %s; %d waiting call(s) failed over", self.name, peer, reason, failed)
         for callback in list(self._peer_lost_watchers):
             try:
-                callback(peer)
+                callback(peer, reason)
             except Exception:
                 log.exception("peer-lost watcher %r failed", callback)
 
-    def on_peer_lost(self, callback: Callable[[str], None]) -> None:
-        """``callback(peer)`` whenever a peer is reported gone (see ``peer_lost``)."""
+    def on_peer_lost(self, callback: Callable[[str, str], None]) -> None:
+        """``callback(peer, reason)`` whenever a peer is reported gone (see ``peer_lost``)."""
         self._peer_lost_watchers.append(callback)
 
     async def wait_stopped(self) -> None:

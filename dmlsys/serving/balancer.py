@@ -110,7 +110,7 @@ class Balancer:
         self.set_members(members)
         asyncio.get_running_loop().create_task(self.probe_all())  # newcomers get a chance at once
 
-    def _on_peer_lost(self, name: str) -> None:
+    def _on_peer_lost(self, name: str, reason: str) -> None:
         # Its in-flight tries have just failed over (Node.peer_lost); send it nothing new
         # until a probe finds its next incarnation ready.
         for pool in self.pools.values():

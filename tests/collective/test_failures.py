@@ -133,3 +133,43 @@ def test_closing_a_group_fails_its_pass_in_progress_at_once_and_later_calls_too(
     assert isinstance(first, CollectiveError) and "closed" in str(first), first
     assert isinstance(later, CollectiveError) and "closed" in str(later), later
     assert elapsed < 1.0
+
+
+def test_a_rank_the_supervisor_reports_dead_fails_the_pass_at_once_naming_it():
+    """With a supervisor in the cluster, a rank's death is news at once (node.peer_lost): the
+    survivors raise naming it well before the group's timeout."""
+    from dmlsys.collective import CollectiveService, ProcessGroup
+    from dmlsys.node import Directory, Node
+    from dmlsys.wire import sim
+    from dmlsys.wire.sim import SimNetwork
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        net = SimNetwork(3)
+        names = ["w0", "w1", "w2"]
+        nodes = [Node(n, net.transport(n), admin=None, directory=Directory(supervisor="supervisor")) for n in names]
+        sup = Node("supervisor", net.transport("supervisor"), admin=None)
+        for node in nodes:
+            node.add_service(CollectiveService())
+            await node.start()
+        await sup.start()
+        try:
+            groups = [ProcessGroup(node, names, timeout=TIMEOUT) for node in nodes]
+            t0 = loop.time()
+            waiting = [asyncio.ensure_future(g.allreduce(np.ones(1000))) for g in groups[:2]]  # w2 is dead
+            await asyncio.sleep(0.5)
+            net.crash("w2")
+            nodes[2].kill()
+            for name in names[:2]:
+                sup.send(name, "node", "peer_lost", {"name": "w2", "reason": "exited with code -9"})
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+            return results, loop.time() - t0
+        finally:
+            for node in [*nodes, sup]:
+                await node.stop(drain_timeout=0.1)
+
+    results, elapsed = sim.run(main())
+    assert elapsed < 2.0, elapsed
+    for r in results:
+        assert isinstance(r, CollectiveError) and r.missing == [2], r
+        assert "rank 2 (w2) exited with code -9" in str(r) or "aborted by" in str(r), str(r)

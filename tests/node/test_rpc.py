@@ -145,7 +145,7 @@ def test_the_supervisors_peer_lost_fails_calls_waiting_on_that_peer_at_once(net)
         a = await net.node("a", directory=Directory(supervisor="supervisor"))
         sup = await net.node("supervisor")
         heard: list[str] = []
-        a.on_peer_lost(heard.append)
+        a.on_peer_lost(lambda peer, reason: heard.append(peer))
         to_b = asyncio.ensure_future(a.call("b", "echo", "slow", {"s": 60}, timeout=30))
         to_c = asyncio.ensure_future(a.call("c", "echo", "slow", {"s": 0.5, "tag": "c"}, timeout=30))
         await eventually(lambda: b.service("echo").started)
