@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -55,10 +56,11 @@ def _tune_malloc() -> None:
     64 MiB ring allreduce, faulting in libzmq's receive buffers and zeroing fresh pages took
     more CPU than copying the data. These are the values glibc's own adaptive thresholds move to
     once a process has freed one 32 MiB block (mmap above 32 MiB, trim above twice that); we
-    set them from the start. Elsewhere than glibc this does nothing.
+    set them from the start. Elsewhere than glibc this does nothing; ``DMLSYS_MALLOC_TUNE=0``
+    leaves malloc alone (for a host process that tunes it itself).
     """
     global _malloc_tuned
-    if _malloc_tuned or not sys.platform.startswith("linux"):
+    if _malloc_tuned or not sys.platform.startswith("linux") or os.environ.get("DMLSYS_MALLOC_TUNE") == "0":
         return
     _malloc_tuned = True
     try:
