@@ -112,6 +112,10 @@ def add_pipeline_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--serve", choices=("nodes", "local"), default="nodes",
                     help="nodes: replica + gateway nodes on ZeroMQ (default); local: in-process fallback")
     ap.add_argument("--replicas", type=_positive, default=1, help="replica nodes per served model (default 1)")
+    ap.add_argument("--trainer", choices=("threads", "workers"), default="threads",
+                    help="threads: each model trains in a thread of this process (default); workers: the "
+                         "collective trainer, data-parallel over --workers worker nodes per model")
+    ap.add_argument("--workers", type=_positive, default=2, help="with --trainer workers: ranks per model (default 2)")
     ap.add_argument("--hp", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="change one model's hyperparameter or arch field, e.g. cnn.lr=0.002 or "
                          "mlp_small.hidden=[64] (repeatable); models: mlp_small, mlp_wide, cnn")
@@ -131,7 +135,8 @@ def pipeline_config(args: argparse.Namespace):  # -> PipelineConfig
     return PipelineConfig(models=apply_overrides(DEFAULT_MODELS, args.hp), limit=args.limit, test_limit=test_limit,
                           epochs=args.epochs, top=args.top, data_dir=args.data_dir, store=args.store,
                           cache_root=args.cache_root, concurrency=args.concurrency, serve=args.serve,
-                          replicas=args.replicas, progress=args.progress)
+                          replicas=args.replicas, progress=args.progress, trainer=args.trainer,
+                          workers=args.workers)
 
 
 def pipeline_command(args: argparse.Namespace) -> int:

@@ -91,6 +91,8 @@ class PipelineConfig:
     concurrency: int = 4  # steps at once: 3 trainings + serve
     serve: str = "nodes"  # "nodes": replica + gateway nodes on ZeroMQ; "local": in-process fallback
     replicas: int = 1  # replica nodes per served model
+    trainer: str = "threads"  # "threads": in this process; "workers": the collective trainer on worker nodes
+    workers: int = 2  # with trainer="workers": data-parallel ranks per model
     model_prefix: str = "pipeline-"  # store name of a model: prefix + spec name
     progress: bool | None = None  # live table; None: when stdout is a terminal
 
@@ -115,6 +117,9 @@ class PipelineConfig:
             raise PipelineError("epochs, concurrency and replicas must be >= 1")
         if self.serve not in FLEETS:
             raise PipelineError(f"serve={self.serve!r}; use one of {sorted(FLEETS)}")
+        if self.trainer not in ("threads", "workers") or self.workers < 1:
+            raise PipelineError(f"trainer={self.trainer!r} (use 'threads' or 'workers') with workers >= 1, "
+                                f"got workers={self.workers}")
 
     def normalized_models(self) -> list[dict[str, Any]]:
         """Each model as ``{"name", "arch", "hyperparams"}`` with every field filled in, so that
@@ -179,9 +184,10 @@ def _probe_data(params: Mapping[str, Any]) -> Any:
 class _Steps:
     """The step functions, bound to one run's store path and serving fleet."""
 
-    def __init__(self, config: PipelineConfig, fleet: Any) -> None:
+    def __init__(self, config: PipelineConfig, fleet: Any, workers: "WorkerGroups | None" = None) -> None:
         self.config = config
         self.fleet = fleet
+        self.workers = workers
         self.t0 = time.perf_counter()
         self.timeline: list[dict[str, Any]] = []
         self._published: dict[tuple[str, str], int] = {}  # (model, params_sha) -> version republished
@@ -206,6 +212,26 @@ class _Steps:
                 "test_accuracy": float(res.test_accuracy), "test_loss": float(res.card["test_loss"]),
                 "train_seconds": time.perf_counter() - t, "params_sha": res.card["params_sha"],
                 "arch": arch, "hyperparams": hyperparams, "data_fingerprint": ds.fingerprint, "params": res.params}
+
+    async def train_on_workers(self, data: Mapping[str, Any], name: str, arch: dict,
+                               hyperparams: dict) -> dict[str, Any]:
+        """``train``, data-parallel on this model's worker nodes (ring allreduce between them).
+        The workers read the same files with the same limits; the fingerprint proves it."""
+        from dmlsys.train.store import ModelStore
+
+        assert self.workers is not None
+        t = time.perf_counter()
+        model = self.config.model_prefix + name
+        r = await self.workers.train(name, model=model, arch=arch, hyperparams=hyperparams,
+                                     limit=self.config.limit, test_limit=self.config.test_limit)
+        if r["data_fingerprint"] != data["fingerprint"]:
+            raise PipelineError(f"train_{name}: the workers read other data ({r['data_fingerprint']}) than ingest "
+                                f"({data['fingerprint']}): is {data['source']} the same on every worker?")
+        params, card = await asyncio.to_thread(ModelStore(self.config.store).load, model, r["version"])
+        return {"name": name, "model": model, "version": r["version"], "test_accuracy": float(r["test_accuracy"]),
+                "test_loss": float(r["test_loss"]), "train_seconds": time.perf_counter() - t,
+                "params_sha": card["params_sha"], "arch": arch, "hyperparams": hyperparams,
+                "data_fingerprint": r["data_fingerprint"], "params": params, "workers": r["workers"]}
 
     def _publish(self, r: Mapping[str, Any]) -> int:
         """The store version holding ``r``'s params: its own, or a new one if the store lost it."""
@@ -286,9 +312,11 @@ def build_workflow(config: PipelineConfig, steps: _Steps, data_dir: str) -> Work
                 params={"data_dir": data_dir, "limit": config.limit, "test_limit": config.test_limit},
                 version=INGEST_VERSION, cache=DEFAULT + Probe(_probe_data, "data files")))
     trains = []
+    train = steps.train if config.trainer == "threads" else steps.train_on_workers
     for m in config.normalized_models():
         trains.append(f"train_{m['name']}")
-        wf.add(Step(trains[-1], steps.train, {"data": "ingest"}, params=m, version=TRAIN_VERSION, cache=DEFAULT))
+        version = TRAIN_VERSION if config.trainer == "threads" else f"{TRAIN_VERSION}-workers"
+        wf.add(Step(trains[-1], train, {"data": "ingest"}, params=m, version=version, cache=DEFAULT))
     wf.add(Step("select", steps.select, {"trained": AsCompleted(*trains, k=1)}, params={"top": config.top},
                 inline=True))
     wf.add(Step("serve", steps.serve, {"selected": Latest("select")}))
@@ -335,6 +363,56 @@ class PipelineResult:
         return t
 
 
+class WorkerGroups:
+    """``trainer="workers"``: for each model, ``size`` worker nodes in this process (the cluster's
+    ``worker`` role: collective + train services) on real ZeroMQ sockets, and a client node
+    that runs their jobs with ``train_on_workers``: the three trainings run at once, each
+    data-parallel over its own group. (All ranks share this process's CPU: it shows the
+    collective trainer at work, not a speed-up; on 2 cores the threads trainer is faster.)"""
+
+    def __init__(self, store: str, data_dir: str, size: int) -> None:
+        self.store, self.data_dir, self.size = str(store), data_dir, size
+        self.client: Any = None
+        self.groups: dict[str, list[str]] = {}
+        self.nodes: list[Any] = []
+
+    async def start(self, models: Sequence[str]) -> None:
+        from dmlsys.collective.group import CollectiveService
+        from dmlsys.collective.roles import TrainingService, worker_config
+        from dmlsys.node import Node
+        from dmlsys.wire.zmq_transport import ZmqTransport
+
+        def node(name: str) -> Any:
+            return Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"), role="worker")
+
+        self.client = node("pipeline-trainer")
+        self.nodes.append(self.client)
+        config = worker_config({"data_dir": self.data_dir}, self.store)
+        for model in models:
+            names = self.groups[model] = [f"worker-{model}-{i}" for i in range(self.size)]
+            for name in names:
+                w = node(name)
+                w.add_service(CollectiveService())
+                w.add_service(TrainingService(config))
+                self.nodes.append(w)
+        for n in self.nodes:
+            await n.start()
+        for a in self.nodes:
+            for b in self.nodes:
+                if a is not b:
+                    a.transport.add_peer(b.name, b.transport.address)
+
+    async def train(self, model_spec: str, **job: Any) -> dict[str, Any]:
+        from dmlsys.collective.job import train_on_workers
+
+        return await train_on_workers(self.client, self.groups[model_spec], **job)
+
+    async def stop(self) -> None:
+        for n in reversed(self.nodes):
+            await n.stop(drain_timeout=5.0)
+        self.nodes.clear()
+
+
 def _arch_text(arch: Mapping[str, Any]) -> str:
     """``mlp(512,256)``, ``cnn(16,32;dense=64)``: one short cell."""
     if arch["kind"] == "mlp":
@@ -351,18 +429,23 @@ async def run_pipeline_async(config: PipelineConfig = PipelineConfig()) -> Pipel
     config.validate()
     data_dir = str(Path(config.data_dir).expanduser() if config.data_dir else find_data_dir())
     fleet = FLEETS[config.serve](config.store, replicas=config.replicas)
-    steps = _Steps(config, fleet)
+    workers = WorkerGroups(config.store, data_dir, config.workers) if config.trainer == "workers" else None
+    steps = _Steps(config, fleet, workers)
     wf = build_workflow(config, steps, data_dir)
     t = time.perf_counter()
     with MemoStore(config.cache_root) as memo:
         await fleet.start()
         try:
+            if workers is not None:
+                await workers.start([m.name for m in config.models])
             steps.t0 = time.perf_counter()
             # "continue": a model that fails to train does not cancel the others; they are served
             # (the async edge needs one success) and cached, and WorkflowFailed comes at the end.
             result = await Scheduler(RunConfig(concurrency=config.concurrency, on_failure=CONTINUE,
                                                progress=config.progress), store=memo).run(wf)
         finally:
+            if workers is not None:
+                await workers.stop()
             await fleet.stop()
     wall = time.perf_counter() - t
     served_versions = {s["name"]: s["version"] for s in result["serve"]["serving"]}  # republished ones differ

@@ -179,3 +179,21 @@ def test_cli_options_build_the_config():
     assert (c.limit, c.test_limit, c.epochs, c.serve) == (2000, 500, 1, "local")
     assert dict(c.models[2].hyperparams)["lr"] == 0.01
     assert pipeline_config(ap.parse_args([])).limit is None
+
+
+def test_the_collective_trainer_trains_each_model_data_parallel_on_its_worker_nodes(runs, tmp_path):
+    """trainer="workers": each model on its own group of 2 worker nodes (ring allreduce over
+    ZeroMQ); the store's cards say so, and the models are served and ensembled as usual."""
+    from dmlsys.train.store import ModelStore
+
+    cold = runs["config"]
+    config = dataclasses.replace(cold, models=MODELS[:2], top=1, trainer="workers", workers=2, serve="local",
+                                 store=str(tmp_path / "models"), cache_root=str(tmp_path / "cache"))
+    r = run_pipeline(config)
+    assert r.ran() == ["ingest", "train_mlp_a", "train_mlp_b", "select", "serve", "aggregate"]
+    store = ModelStore(config.store)
+    for name in ("mlp_a", "mlp_b"):
+        card = store.card(f"pipeline-{name}", r.models[name]["version"])
+        assert card["world_size"] == 2
+        assert 0.1 < r.models[name]["test_accuracy"] <= 1
+    assert [s["name"] for s in r.serving] == select_top({n: m for n, m in r.models.items()}, 1)
