@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--change", default="mlp_small.lr=0.003", help="the override of run 3 (MODEL.KEY=VALUE)")
     p.add_argument("--serve", choices=("nodes", "local"), default="nodes", help="serving fleet (default nodes)")
     p.add_argument("--concurrency", type=int, default=4, help="steps at once (default 4)")
+    p.add_argument("--trainer", choices=("threads", "workers"), default="threads",
+                   help="threads (default) or the collective trainer on worker nodes (--workers per model)")
+    p.add_argument("--workers", type=int, default=2, help="with --trainer workers: ranks per model (default 2)")
     p.add_argument("--workdir", help="keep cache and store here (default: a temporary directory, removed)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live table of the steps (default: when stdout is a terminal)")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.workdir or tmp)
         base = PipelineConfig(limit=args.limit, test_limit=args.test_limit or min(10_000, max(1, args.limit // 4)),
                               epochs=args.epochs, store=str(work / "models"), cache_root=str(work / "cache"),
-                              concurrency=args.concurrency, serve=args.serve, progress=args.progress)
+                              concurrency=args.concurrency, serve=args.serve, progress=args.progress,
+                              trainer=args.trainer, workers=args.workers)
         if args.workdir and (work / "cache").exists():
             console.print(f"[yellow]{work / 'cache'} exists: the 'cold' run will not be cold[/]")
         changed = dataclasses.replace(base, models=apply_overrides(DEFAULT_MODELS, [args.change]))
