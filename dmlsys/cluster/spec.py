@@ -214,16 +214,23 @@ def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True, ipc_di
     return Member(name, node.role, zmq, admin, node.host, dict(node.config))
 
 
+_handed_out: set[int] = set()  # ports this process picked: never picked twice
+
+
 def free_port(host: str = "127.0.0.1", rng: random.Random = random.SystemRandom()) -> int:
     """A port that can be bound on ``host`` now, below the kernel's ephemeral range.
 
     The node binds it a moment later. A port from the ephemeral range could be taken in
     between by any outgoing connection on the machine (a load generator's, a proxy's); below it
-    only another explicit bind can race us, and the node's bind failure names the port."""
+    only another explicit bind can race us, and the node's bind failure names the port. A port
+    is never handed out twice by one process, so the members of one cluster never collide."""
     low = _ephemeral_low()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(64):
         port = rng.randrange(max(1024, low // 2), low)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
         with socket.socket(family) as s:
             try:
                 s.bind((host, port))

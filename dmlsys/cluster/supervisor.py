@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dmlsys.cluster.nodeproc import EXIT_BIND
 from dmlsys.cluster.roles import ResolvedCluster
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, port_in_use, resolve_member
 from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
@@ -56,6 +57,7 @@ class Proc:
     started_at: float = 0.0
     stopping: bool = False
     waiter: asyncio.Task | None = None
+    rebinds: int = 0  # starts retried on new ports after a picked one was taken first
 
     def row(self) -> dict[str, Any]:
         return {
@@ -215,6 +217,20 @@ class Supervisor:
             raise ClusterError(f"supervisor: {e} (set cluster.supervisor in {self.spec.path})") from None
         self.node = node
 
+    def _repick_ports(self, proc: Proc) -> bool:
+        """A port picked for ``proc`` was taken by someone else before the node could bind it
+        (picking and binding are a moment apart): pick new ones, if the spec let us pick."""
+        spec = self.spec.node_spec(proc.group or proc.member.name)
+        if not (spec.zmq_auto or spec.zmq.endswith(":0") or (spec.admin or "").endswith(":0")):
+            return False  # the spec named the ports: the error says which to change
+        old = proc.member
+        proc.member = resolve_member(spec, old.name, ipc_dir=self.ipc_dir)
+        log.warning("node %s could not bind %s / %s (taken since they were picked); starting it on %s / %s",
+                    old.name, old.zmq, old.admin, proc.member.zmq, proc.member.admin)
+        if self.node is not None:
+            self.node.directory.update(p.member for p in self.procs.values())
+        return True
+
     async def _spawn(self, proc: Proc) -> None:
         _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
         logfile = open(self.log_dir / f"{proc.member.name}.log", "ab")
@@ -238,6 +254,10 @@ class Supervisor:
         pending = list(procs)
         while pending:
             for proc in list(pending):
+                if proc.process.returncode == EXIT_BIND and proc.rebinds < 3 and self._repick_ports(proc):
+                    proc.rebinds += 1
+                    await self._spawn(proc)
+                    continue
                 if proc.process.returncode is not None:
                     raise ClusterError(f"node {proc.member.name!r} exited with code {proc.process.returncode} while "
                                        f"starting:\n{self.log_tail(proc.member.name)}")

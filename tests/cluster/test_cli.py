@@ -120,3 +120,49 @@ def test_foreground_up_stops_cleanly_on_sigterm(cli):
     assert proc.returncode == 0, out
     assert "cluster stopped" in out
     assert not any(alive(p) for p in pids)
+
+
+def test_a_node_whose_picked_port_is_taken_before_it_binds_starts_on_new_ports(tmp_path, monkeypatch):
+    """Ports are picked by the supervisor and bound by the node a moment later; if something
+    takes one in between, the node exits with 'cannot bind' and the supervisor starts it again
+    on new ports instead of failing `up`."""
+    import asyncio
+    import socket
+
+    from dmlsys.cluster import supervisor as sup_mod
+    from dmlsys.cluster.spec import parse, resolve_member
+
+    monkeypatch.chdir(tmp_path)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    calls: list[str] = []
+
+    def first_pick_is_taken(node, name, **kw):
+        member = resolve_member(node, name, **kw)
+        calls.append(name)
+        if len(calls) == 1:
+            member = sup_mod.Member(member.name, member.role, member.zmq, f"127.0.0.1:{taken}", member.host,
+                                    member.config)
+        return member
+
+    monkeypatch.setattr(sup_mod, "resolve_member", first_pick_is_taken)
+    monkeypatch.setattr(sup_mod.Supervisor, "_check_ports", lambda self: None)  # the race comes after it
+    spec = parse({"cluster": {"name": "rebind"}, "nodes": [{"name": "solo", "role": "echo"}]}, "spec.toml")
+
+    async def main():
+        sup = sup_mod.Supervisor(spec, tmp_path / ".dmlsys")
+        try:
+            await sup.up()
+            proc = sup.procs["solo"]
+            return proc.state, proc.rebinds, proc.member.admin
+        finally:
+            await sup.down()
+
+    try:
+        state, rebinds, admin = asyncio.run(main())
+    finally:
+        blocker.close()
+    assert state == "ready" and rebinds == 1 and admin != f"127.0.0.1:{taken}"
+    assert calls == ["solo", "solo"]
