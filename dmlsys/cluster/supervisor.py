@@ -307,6 +307,8 @@ class Supervisor:
         self._tell_peer_lost(proc.member.name, f"exited with code {code}")
         await asyncio.sleep(delay)
         if self.state == "ready" and not proc.stopping:
+            if code == EXIT_BIND:  # its port was taken while it was down
+                self._repick_ports(proc)
             await self._spawn(proc)
 
     def _tell_peer_lost(self, name: str, reason: str) -> None:
