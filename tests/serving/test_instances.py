@@ -10,10 +10,21 @@ from hypothesis import given, settings, strategies as st
 from dmlsys.serving.errors import BadInput
 from dmlsys.serving.instances import instances_array, parse, parse_many
 
-pixel = st.one_of(st.integers(-1000, 1000), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
-                  st.floats(0, 1).map(lambda v: round(v, 4)))
-image = st.one_of(st.lists(pixel, min_size=784, max_size=784),
-                  st.lists(st.lists(pixel, min_size=28, max_size=28), min_size=28, max_size=28))
+
+def _image(seed: int, nested: bool, kind: str) -> list:
+    """784 pixel values drawn with numpy from a seed (a whole image per example is more entropy
+    than hypothesis likes to draw value by value): ints, wide floats, 4-decimal pixels or a mix."""
+    rng = np.random.default_rng(seed)
+    ints = rng.integers(-1000, 1000, 784).tolist()
+    wide = (rng.standard_normal(784) * 10.0 ** rng.integers(-6, 7, 784)).tolist()
+    pixels = np.round(rng.random(784), 4).tolist()
+    values = {"int": ints, "float": wide, "pixel": pixels,
+              "mixed": [(ints, wide, pixels)[k][i] for i, k in enumerate(rng.integers(0, 3, 784))]}[kind]
+    return [values[r * 28:(r + 1) * 28] for r in range(28)] if nested else values
+
+
+image = st.builds(_image, st.integers(0, 2**32 - 1), st.booleans(),
+                  st.sampled_from(["int", "float", "pixel", "mixed"]))
 
 
 @settings(max_examples=40, deadline=None)
