@@ -296,7 +296,7 @@ class ProcessGroup:
         mine = flat.tobytes()
         for j in range(n):
             if j != r:
-                self._send_to(j, seq, 0, r, sig, None, b=mine)
+                self._send(j, seq, 0, r, sig, None, b=mine)
         parts = [flat] * n
         for j in range(n):
             if j != r:
@@ -314,10 +314,7 @@ class ProcessGroup:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def _send(self, peer: str, seq: int, step: int, ci: int, sig: str, data: np.ndarray) -> None:
-        self._send_to(self.members.index(peer), seq, step, ci, sig, data)
-
-    def _send_to(self, rank: int, seq: int, step: int, ci: int, sig: str, data: np.ndarray | None,
+    def _send(self, rank: int, seq: int, step: int, ci: int, sig: str, data: np.ndarray | None,
                  **extra: Any) -> None:
         peer = self.members[rank]
         body = {"g": self.name, "q": seq, "t": step, "c": ci, "sig": sig, "d": data}

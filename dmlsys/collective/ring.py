@@ -71,7 +71,7 @@ class BufferPool:
 
 async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
     n, r = group.size, group.rank
-    nxt = group.members[(r + 1) % n]
+    nxt = (r + 1) % n
     segs = schedule.segments(flat.size, n)
     step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
     out = group._pool.take(flat.size, flat.dtype)
@@ -119,7 +119,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
 
 async def allgather(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray) -> np.ndarray:
     n, r = group.size, group.rank
-    nxt = group.members[(r + 1) % n]
+    nxt = (r + 1) % n
     m = flat.size
     step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
     out = group._pool.take(n * m, flat.dtype)
@@ -150,7 +150,7 @@ async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray,
         src = group._pool.take(flat.size, flat.dtype)
         src[:] = flat
         for ci, (a, b) in enumerate(pieces):
-            group._send(group.members[nxt], seq, 0, ci, sig, src[a:b])
+            group._send(nxt, seq, 0, ci, sig, src[a:b])
         del src
         out = group._pool.take(flat.size, flat.dtype)
         out[:] = flat
@@ -159,6 +159,6 @@ async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray,
     for ci, (a, b) in enumerate(pieces):
         data = await group._recv(seq, 0, ci, sig, b - a, flat.dtype)
         if nxt != root:
-            group._send(group.members[nxt], seq, 0, ci, sig, data)
+            group._send(nxt, seq, 0, ci, sig, data)
         out[a:b] = data
     return out

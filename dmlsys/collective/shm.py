@@ -149,7 +149,7 @@ class ShmState:
 
 
 async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.ndarray) -> np.ndarray:
-    """One allreduce pass over shared memory (see the module docstring); the group's ``_send_to``
+    """One allreduce pass over shared memory (see the module docstring); the group's ``_send``
     and ``_recv_body`` carry the two notices, with their signature and deadline checks.
 
     ``flat`` is only read, and never after we return: the caller may reuse it at once."""
@@ -170,7 +170,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
     out = np.empty_like(flat)
     for j in range(n):
         if j != r:
-            group._send_to(j, seq, 0, r, sig, None, shm=own.name, cap=own.capacity)
+            group._send(j, seq, 0, r, sig, None, shm=own.name, cap=own.capacity)
     inputs: list[np.ndarray] = [mine] * n
     for j in range(n):
         if j == r:
@@ -195,7 +195,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
         mine[a:b] = acc  # published for the peers' copy-out
     for j in range(n):
         if j != r:
-            group._send_to(j, seq, 1, r, sig, None)
+            group._send(j, seq, 1, r, sig, None)
     for j in range(n):
         if j != r:
             await group._recv_body(seq, 1, j, sig, src=j)
