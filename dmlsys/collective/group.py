@@ -351,8 +351,8 @@ class ProcessGroup:
         body = await self._recv_body(seq, step, ci, sig, src)
         data = body["d"]
         if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
-            who = self.members[(self.rank - 1) % self.size if src is None else src]
-            raise CollectiveError(f"{self._who()}: malformed chunk from {who}: expected {length} x {dtype}")
+            raise CollectiveError(f"{self._who()}: malformed chunk from {self.members[self._rank_of(body)]}: "
+                                  f"expected {length} x {dtype}")
         return data
 
     def _disagreement(self, theirs: str, ours: str, src: int) -> CollectiveError:
