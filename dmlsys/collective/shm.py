@@ -61,8 +61,19 @@ def same_host(own: str, peers: dict[str, str], members: list[str]) -> bool:
                for a in addresses)
 
 
-class Segment:
-    """This rank's file in /dev/shm: two regions of ``capacity`` bytes, mapped read-write."""
+class _Regions:
+    """A mapped segment: two regions of ``capacity`` bytes, used by alternate passes."""
+
+    capacity: int
+    bytes: np.ndarray
+
+    def region(self, parity: int, dtype: np.dtype, count: int) -> np.ndarray:
+        start = parity * self.capacity
+        return self.bytes[start:start + count * dtype.itemsize].view(dtype)
+
+
+class Segment(_Regions):
+    """This rank's file in /dev/shm, mapped read-write."""
 
     def __init__(self, tag: str, capacity: int) -> None:
         self.capacity = -(-capacity // _ALIGN) * _ALIGN
@@ -81,10 +92,6 @@ class Segment:
         self.bytes = np.frombuffer(self._map, np.uint8)
         self.linked = True
 
-    def region(self, parity: int, dtype: np.dtype, count: int) -> np.ndarray:
-        start = parity * self.capacity
-        return self.bytes[start:start + count * dtype.itemsize].view(dtype)
-
     def unlink(self) -> None:
         """Drop the name; the memory lives on while anyone maps it."""
         if self.linked:
@@ -95,7 +102,7 @@ class Segment:
                 pass
 
 
-class PeerSegment:
+class PeerSegment(_Regions):
     """A peer's segment, mapped read-only from its name."""
 
     def __init__(self, name: str, capacity: int) -> None:
@@ -111,10 +118,6 @@ class PeerSegment:
         self.name = name
         self.capacity = capacity
         self.bytes = np.frombuffer(self._map, np.uint8)
-
-    def region(self, parity: int, dtype: np.dtype, count: int) -> np.ndarray:
-        start = parity * self.capacity
-        return self.bytes[start:start + count * dtype.itemsize].view(dtype)
 
 
 class ShmState:
