@@ -149,7 +149,7 @@ class ProcessGroup:
         self.direct_bytes = direct_bytes
         self._use_shm = shm
         self._shm = shm_mod.ShmState(f"{node.name}-{name}")
-        self._pool = ring.BufferPool()  # the ring's results and private send copies, reused
+        self._pool = ring.BufferPool()  # results and private send copies of large passes, reused
         self.ops = 0  # completed collective passes, for status
         self._service: CollectiveService = service  # type: ignore[assignment]
         self._seq = 0  # the next pass's sequence number; every rank counts the same
@@ -307,9 +307,7 @@ class ProcessGroup:
                                           f"{flat.nbytes} bytes of {flat.dtype}")
                 parts[j] = np.frombuffer(data, flat.dtype)
         acc = np.empty_like(flat)
-        ufunc(parts[0], parts[1], out=acc)
-        for j in range(2, n):
-            ufunc(acc, parts[j], out=acc)
+        schedule.fold_in_rank_order(ufunc, parts, acc)
         return acc
 
     # -- messages ---------------------------------------------------------------------------

@@ -55,3 +55,12 @@ def allgather_step(rank: int, n: int, k: int) -> tuple[int, int]:
 def neighbours(rank: int, n: int) -> tuple[int, int]:
     """(previous, next) rank on the ring."""
     return (rank - 1) % n, (rank + 1) % n
+
+
+def fold_in_rank_order(ufunc, parts: list, out) -> None:
+    """``out = ((parts[0] op parts[1]) op parts[2]) ...``: the one order of operations every
+    rank uses when it folds N ranks' values itself (the direct and shared-memory paths), so the
+    same inputs give the same bits on every rank. Needs two parts or more."""
+    ufunc(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        ufunc(out, part, out=out)

@@ -170,7 +170,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
     # Peers read every segment of our input but ours (r): that one we fold from flat itself.
     mine[:a] = flat[:a]
     mine[b:] = flat[b:]
-    out = np.empty_like(flat)
+    out = group._pool.take(flat.size, dtype)  # no fresh pages to fault in for every pass
     for j in range(n):
         if j != r:
             group._send(j, seq, 0, r, sig, None, shm=own.name, cap=own.capacity)
@@ -191,10 +191,7 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
         # Segment r, folded in rank order ((x0 op x1) op x2) ..., into the output; x_r is read
         # from the caller's buffer, so it never needed copying into our segment.
         acc = out[a:b]
-        part = [flat[a:b] if j == r else inputs[j][a:b] for j in range(n)]
-        ufunc(part[0], part[1], out=acc)
-        for j in range(2, n):
-            ufunc(acc, part[j], out=acc)
+        schedule.fold_in_rank_order(ufunc, [flat[a:b] if j == r else inputs[j][a:b] for j in range(n)], acc)
         mine[a:b] = acc  # published for the peers' copy-out
     for j in range(n):
         if j != r:
