@@ -295,7 +295,7 @@ async def train_with_progress(doc: dict, model: str) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dmlsys.node import NodeError
+    from dmlsys.collective.job import follow_progress
 
     workers = [n for n in doc["nodes"] if n["role"] == "worker" and pid_alive(n.get("pid"))]
     async with client_node({"supervisor": doc["supervisor"]["zmq"], **{n["name"]: n["zmq"] for n in workers}}) as node:
@@ -306,21 +306,22 @@ async def train_with_progress(doc: dict, model: str) -> dict:
                    TextColumn("epochs {task.fields[stats]}"), TimeElapsedColumn())
         with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
             task = bar.add_task("train", total=None, stats="")
-            done = 0
-            while not job.done():
-                try:
-                    reply = await node.call(workers[0]["name"], "train", "progress", {"job": None, "since": done},
-                                            timeout=2.0)
-                except NodeError:
-                    reply = {}
-                for epoch in reply.get("epochs", []) if reply.get("model") == model else []:
-                    done += 1
-                    bar.update(task, total=reply.get("epochs_total"), completed=done,
-                               stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
-                await asyncio.wait([job], timeout=1.0)
+
+            async def show() -> None:
+                async for reply, epoch in follow_progress(node, workers[0]["name"], None, every=1.0):
+                    if reply.get("model") == model:
+                        bar.update(task, total=reply.get("epochs_total"), completed=epoch["epoch"],
+                                   stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
+
+            shower = asyncio.ensure_future(show())
+            try:
+                await asyncio.wait([job])
+            finally:
+                shower.cancel()
             if not job.exception():  # the last epochs may have ended after our last look
-                bar.update(task, completed=bar.tasks[0].total or done,
-                           stats=f"test accuracy {job.result()['test_accuracy']:.4f}")
+                done = job.result()
+                bar.update(task, total=done["epochs"], completed=done["epochs"],
+                           stats=f"test accuracy {done['test_accuracy']:.4f}")
         return job.result()
 
 

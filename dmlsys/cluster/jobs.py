@@ -126,7 +126,7 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
         result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams, on_epoch)
     log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
     return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
-            "workers": workers}
+            "epochs": len(result["history"]), "workers": workers}
 
 
 def _log_epoch(model: str, epoch: dict[str, Any], hyperparams: dict[str, Any]) -> None:
@@ -143,4 +143,4 @@ def train_in_process(store: Path, model: str, arch: dict[str, Any], hyperparams:
 
     result = train_model(arch, Hyperparams(**hyperparams), store=ModelStore(store), model_name=model,
                          progress=False, on_epoch=on_epoch)
-    return {"version": result.version, "test_accuracy": result.test_accuracy}
+    return {"version": result.version, "test_accuracy": result.test_accuracy, "history": result.history}

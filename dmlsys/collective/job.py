@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from dmlsys.node import Node, NodeError, RemoteError
 
@@ -88,10 +88,17 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
     async def start(worker: str) -> dict[str, Any]:
         return await node.call(worker, SERVICE, "run", body, timeout=timeout)
 
+    reported = 0  # epochs passed to on_epoch
+
+    async def watch(on_epoch: Callable[[dict[str, Any]], None]) -> None:
+        nonlocal reported
+        async for _, epoch in follow_progress(node, workers[0], job, every=poll_every):
+            reported += 1
+            on_epoch(epoch)
+
     tasks = {asyncio.ensure_future(start(w)): w for w in workers}
     failures: list[tuple[str, BaseException]] = []
-    reported = [0]  # epochs passed to on_epoch
-    watcher = asyncio.ensure_future(_watch(node, workers[0], job, on_epoch, poll_every, reported)) if on_epoch else None
+    watcher = asyncio.ensure_future(watch(on_epoch)) if on_epoch else None
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failures = [(tasks[t], t.exception()) for t in done if t.exception() is not None]
@@ -114,24 +121,27 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
     results = {tasks[t]: t.result() for t in tasks}
     result = dict(results[workers[0]])
     if on_epoch is not None:
-        for epoch in result.get("history", [])[reported[0]:]:
+        for epoch in result.get("history", [])[reported:]:
             on_epoch(epoch)
     result.update(job=job, workers=list(workers))
     return result
 
 
-async def _watch(node: Node, worker: str, job: str, on_epoch: Callable[[dict[str, Any]], None],
-                 every: float, reported: list[int]) -> None:
-    """Pass rank 0's newly finished epochs to ``on_epoch`` every ``every`` seconds."""
+async def follow_progress(node: Node, worker: str, job: str | None, *,
+                          every: float = 2.0) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(reply, epoch)`` for each epoch of ``job`` (None: whichever job runs) that ``worker``
+    (rank 0) finishes, in order, asking its ``train.progress`` every ``every`` seconds; the reply
+    also names the job's ``model`` and ``epochs_total``. Endless: cancel it when the job ends."""
+    since = 0
     while True:
-        await asyncio.sleep(every)
         try:
-            reply = await node.call(worker, SERVICE, "progress", {"job": job, "since": reported[0]}, timeout=every)
+            reply = await node.call(worker, SERVICE, "progress", {"job": job, "since": since}, timeout=every)
         except NodeError:
-            continue  # a failing worker is the run's business, not the watcher's
+            reply = None  # a failing worker is the run's business, not the follower's
         for epoch in reply.get("epochs", []) if isinstance(reply, dict) else []:
-            reported[0] += 1
-            on_epoch(epoch)
+            since += 1
+            yield reply, epoch
+        await asyncio.sleep(every)
 
 
 def _cancel_everywhere(node: Node, job: str, workers: list[str], reason: str) -> None:
