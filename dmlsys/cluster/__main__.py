@@ -329,8 +329,7 @@ def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
     doc = read_state(state_dir)
     gateways = [n for n in (doc or {}).get("nodes", []) if n["role"] == "gateway" and pid_alive(n.get("pid"))]
     if not gateways:
-        print(f"error: no running gateway in the cluster of {state_dir}", file=sys.stderr)
-        return 1
+        raise CliError(f"no running gateway in the cluster of {state_dir}")
     from dmlsys.node import NodeError, RemoteError
 
     gateway = gateways[0]
@@ -338,11 +337,9 @@ def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
         result = asyncio.run(ask(gateway["name"], gateway["zmq"], "serving", "rollout",
                                  {"model": args.model, "version": args.version}, timeout=600.0))
     except RemoteError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 1
+        raise CliError(e.message) from None
     except NodeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(str(e)) from None
     print(json.dumps(result, indent=2))
     return 0
 
