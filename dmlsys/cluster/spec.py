@@ -192,7 +192,7 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
 MAX_IPC_PATH = 100
 
 
-def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True, ipc_dir: str | Path | None = None) -> Member:
+def resolve_member(node: NodeSpec, name: str, *, ipc_dir: str | Path | None = None) -> Member:
     """Fix a member's addresses: ``:0`` becomes a free port now, so peers can be told in advance.
 
     With ``ipc_dir`` (single-host clusters), a node whose spec leaves ``zmq`` out binds
@@ -202,13 +202,13 @@ def resolve_member(node: NodeSpec, name: str, *, pick_ports: bool = True, ipc_di
     zmq = node.zmq
     if node.zmq_auto and ipc_dir is not None and len(f"{Path(ipc_dir).resolve()}/{name}") <= MAX_IPC_PATH:
         zmq = f"ipc://{Path(ipc_dir).resolve()}/{name}"
-    elif zmq.endswith(":0") and pick_ports:
+    elif zmq.endswith(":0"):
         host = zmq[len("tcp://"):].rsplit(":", 1)[0]
         zmq = f"tcp://{host}:{free_port(host)}"
     elif zmq.startswith("ipc://") and node.replicas is not None:
         zmq = f"{zmq}.{name}"
     admin = node.admin
-    if admin is not None and admin.endswith(":0") and pick_ports:
+    if admin is not None and admin.endswith(":0"):
         host = admin.rsplit(":", 1)[0]
         admin = f"{host}:{free_port(host)}"
     return Member(name, node.role, zmq, admin, node.host, dict(node.config))

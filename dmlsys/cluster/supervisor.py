@@ -172,17 +172,14 @@ class Supervisor:
             # Phase "serving" waits for phase "base" so that e.g. a model can be trained first.
             base = [p for p in self.procs.values() if p.member.role != "replica" and self._local(p.member)]
             serving = [p for p in self.procs.values() if p.member.role == "replica" and self._local(p.member)]
-            for phase, procs in (("base", base), ("serving", serving)):
+            # "ready" starts nothing: its hook checks that what runs is wired up.
+            for phase, procs in (("base", base), ("serving", serving), ("ready", [])):
                 if self._before_phase is not None:
                     result = self._before_phase(self, phase)
                     if asyncio.iscoroutine(result):
                         await result
                 await asyncio.gather(*(self._spawn(p) for p in procs))
                 await self._wait_ready(procs)
-            if self._before_phase is not None:  # the last hook: everything runs, is it wired up?
-                result = self._before_phase(self, "ready")
-                if asyncio.iscoroutine(result):
-                    await result
             self.state = "ready"
             self.write_state()
         except BaseException as e:
