@@ -44,7 +44,7 @@ def build_node(cluster: ResolvedCluster, name: str, state_dir: Path) -> Node:
         admin = (host, int(port))
     supervisor = Member("supervisor", "supervisor", cluster.supervisor)
     directory = Directory([supervisor, *cluster.members], supervisor="supervisor")
-    node = Node(name, ZmqTransport(name, member.zmq), role=member.role, admin=admin, directory=directory)
+    node = Node(name, ZmqTransport(name, member.address), role=member.role, admin=admin, directory=directory)
     ctx = RoleContext(name, member.role, dict(member.config), Path(cluster.store), state_dir, cluster)
     try:
         services = factory(member.role)(ctx)

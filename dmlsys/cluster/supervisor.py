@@ -63,7 +63,7 @@ class Proc:
         return {
             "name": self.member.name, "role": self.member.role,
             "pid": self.process.pid if self.process and self.process.returncode is None else None,
-            "zmq": self.member.zmq, "admin": f"http://{self.member.admin}" if self.member.admin else None,
+            "zmq": self.member.address, "admin": f"http://{self.member.admin}" if self.member.admin else None,
             "state": self.state, "restarts": self.restarts, "host": self.member.host,
             "model": self.member.config.get("model"),
         }
@@ -194,7 +194,7 @@ class Supervisor:
     def _check_ports(self) -> None:
         for proc in self.procs.values():
             m = proc.member
-            for kind, address in (("zmq", m.zmq), ("admin", m.admin)):
+            for kind, address in (("zmq", m.address), ("admin", m.admin)):
                 if self._local(m) and address and port_in_use(address):
                     raise ClusterError(f"node {m.name!r}: {kind} port {address} is already in use "
                                        f"(change nodes.{proc.group or m.name}.{kind} in {self.spec.path})")
@@ -223,7 +223,7 @@ class Supervisor:
         old = proc.member
         proc.member = resolve_member(spec, old.name, ipc_dir=self.ipc_dir)
         log.warning("node %s could not bind %s / %s (taken since they were picked); starting it on %s / %s",
-                    old.name, old.zmq, old.admin, proc.member.zmq, proc.member.admin)
+                    old.name, old.address, old.admin, proc.member.address, proc.member.admin)
         if self.node is not None:
             self.node.directory.update(p.member for p in self.procs.values())
         return True
@@ -244,7 +244,7 @@ class Supervisor:
         proc.stopping = False
         self._set(proc, "starting")
         proc.waiter = asyncio.get_running_loop().create_task(self._watch(proc, proc.process))
-        log.info("started %s (%s) pid %d on %s", proc.member.name, proc.member.role, proc.process.pid, proc.member.zmq)
+        log.info("started %s (%s) pid %d on %s", proc.member.name, proc.member.role, proc.process.pid, proc.member.address)
 
     async def _wait_ready(self, procs: list[Proc]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

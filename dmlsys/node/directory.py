@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class Member:
     name: str
     role: str
-    zmq: str
+    address: str  # where its transport listens: tcp://, ipc:// (ZeroMQ) or a SimNetwork name
     admin: str | None = None
     host: str = "local"
     config: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=True)
@@ -32,7 +32,7 @@ class Member:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Member":
-        return cls(d["name"], d["role"], d["zmq"], d.get("admin"), d.get("host", "local"), dict(d.get("config") or {}))
+        return cls(d["name"], d["role"], d["address"], d.get("admin"), d.get("host", "local"), dict(d.get("config") or {}))
 
 
 class Directory:
@@ -73,7 +73,7 @@ class Directory:
             return
         for m in self._members.values():
             if m.name != self._node.name:
-                self._node.transport.add_peer(m.name, m.zmq)
+                self._node.transport.add_peer(m.name, m.address)
 
     async def start(self, node: "Node") -> None:
         self._node = node

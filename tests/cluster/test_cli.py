@@ -143,7 +143,7 @@ def test_a_node_whose_picked_port_is_taken_before_it_binds_starts_on_new_ports(t
         member = resolve_member(node, name, **kw)
         calls.append(name)
         if len(calls) == 1:
-            member = sup_mod.Member(member.name, member.role, member.zmq, f"127.0.0.1:{taken}", member.host,
+            member = sup_mod.Member(member.name, member.role, member.address, f"127.0.0.1:{taken}", member.host,
                                     member.config)
         return member
 

@@ -83,7 +83,7 @@ def test_groups_expand_to_numbered_members_with_distinct_picked_ports(groups):
     parsed = parse(data)
     members = [resolve_member(node, name) for node in parsed.nodes for name in node.member_names()]
     assert [m.name for m in members] == [f"{n}-{i}" for n, k in groups for i in range(k)]
-    ports = [m.zmq.rsplit(":", 1)[1] for m in members]
+    ports = [m.address.rsplit(":", 1)[1] for m in members]
     assert "0" not in ports and all(m.admin.startswith("127.0.0.1:") for m in members)
 
 
@@ -101,12 +101,12 @@ def test_single_host_nodes_without_zmq_get_unix_sockets_and_explicit_addresses_a
                               {"name": "g", "role": "echo", "replicas": 2}]})
     assert not parsed.multi_host
     a, b, g = parsed.nodes
-    assert resolve_member(a, "a", ipc_dir=tmp_path).zmq == f"ipc://{tmp_path.resolve()}/a"
-    assert resolve_member(g, "g-1", ipc_dir=tmp_path).zmq == f"ipc://{tmp_path.resolve()}/g-1"
-    assert resolve_member(b, "b", ipc_dir=tmp_path).zmq.startswith("tcp://127.0.0.1:")  # said so: kept
-    assert resolve_member(a, "a").zmq.startswith("tcp://127.0.0.1:")  # no ipc dir: a free port
+    assert resolve_member(a, "a", ipc_dir=tmp_path).address == f"ipc://{tmp_path.resolve()}/a"
+    assert resolve_member(g, "g-1", ipc_dir=tmp_path).address == f"ipc://{tmp_path.resolve()}/g-1"
+    assert resolve_member(b, "b", ipc_dir=tmp_path).address.startswith("tcp://127.0.0.1:")  # said so: kept
+    assert resolve_member(a, "a").address.startswith("tcp://127.0.0.1:")  # no ipc dir: a free port
     deep = tmp_path / ("d" * 120)  # past AF_UNIX's 107 bytes: a TCP port instead
-    assert resolve_member(a, "a", ipc_dir=deep).zmq.startswith("tcp://127.0.0.1:")
+    assert resolve_member(a, "a", ipc_dir=deep).address.startswith("tcp://127.0.0.1:")
 
 
 def test_multi_host_specs_are_recognised():
