@@ -356,11 +356,11 @@ async def ask(peer: str, address: str, service: str, method: str, body: Any, *, 
 @contextlib.asynccontextmanager
 async def client_node(peers: dict[str, str]):
     """A short-lived node named after this process that knows ``peers`` (name -> address)."""
-    from dmlsys.node import Node
-    from dmlsys.wire.zmq_transport import ZmqTransport
+    from dmlsys.assembly import ZmqTransports, build_node
+    from dmlsys.node import Member
 
     name = f"cli-{os.getpid()}"
-    node = Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"))
+    node = build_node(Member(name, "client", "tcp://127.0.0.1:0"), ZmqTransports())
     await node.start()
     try:
         for peer, address in peers.items():

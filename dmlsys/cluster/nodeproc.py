@@ -18,10 +18,10 @@ import signal
 import sys
 from pathlib import Path
 
-from dmlsys.cluster.roles import ResolvedCluster, RoleContext, factory
+from dmlsys.assembly import ZmqTransports, build_node as assemble
+from dmlsys.cluster.spec import ResolvedCluster
 from dmlsys.node import ConfigError, Directory, Member, Node
 from dmlsys.wire import TransportError
-from dmlsys.wire.zmq_transport import ZmqTransport
 
 log = logging.getLogger("dmlsys.node")
 
@@ -35,26 +35,17 @@ def load_resolved(state_dir: Path) -> ResolvedCluster:
 
 
 def build_node(cluster: ResolvedCluster, name: str, state_dir: Path) -> Node:
+    """This process's node: ``name``'s member of the resolved cluster, built by the assembly point."""
     member = next((m for m in cluster.members if m.name == name), None)
     if member is None:
         raise ConfigError("name", f"no member named {name!r} in {state_dir / 'resolved.json'}")
-    admin = None
-    if member.admin:
-        host, port = member.admin.rsplit(":", 1)
-        admin = (host, int(port))
     supervisor = Member("supervisor", "supervisor", cluster.supervisor)
     directory = Directory([supervisor, *cluster.members], supervisor="supervisor")
-    node = Node(name, ZmqTransport(name, member.address), role=member.role, admin=admin, directory=directory)
-    ctx = RoleContext(name, member.role, dict(member.config), Path(cluster.store), state_dir, cluster)
     try:
-        services = factory(member.role)(ctx)
+        return assemble(member, ZmqTransports(), store=cluster.store, state_dir=state_dir, http=cluster.http,
+                        directory=directory)
     except ConfigError as e:
-        raise ConfigError(f"nodes.{name}.config.{e.key}", e.expected) from None
-    except KeyError as e:
-        raise ConfigError(f"nodes.{name}.role", str(e.args[0])) from None
-    for service in services:
-        node.add_service(service)
-    return node
+        raise ConfigError(f"nodes.{name}.{e.key}", e.expected) from None
 
 
 async def serve(state_dir: Path, name: str) -> int:

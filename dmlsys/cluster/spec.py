@@ -296,3 +296,26 @@ def _zmq_address(value: str, key: str, err) -> None:
     if not value.startswith("tcp://"):
         raise err(key, f"a tcp://HOST:PORT or ipc://PATH address, got {value!r}")
     _host_port(value[len("tcp://"):], key, err)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCluster:
+    """The spec with every member's addresses fixed: what the supervisor writes to
+    ``.dmlsys/resolved.json`` for its node processes."""
+
+    name: str
+    members: tuple[Member, ...]
+    store: str  # absolute path of the model store
+    state_dir: str
+    http: str | None
+    supervisor: str  # the supervisor's address
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["members"] = [m.to_dict() for m in self.members]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ResolvedCluster":
+        return cls(d["name"], tuple(Member.from_dict(m) for m in d["members"]), d["store"], d["state_dir"],
+                   d.get("http"), d["supervisor"])

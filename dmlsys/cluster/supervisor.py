@@ -5,10 +5,11 @@ member list (``members``), the CLI asks it for ``status`` and to ``scale`` a gro
 mirrored to ``.dmlsys/state.json`` so that ``status`` and ``down`` work from another shell even
 when it is not answering.
 
-Order of shutdown: nodes in reverse start order (gateways before replicas, so that the door
-stops taking requests before the replicas behind it go), each drained by SIGTERM and killed
-only after ``stop_timeout``; the supervisor's own node last, so nodes can still reach it while
-they drain.
+Order of shutdown, the reverse of start-up's phases: first every node that is not a replica
+(gateways, workers), so the door stops taking requests before the replicas behind it go; then
+the replicas. Within a wave nodes stop in parallel, each drained by SIGTERM and killed only
+after ``STOP_TIMEOUT``; the supervisor's own node last, so nodes can still reach it while they
+drain.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dmlsys.assembly import ZmqTransports, build_node
 from dmlsys.cluster.nodeproc import EXIT_BIND
-from dmlsys.cluster.roles import ResolvedCluster
-from dmlsys.cluster.spec import ClusterSpec, NodeSpec, port_in_use, resolve_member
+from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
 from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
 from dmlsys.wire import TransportError
-from dmlsys.wire.zmq_transport import ZmqTransport
 
 log = logging.getLogger("dmlsys.supervisor")
 
@@ -205,9 +205,10 @@ class Supervisor:
             primary = address.removeprefix("tcp://").rsplit(":", 1)[0]
             if primary != self.spec.hosts[self.host]:
                 address = f"tcp://{self.spec.hosts[self.host]}:0"  # a secondary host's supervisor
-        node = Node("supervisor", ZmqTransport("supervisor", address), role="supervisor",
-                    directory=Directory([p.member for p in self.procs.values()]))
-        node.add_service(ClusterService(self))
+        node = build_node(Member("supervisor", "supervisor", address), ZmqTransports(),
+                          store=self.spec.store, state_dir=self.state_dir, http=self.spec.http,
+                          directory=Directory([p.member for p in self.procs.values()]),
+                          services=[ClusterService(self)])
         try:
             await node.start()
         except TransportError as e:
@@ -387,13 +388,12 @@ class Supervisor:
         if self.state not in ("failed",):
             self.state = "stopping"
         self.write_state()
-        # Reverse start order in two waves: serving nodes (replicas) go after the rest has
-        # stopped taking requests; within a wave, in parallel.
+        # Two waves (see the module docstring); within a wave, in parallel.
         procs = list(self.procs.values())
         front = [p for p in procs if p.member.role != "replica"]
         back = [p for p in procs if p.member.role == "replica"]
         for wave in (front, back):
-            await asyncio.gather(*(self._stop_proc(p) for p in reversed(wave)))
+            await asyncio.gather(*(self._stop_proc(p) for p in wave))
         for p in procs:
             if p.waiter is not None:
                 p.waiter.cancel()

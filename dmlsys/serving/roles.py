@@ -80,7 +80,7 @@ def build_gateway(ctx) -> list[Service]:
 
     config = dict(ctx.config)
     _unknown(config, GATEWAY_KEYS)
-    http = config.get("http") or getattr(ctx.spec, "http", None) or "127.0.0.1:8000"
+    http = config.get("http") or ctx.http or "127.0.0.1:8000"
     host, _, port = str(http).rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError("http", f"HOST:PORT, got {http!r}")

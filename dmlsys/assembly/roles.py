@@ -3,6 +3,10 @@
 A role is a factory ``build(ctx: RoleContext) -> list[Service]`` living in its subsystem's own
 package; this registry names them by "module:function" so that starting a node imports only the
 subsystem it needs (a gateway never imports JAX's trainer, a worker never imports aiohttp's door).
+
+A role and the service it hosts: the table in docs/architecture.md maps each role to its
+services (the ``worker`` role hosts ``collective`` and ``train``; ``replica`` hosts ``model``;
+``gateway`` hosts ``serving``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
-from dmlsys.node import Service, rpc
-from dmlsys.node.directory import Member
+from dmlsys.node import ConfigError, Service, rpc
 
 ROLES: dict[str, str] = {
-    "echo": "dmlsys.cluster.roles:build_echo",
+    "echo": "dmlsys.assembly.roles:build_echo",
     "worker": "dmlsys.collective.roles:build_worker",
     "replica": "dmlsys.serving.roles:build_replica",
     "gateway": "dmlsys.serving.roles:build_gateway",
@@ -25,39 +28,22 @@ ROLES: dict[str, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedCluster:
-    name: str
-    members: tuple[Member, ...]
-    store: str  # absolute path of the model store
-    state_dir: str
-    http: str | None
-    supervisor: str  # the supervisor's zmq address
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["members"] = [m.to_dict() for m in self.members]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ResolvedCluster":
-        return cls(d["name"], tuple(Member.from_dict(m) for m in d["members"]), d["store"], d["state_dir"],
-                   d.get("http"), d["supervisor"])
-
-
-@dataclasses.dataclass(frozen=True)
 class RoleContext:
+    """What a role factory is told: its node, its ``[nodes.config]``, and the cluster's places."""
+
     name: str
     role: str
     config: dict[str, Any]
-    store: Path
-    state_dir: Path
-    spec: ResolvedCluster
+    store: Path  # the model store
+    state_dir: Path  # the cluster's .dmlsys directory (logs, sockets, caches)
+    http: str | None = None  # the cluster's HTTP front door (host:port), if the spec has one
 
 
 def factory(role: str) -> Callable[[RoleContext], list[Service]]:
+    """The role's factory. Raises ConfigError naming the role and the known ones."""
     target = ROLES.get(role)
     if target is None:
-        raise KeyError(f"unknown role {role!r} (known roles: {', '.join(sorted(ROLES))})")
+        raise ConfigError("role", f"one of {', '.join(sorted(ROLES))}, got {role!r}")
     module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
 
