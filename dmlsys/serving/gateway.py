@@ -39,14 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class GatewayConfig:
-    http: str = "127.0.0.1:8000"  # HOST:PORT; port 0 picks a free one (see GatewayService.url)
+    http: str | None = "127.0.0.1:8000"  # HOST:PORT; port 0 picks a free one (GatewayService.url); None: no door
     deadline: float = 10.0  # seconds, when the request does not say
     max_body_bytes: int = 4 << 20
     max_instances: int = 64
     balancer: BalancerConfig = BalancerConfig()
 
     def __post_init__(self) -> None:
-        host, _, port = self.http.rpartition(":")
+        host, _, port = (self.http or "x:0").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"http must be HOST:PORT, got {self.http!r}")
         if self.deadline <= 0 or self.max_body_bytes < 1 or self.max_instances < 1:
@@ -79,7 +79,8 @@ class GatewayService(Service):
         await self.balancer.start()
         node.metrics.gauge("serving_http_requests", "Predict requests received by the front door", lambda: self.requests)
         node.metrics.gauge("serving_retries", "Predict tries retried on another replica", lambda: self.balancer.retries)
-        await self._start_http()
+        if self.config.http is not None:  # None: reached by RPC only (a pipeline on the simulated network)
+            await self._start_http()
 
     async def _start_http(self) -> None:
         # One byte over the limit is enough to know a body is too large; aiohttp's own check

@@ -8,13 +8,16 @@
     model = "fashion-mlp"                                            # consistent-hash
     version = 3        # optional:         probe_period = 0.5        # seconds
                        # latest if absent  max_in_flight = 64        # per replica
+    buckets = [1, 64]  # optional: batch
+                       # sizes to compile
                                            max_queue = 1024          # per model
                                            deadline = 10.0           # seconds, per request
                                            try_timeout = 2.0         # seconds, per try
                                            max_instances = 64
                                            max_body_bytes = 4194304
                                            models = ["fashion-mlp"]  # optional: serve only these
-                                           http = "127.0.0.1:8000"   # optional: else [cluster] http
+                                           http = "127.0.0.1:8000"   # optional: else [cluster] http;
+                                                                     # "off": reached by RPC only
 
 Every bad value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the file
 and node name.
@@ -28,7 +31,7 @@ from typing import Any
 from dmlsys.node import ConfigError, Service
 from dmlsys.serving.policies import POLICIES, EjectionConfig
 
-REPLICA_KEYS = {"model", "version", "max_batch", "max_instances"}
+REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "buckets"}
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "models", "consecutive_failures", "base_ejection",
                 "max_ejection"}
@@ -70,7 +73,15 @@ def build_replica(ctx) -> list[Service]:
     return [ModelService(ReplicaConfig(
         model=model, store=str(ctx.store), version=_int(config, "version", None),
         max_batch=_int(config, "max_batch", 64), max_instances=_int(config, "max_instances", 64),
+        **({"buckets": _buckets(config)} if "buckets" in config else {}),
     ))]
+
+
+def _buckets(config: dict) -> tuple[int, ...]:
+    value = config["buckets"]
+    if not isinstance(value, list) or not value or not all(isinstance(b, int) and b >= 1 for b in value):
+        raise ConfigError("buckets", f"a list of batch sizes to compile, e.g. [1, 8, 64], got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 def build_gateway(ctx) -> list[Service]:
@@ -80,10 +91,10 @@ def build_gateway(ctx) -> list[Service]:
 
     config = dict(ctx.config)
     _unknown(config, GATEWAY_KEYS)
-    http = config.get("http") or ctx.http or "127.0.0.1:8000"
+    http = config.get("http", ctx.http) or "127.0.0.1:8000"
     host, _, port = str(http).rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError("http", f"HOST:PORT, got {http!r}")
+    if http != "off" and (not host or not port.isdigit() or int(port) > 65535):
+        raise ConfigError("http", f"HOST:PORT, or \"off\" for no HTTP door, got {http!r}")
     policy = config.get("policy", "power-of-two")
     if policy not in POLICIES:
         raise ConfigError("policy", f"one of {', '.join(POLICIES)}, got {policy!r}")
@@ -103,7 +114,7 @@ def build_gateway(ctx) -> list[Service]:
                                 base_ejection=base, max_ejection=longest),
     )
     return [GatewayService(GatewayConfig(
-        http=f"{host}:{port}", deadline=_seconds(config, "deadline", 10.0),
+        http=None if http == "off" else f"{host}:{port}", deadline=_seconds(config, "deadline", 10.0),
         max_body_bytes=_int(config, "max_body_bytes", 4 << 20), max_instances=_int(config, "max_instances", 64),
         balancer=balancer,
     ))]
