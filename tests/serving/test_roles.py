@@ -1,9 +1,10 @@
 """Role factories validate [nodes.config] at the edge and name the key that is wrong."""
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 
+from dmlsys.assembly import RoleContext
 from dmlsys.node import ConfigError
 from dmlsys.serving.gateway import GatewayService
 from dmlsys.serving.replica import ModelService
@@ -11,8 +12,7 @@ from dmlsys.serving.roles import build_gateway, build_replica
 
 
 def ctx(config, http="127.0.0.1:8000"):
-    return SimpleNamespace(name="n", role="r", config=config, store="/tmp/store", state_dir="/tmp",
-                           spec=SimpleNamespace(http=http))
+    return RoleContext("n", "r", config, Path("/tmp/store"), Path("/tmp"), http)
 
 
 def test_replica_and_gateway_build_from_valid_config():
@@ -37,3 +37,13 @@ def test_bad_config_names_the_key(build, config, key):
     with pytest.raises(ConfigError) as info:
         build(ctx(config))
     assert info.value.key == key
+
+
+def test_gateway_http_off_builds_a_door_less_gateway_and_buckets_are_checked():
+    [gateway] = build_gateway(ctx({"http": "off"}))
+    assert gateway.config.http is None
+    [replica] = build_replica(ctx({"model": "m", "buckets": [64, 8, 8]}))
+    assert replica.config.buckets == (8, 64)
+    with pytest.raises(ConfigError) as e:
+        build_replica(ctx({"model": "m", "buckets": [0]}))
+    assert e.value.key == "buckets"
