@@ -24,8 +24,9 @@ Policies (one small interface, ``pick(candidates, key, rng)``; candidates are ne
   Mitzenmacher's "power of two choices": the maximum load drops from O(log n / log log n) to
   O(log log n) while looking at only two replicas, so it needs no global scan and, unlike
   least-connections, does not stampede every balancer onto the same idle replica.
-* ``ConsistentHash``: the request key hashed onto a ring of virtual nodes; the first eligible
-  replica clockwise. A replica leaving moves only its own keys. Without a key, power-of-two.
+* ``ConsistentHash``: the request key's owner on the hash ring of ``dmlsys.sharding.ring``
+  (stable xxh3_64 placement, weighted virtual nodes); past an ineligible owner, the next replica
+  along the key's walk. A replica leaving moves only its own keys. Without a key, power-of-two.
 
 Outlier ejection follows Envoy's: ``consecutive_failures`` failures in a row eject a replica
 for ``base_ejection * times_ejected`` seconds (capped at ``max_ejection``), never ejecting more
@@ -34,12 +35,11 @@ than ``max_ejected_fraction`` of the pool (at least one replica may always be ej
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import random
 from typing import Iterable, Protocol, Sequence
 
-import xxhash
+from dmlsys.sharding.ring import DEFAULT_VNODES, HashRing
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,36 +127,32 @@ class PowerOfTwo:
 
 
 class ConsistentHash:
-    """A ring of ``vnodes`` points per replica name; a key goes to the first eligible point clockwise."""
+    """The key's owner on a ``dmlsys.sharding.ring.HashRing`` of every known replica; when the
+    owner is not eligible, the next replica along the key's walk (the one that would own the key
+    were the owner gone), so a replica leaving or ejected moves only its own keys."""
 
     name = "consistent-hash"
 
-    def __init__(self, vnodes: int = 64) -> None:
+    def __init__(self, vnodes: int = DEFAULT_VNODES) -> None:
         if vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.vnodes = vnodes
-        self._names: frozenset[str] = frozenset()
-        self._points: list[int] = []
-        self._owners: list[str] = []
+        self._ring = HashRing(vnodes=vnodes)
         self._fallback = PowerOfTwo()
 
     def rebuild(self, names: Iterable[str]) -> None:
         """Place every known replica on the ring (eligible or not, so keys stay put while one is ejected)."""
-        names = frozenset(names)
-        if names == self._names:
-            return
-        ring = sorted((xxhash.xxh3_64_intdigest(f"{n}#{i}".encode()), n) for n in names for i in range(self.vnodes))
-        self._names = names
-        self._points = [p for p, _ in ring]
-        self._owners = [n for _, n in ring]
+        names = set(names)
+        known = set(self._ring.names)
+        for gone in known - names:
+            self._ring.remove(gone)
+        for new in sorted(names - known):
+            self._ring.add(new)
 
     def owner(self, key: str, eligible: set[str]) -> str | None:
-        if not self._points:
+        if not len(self._ring):
             return None
-        start = bisect.bisect_left(self._points, xxhash.xxh3_64_intdigest(key.encode()))
-        n = len(self._points)
-        for i in range(n):
-            name = self._owners[(start + i) % n]
+        for name in self._ring.walk(key):
             if name in eligible:
                 return name
         return None
@@ -165,8 +161,8 @@ class ConsistentHash:
         if key is None:
             return self._fallback.pick(candidates, key, rng)
         by_name = {r.name: r for r in candidates}
-        if not set(by_name) <= self._names:
-            self.rebuild(self._names | set(by_name))
+        if not by_name.keys() <= set(self._ring.names):
+            self.rebuild(set(self._ring.names) | set(by_name))
         return by_name[self.owner(key, set(by_name))]  # type: ignore[index]
 
 
