@@ -3,10 +3,11 @@
 from dmlsys.node.config import ConfigError
 from dmlsys.node.directory import Directory, Member
 from dmlsys.node.errors import NodeError, NodeStopped, PeerUnreachable, RemoteError, RpcTimeout
+from dmlsys.node.limits import DEFAULT_NODE_LIMITS, NodeLimits
 from dmlsys.node.node import Node, State
 from dmlsys.node.service import CallContext, Gate, Service, oneway, rpc
 
 __all__ = [
     "Node", "State", "Directory", "Member", "ConfigError", "Service", "Gate", "CallContext", "rpc", "oneway",
-    "NodeError", "NodeStopped", "PeerUnreachable", "RemoteError", "RpcTimeout",
+    "NodeError", "NodeStopped", "PeerUnreachable", "RemoteError", "RpcTimeout", "NodeLimits", "DEFAULT_NODE_LIMITS",
 ]

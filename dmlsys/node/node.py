@@ -11,7 +11,11 @@ readiness gate is closed) -> ``ready`` (every gate open) -> ``draining`` (finish
 ``/readyz`` says 503 so balancers send nothing new) -> ``stopped``.
 
 A node never dies from what a peer sends it: a message that fails to decode is counted in the
-``dmlsys_errors`` metric, logged at most once per peer per minute, and dropped.
+``dmlsys_errors`` metric, logged at most once per peer per minute, and dropped; when it was a
+request whose header still names its id, the caller gets the ``WireError`` as its reply at once.
+Nor does it take on more than ``NodeLimits`` allow: at most ``max_in_flight`` handler tasks
+(past that a request is answered ``NodeBusy``), each running no longer than its caller waits,
+or ``default_deadline_s`` when the caller did not say.
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ from typing import Any, Callable
 
 from dmlsys.node.directory import Directory
 from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError
+from dmlsys.node.limits import BUSY, DEFAULT_NODE_LIMITS, NodeLimits
 from dmlsys.node.metrics import NodeMetrics
 from dmlsys.node.pending import PendingCalls
 from dmlsys.node.service import CallContext, Gate, Handler, NodeService, Service
-from dmlsys.wire.codec import DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode
+from dmlsys.wire.codec import (
+    DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode, request_prefix,
+)
 from dmlsys.wire.transport import Route, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
 BAD_MESSAGE_LOG_PERIOD = 60.0  # seconds between log lines about one peer's bad messages
+MAX_ERROR_MESSAGE = 4096  # characters of an error's text sent back: an error reply must itself fit the wire
 
 
 class State(enum.Enum):
@@ -54,6 +62,7 @@ class Node:
         role: str = "",
         admin: tuple[str, int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        node_limits: NodeLimits = DEFAULT_NODE_LIMITS,
         directory: Directory | None = None,
     ) -> None:
         if transport.name != name:
@@ -62,6 +71,7 @@ class Node:
         self.role = role
         self.transport = transport
         self.limits = limits
+        self.node_limits = node_limits
         self.metrics = NodeMetrics(name)
         self.state = State.STARTING
         self.started_at = time.time()
@@ -242,7 +252,7 @@ class Node:
         full = f"{service}.{method}"
         # The callee learns how long we wait (clamped to what decode() accepts) to stop work nobody awaits.
         dl = timeout if 0 <= timeout <= MAX_DEADLINE else min(max(timeout, 0.0), MAX_DEADLINE)
-        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, dl))
+        frames = encode(Message(Kind.REQUEST, msg_id, full, self.name, body, dl), self.limits)
         fut = loop.create_future()
         # No asyncio.wait_for (~100 µs a round trip) and no timer per call: see PendingCalls.
         self._pending.add(loop, msg_id, fut, peer, full, timeout)
@@ -264,7 +274,7 @@ class Node:
 
     def send(self, peer: str, service: str, method: str, body: Any = None) -> None:
         """One-way message: no reply, no delivery guarantee. Raises PeerUnreachable."""
-        frames = encode(Message(Kind.ONEWAY, 0, f"{service}.{method}", self.name, body))
+        frames = encode(Message(Kind.ONEWAY, 0, f"{service}.{method}", self.name, body), self.limits)
         self._send(peer, frames)
 
     def _send(self, peer: str, frames: list) -> None:
@@ -291,7 +301,7 @@ class Node:
         try:
             msg = decode(frames, self.limits)
         except WireError as e:
-            self._bad_message(route, e)
+            self._bad_message(route, e, frames)
             return
         kind = msg.kind
         if kind is Kind.REPLY or kind is Kind.ERROR:
@@ -322,12 +332,17 @@ class Node:
             if kind is Kind.REQUEST:
                 self._reply_error(route, msg, "WrongKind", f"{msg.method} is one-way; use send(), not call()")
             return
+        if msg.deadline is None and kind is Kind.REQUEST:
+            msg.deadline = self.node_limits.default_deadline_s  # nobody's work runs forever
         if handler.wants_context:
             deadline = None if msg.deadline is None else self._loop.time() + msg.deadline
             args = (msg.body, CallContext(msg.sender, msg.method, deadline, self))
         else:
             args = (msg.body,)
         if handler.is_async:
+            if len(self._tasks) >= self.node_limits.max_in_flight:
+                self._busy(route, msg)
+                return
             task = self._loop.create_task(self._run_async(handler, args, route, msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -375,8 +390,26 @@ class Node:
         self._send_reply(route, msg, frames)
 
     def _reply_error(self, route: Route, msg: Message, type_name: str, message: str) -> None:
-        frames = encode(Message(Kind.ERROR, msg.id, msg.method, self.name, {"type": type_name, "message": message}))
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[:MAX_ERROR_MESSAGE] + f"... ({len(message)} characters in all)"
+        body = {"type": type_name[:200], "message": message}
+        try:
+            frames = encode(Message(Kind.ERROR, msg.id, msg.method, self.name, body), self.limits)
+        except WireError as e:  # only under limits too small for an error message to fit
+            self.metrics.error("reply_failed")
+            log.warning("node %s cannot answer %s from %s with %s: %s", self.name, msg.method, msg.sender, type_name, e)
+            return
         self._send_reply(route, msg, frames)
+
+    def _busy(self, route: Route, msg: Message) -> None:
+        self.metrics.error("busy")
+        limit = self.node_limits.max_in_flight
+        text = f"node {self.name} busy: {len(self._tasks)} in flight (limit {limit}, NodeLimits.max_in_flight)"
+        if msg.kind is Kind.REQUEST:
+            self._reply_error(route, msg, BUSY, text)
+        else:
+            self._log_rate_limited(msg.sender, "node %s dropped a one-way %s from %s: %s",
+                                   msg.method, msg.sender, text)
 
     def _send_reply(self, route: Route, msg: Message, frames: list) -> None:
         try:
@@ -390,14 +423,24 @@ class Node:
             return
         self._count_out(frames)
 
-    def _bad_message(self, route: Route, error: WireError) -> None:
+    def _bad_message(self, route: Route, error: WireError, frames: Any) -> None:
         self.metrics.error("bad_message")
         peer = route.decode(errors="replace") if isinstance(route, bytes) else str(route)
+        prefix = request_prefix(frames)
+        if prefix is not None:
+            # A request we cannot take (over a limit, a bad array frame) is still answered, at
+            # once: otherwise its caller learns nothing until its timeout, and counts us as dead.
+            msg_id, method, sender = prefix
+            self._reply_error(route, Message(Kind.REQUEST, msg_id, method, sender), "WireError", str(error))
+        self._log_rate_limited(peer, "node %s dropped a bad message from %s: %s", peer, error)
+
+    def _log_rate_limited(self, peer: str, fmt: str, *args: Any) -> None:
         now = time.monotonic()
+        if len(self._bad_logged) > 10_000:  # peer names come from the network: keep the table bounded
+            self._bad_logged.clear()
         if now - self._bad_logged.get(peer, -BAD_MESSAGE_LOG_PERIOD) >= BAD_MESSAGE_LOG_PERIOD:
             self._bad_logged[peer] = now
-            log.warning("node %s dropped a bad message from %s: %s (further ones logged at most once a minute)",
-                        self.name, peer, error)
+            log.warning(fmt + " (further ones logged at most once a minute)", self.name, *args)
 
     # -- introspection --------------------------------------------------------------------
 

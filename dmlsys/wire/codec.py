@@ -19,6 +19,15 @@ Untrusted bytes are data, never code: there is no pickle, object dtypes are refu
 size (header, frame count, frame bytes) is checked against ``Limits`` before it is trusted.
 Whatever goes wrong while decoding raises ``WireError``, whose message names what was wrong.
 (Nesting depth is bounded by msgpack's own unpacker stack, which raises on absurd depth.)
+Nothing a decoder builds is larger than a small multiple of the bytes it was given: dtypes of
+zero itemsize (``S0``, ``U0``, ``V0``), whose arrays would be allocated from a shape alone, are
+refused, as are the structured and subarray dtypes that ``encode`` never produces.
+
+``encode`` holds itself to the same limits, so that what one node sends another accepts: a
+header, frame count or frame over them raises ``WireError`` at the sender, at once, instead of
+vanishing at the receiver. Because ``id``, ``method`` and ``sender`` come before the body in
+the header, a receiver that refuses a request can still read them (``request_prefix``) and
+answer the caller with the error rather than leave it waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -98,19 +107,24 @@ def _packer() -> msgpack.Packer:
         return _packers.packer
 
 
-def encode(msg: Message) -> list:
+def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list:
     """Message -> frames. Array frames are memoryviews over the caller's arrays (no copy).
 
-    Raises WireError for anything msgpack cannot carry (sets, arbitrary objects, object arrays).
+    Raises WireError for anything msgpack cannot carry (sets, arbitrary objects, object arrays),
+    and for a message a receiver with ``limits`` would refuse (header bytes, frames, frame bytes).
     """
     header = [PROTOCOL_VERSION, msg.kind, msg.id, msg.method, msg.sender, msg.body]  # Kind packs as int
     if msg.deadline is not None:
         header.append(msg.deadline)
     try:
         # Fast path: a body of plain msgpack types. A Packer resets itself when it raises.
-        return [_packer().pack(header)]
+        packed = _packer().pack(header)
     except (TypeError, ValueError, OverflowError):
         pass  # arrays (or something unsendable): take the path that knows about them
+    else:
+        if len(packed) > limits.max_header_bytes:
+            raise _header_too_large(msg, len(packed), limits)
+        return [packed]
     frames: list = [b""]
 
     def default(obj: Any) -> Any:
@@ -123,6 +137,14 @@ def encode(msg: Message) -> list:
             raise WireError("object arrays cannot be sent (they would need pickle)")
         if arr.dtype.fields is not None:  # dtype.str would say only "|V<n>": the fields would be lost
             raise WireError(f"structured dtype {arr.dtype} cannot be sent; send each field as its own array")
+        if arr.dtype.itemsize == 0:  # the receiver refuses these (see _array_from_ref)
+            raise WireError(f"dtype {arr.dtype.str} has no bytes per item and cannot be sent")
+        if arr.nbytes > limits.max_frame_bytes:
+            raise WireError(f"an array of {arr.nbytes} bytes in {msg.method!r} exceeds the limit of "
+                            f"{limits.max_frame_bytes} per frame (Limits.max_frame_bytes); send it in parts")
+        if len(frames) >= limits.max_frames:
+            raise WireError(f"{msg.method!r} has more arrays than the limit of {limits.max_frames - 1} "
+                            f"(Limits.max_frames counts the header too)")
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)  # strided and Fortran-order views: one copy, in C order
         ref = msgpack.packb([arr.dtype.str, list(arr.shape), len(frames)])
@@ -136,7 +158,14 @@ def encode(msg: Message) -> list:
         raise
     except (TypeError, ValueError, OverflowError) as e:
         raise WireError(f"cannot encode body of {msg.method!r}: {e}") from e
+    if len(frames[0]) > limits.max_header_bytes:
+        raise _header_too_large(msg, len(frames[0]), limits)
     return frames
+
+
+def _header_too_large(msg: Message, size: int, limits: Limits) -> WireError:
+    return WireError(f"header of {msg.method!r} is {size} bytes, over the limit of {limits.max_header_bytes} "
+                     "(Limits.max_header_bytes): send large bytes or arrays as arrays, which travel as frames")
 
 
 _KINDS = tuple(Kind)  # indexed by the wire value: cheaper than Kind(k), which goes through EnumMeta
@@ -205,6 +234,33 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     return Message(_KINDS[kind], msg_id, method, sender, body, deadline)
 
 
+PREFIX_BYTES = 4096  # how much of a refused header request_prefix() reads
+
+
+def request_prefix(frames: Sequence) -> tuple[int, str, str] | None:
+    """``(id, method, sender)`` of a request that ``decode`` refused, where its header's first
+    bytes still say so; None for anything else (replies, one-way messages, garbage).
+
+    The header's fields come in a fixed order with the body second to last, so these three
+    are readable whatever is wrong after them: a body over the size limit, a bad array frame.
+    At most ``PREFIX_BYTES`` are read, so answering a refused message costs little whatever
+    its size. The sender is the one the message claims: reply along the route it came by.
+    """
+    try:
+        head = _as_buffer(frames[0], "header")[:PREFIX_BYTES]
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PREFIX_BYTES, strict_map_key=False)
+        unpacker.feed(head)
+        if unpacker.read_array_header() not in (6, 7):
+            return None
+        version, kind, msg_id, method, sender = (unpacker.unpack() for _ in range(5))
+    except Exception:  # short, garbage, an ext in the wrong place: there is no one to answer
+        return None
+    if (type(version) is not int or version != PROTOCOL_VERSION or type(kind) is not int or kind != Kind.REQUEST
+            or type(msg_id) is not int or type(method) is not str or type(sender) is not str):
+        return None
+    return msg_id, method, sender
+
+
 def _unpack(buf: Any, ext_hook: Any) -> Any:
     try:
         # strict_map_key=False: bodies may key maps by int; lengths are bounded by the header size.
@@ -271,6 +327,12 @@ def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> n
         raise WireError(f"array reference names an unknown dtype {dtype_str!r:.40}: {e}") from None
     if dtype.hasobject:
         raise WireError(f"object dtype {dtype_str!r} is not allowed on the wire")
+    if dtype.fields is not None or dtype.subdtype is not None:  # encode() never sends these
+        raise WireError(f"structured or subarray dtype {dtype_str!r:.60} is not allowed on the wire")
+    if dtype.itemsize == 0:
+        # np.empty(shape, "S0") allocates one byte per item: a few bytes of header naming a large
+        # shape would make a large array out of nothing.
+        raise WireError(f"dtype {dtype_str!r} has no bytes per item and is not allowed on the wire")
     if type(index) is not int or not 1 <= index <= len(data):
         raise WireError(f"array reference points at frame {index!r}, but the message has {len(data)} array frame(s)")
     if index in used:
@@ -287,7 +349,7 @@ def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> n
             f"frame {index} holds {buf.nbytes} bytes but dtype {dtype.str} shape {tuple(shape)} needs {count * dtype.itemsize}"
         )
     try:
-        if count == 0 or dtype.itemsize == 0:
+        if count == 0:
             return np.empty(shape, dtype)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
     except (ValueError, TypeError, OverflowError, MemoryError) as e:  # e.g. more dims than numpy allows

@@ -240,12 +240,15 @@ class ZmqTransport(Transport):
         receiver = self._receiver
         is_router = sock is self._router
         leading = 2 if is_router else 1
+        # One part past the frame limit is kept, so that decode() refuses the message by its
+        # frame count; the parts after it are read and dropped, never gathered in a list.
+        max_parts = leading + self._limits.max_frames
         self._draining = sock
         try:
             # Bounded batch so one busy socket cannot starve the loop.
             for i in range(256):
                 try:
-                    frames = _recv_frames(sock, leading)
+                    frames = _recv_frames(sock, leading, max_parts)
                 except zmq.Again:
                     # A failed non-blocking recv makes libzmq process every pending command, so
                     # the FD's state is exact again: it will signal the next arrival. No recheck
@@ -288,12 +291,16 @@ def _send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
         _zsend(sock, frame, _NOBLOCK if i == last else _NOBLOCK_MORE, copy=size < ZERO_COPY_MIN)
 
 
-def _recv_frames(sock: zmq.Socket, leading: int) -> list:
+def _recv_frames(sock: zmq.Socket, leading: int, max_parts: int) -> list:
     """The first ``leading`` parts (identity and header on a ROUTER, the header on a DEALER) as
-    bytes; array parts after them as zero-copy zmq.Frames."""
+    bytes; array parts after them as zero-copy zmq.Frames. At most ``max_parts`` are kept: a
+    message of a million empty frames costs a million Python objects otherwise."""
     parts: list = [_zrecv(sock, _NOBLOCK)]
     if leading == 2:  # a ROUTER prepends the identity to a message of at least one part
         parts.append(_zrecv(sock, 0))
     while _zget(sock, _RCVMORE):
+        if len(parts) >= max_parts:
+            _zrecv(sock, 0, copy=False)  # the rest of a message already refused: read, dropped
+            continue
         parts.append(_zrecv(sock, 0, copy=len(parts) < leading))
     return parts

@@ -4,14 +4,18 @@ arrive, decode() either returns a Message or raises WireError, never anything el
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dmlsys.wire.codec import ARRAY_EXT, MAX_DEADLINE, PROTOCOL_VERSION, Kind, Limits, Message, WireError, decode, encode
+from dmlsys.wire.codec import (
+    ARRAY_EXT, MAX_DEADLINE, PREFIX_BYTES, PROTOCOL_VERSION, Kind, Limits, Message, WireError, decode, encode,
+    request_prefix,
+)
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -237,6 +241,14 @@ def array_ref(dtype, shape, index) -> msgpack.ExtType:
     ([header(body=array_ref("<f4", [2.0], 1)), b"\0" * 8], "malformed array reference"),
     ([header(body=array_ref("not-a-dtype", [2], 1)), b"\0" * 8], "unknown dtype"),
     ([header(body=array_ref("<f4", [1] * 80, 1)), b"\0" * 4], "cannot be built"),
+    # Zero bytes per item: count * 0 == 0 bytes "fits" any frame, and np.empty would allocate
+    # one byte per item; this 44-byte message made a 4 MB array that the echo role sent back.
+    ([header(body=array_ref("S0", [4_000_000], 1)), b""], "no bytes per item"),
+    ([header(body=array_ref("<U0", [4_000_000], 1)), b""], "no bytes per item"),
+    ([header(body=array_ref("V0", [4_000_000], 1)), b""], "no bytes per item"),
+    # Structured and subarray dtypes: encode() refuses them, so decode() does too.
+    ([header(body=array_ref("<i4,<f4", [1], 1)), b"\0" * 8], "structured"),
+    ([header(body=array_ref("(2,)<f4", [1], 1)), b"\0" * 8], "subarray"),
     ([b"header", 5], "frame 1 is a int"),
 ])
 def test_malformed_messages_raise_wire_error_naming_the_problem(frames, match):
@@ -259,3 +271,97 @@ def test_oversized_messages_are_refused_before_parsing(limits, frames, match):
 def test_limits_must_be_positive_ints():
     with pytest.raises(ValueError, match="max_frames"):
         Limits(max_frames=0)
+
+
+# -- what decode builds is bounded by what it was given ---------------------------------------
+
+ODD_DTYPES = ["S0", "U0", "V0", "|S0", "<U0", ">U0", "S1", "U1", "V4", "<f4", "|u1", "?", "<i4,<f4", "(2,)<f4",
+              "(0,)<f4", "(1000000,)u1", "M8[s]", "<m8[ns]", "O", "|O"]
+DIMS = st.sampled_from([0, 1, 2, 3, 7, 1000, 10**6, 4_000_000, 2**31, 2**62])
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtypes=st.lists(st.sampled_from(ODD_DTYPES), min_size=1, max_size=3),
+       shapes=st.lists(st.lists(DIMS, max_size=4), min_size=3, max_size=3),
+       frame_sizes=st.lists(st.integers(0, 64), min_size=3, max_size=3))
+@example(dtypes=["S0"], shapes=[[4_000_000], [], []], frame_sizes=[0, 0, 0])
+def test_decoding_never_allocates_more_than_a_small_multiple_of_the_bytes_received(dtypes, shapes, frame_sizes):
+    refs = [array_ref(d, shape, i + 1) for i, (d, shape) in enumerate(zip(dtypes, shapes))]
+    frames = [header(body=refs)] + [b"\0" * n for n in frame_sizes[: len(refs)]]
+    received = sum(map(len, frames))
+    tracemalloc.start()
+    try:
+        decodes_or_wire_error(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The constant covers the exception and traceback objects of a refusal.
+    assert peak <= 64 * received + 32768, f"{received} bytes received, {peak} bytes allocated decoding them"
+
+
+# -- the sender holds itself to the receiver's limits ------------------------------------------
+
+
+@pytest.mark.parametrize("limits, body, match", [
+    (Limits(max_header_bytes=64), "x" * 100, "Limits.max_header_bytes"),
+    (Limits(max_header_bytes=64), {"a": np.ones(2), "b": "x" * 100}, "Limits.max_header_bytes"),
+    (Limits(max_frames=2), [np.ones(2), np.ones(2)], "Limits.max_frames"),
+    (Limits(max_frame_bytes=8), np.ones(2), "Limits.max_frame_bytes"),
+])
+def test_encode_refuses_what_a_receiver_with_the_same_limits_would_refuse(limits, body, match):
+    msg = Message(Kind.REQUEST, 1, "s.m", "a", body, 1.0)
+    with pytest.raises(WireError, match=match):
+        encode(msg, limits)
+    decode(wire(encode(msg)))  # within the default limits it is fine
+
+
+def test_encode_refuses_dtypes_without_bytes_per_item():
+    with pytest.raises(WireError, match="no bytes per item"):
+        encode(Message(Kind.REPLY, 1, "s.m", "a", np.empty(3, np.dtype("V0"))))
+
+
+SMALL_LIMITS = st.builds(Limits, max_header_bytes=st.integers(1, 400), max_frames=st.integers(1, 4),
+                         max_frame_bytes=st.integers(1, 200))
+
+
+@FAST
+@given(body=BODIES, limits=SMALL_LIMITS)
+def test_whatever_encode_accepts_under_some_limits_decode_accepts_under_the_same(body, limits):
+    """No message is accepted at the sender and refused, silently, at the receiver."""
+    try:
+        frames = encode(Message(Kind.REQUEST, 3, "s.m", "a", body, 1.0), limits)
+    except WireError:
+        return
+    assert same(decode(wire(frames), limits).body, body)
+
+
+# -- a refused request can still be answered ---------------------------------------------------
+
+
+@FAST
+@given(body=BODIES, msg_id=st.integers(0, 2**63), method=st.text(max_size=40), sender=st.text(max_size=40),
+       deadline=st.one_of(st.none(), st.floats(0, 100)))
+def test_request_prefix_reads_id_method_and_sender_whatever_follows(body, msg_id, method, sender, deadline):
+    frames = wire(encode(Message(Kind.REQUEST, msg_id, method, sender, body, deadline)))
+    assert request_prefix(frames) == (msg_id, method, sender)
+    frames[0] = frames[0][:-1]  # the last byte is the body's or the deadline's: they no longer parse
+    assert request_prefix(frames) == (msg_id, method, sender)
+
+
+def test_request_prefix_of_a_header_over_the_limit_reads_only_its_start():
+    frames = wire(encode(Message(Kind.REQUEST, 99, "svc.m", "caller", "x" * (2 << 20), 5.0), Limits(max_header_bytes=4 << 20)))
+    with pytest.raises(WireError, match="Limits.max_header_bytes"):
+        decode(frames)
+    assert len(frames[0]) > PREFIX_BYTES and request_prefix(frames) == (99, "svc.m", "caller")
+
+
+@pytest.mark.parametrize("kind", [Kind.REPLY, Kind.ERROR, Kind.ONEWAY])
+def test_request_prefix_answers_only_requests(kind):
+    assert request_prefix(wire(encode(Message(kind, 1, "s.m", "a", None)))) is None
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=64), st.lists(st.binary(max_size=64), max_size=4), st.none(), st.integers()))
+def test_request_prefix_of_anything_is_a_prefix_or_none(frames):
+    got = request_prefix(frames)
+    assert got is None or (type(got[0]) is int and type(got[1]) is str and type(got[2]) is str)
