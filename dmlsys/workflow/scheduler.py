@@ -39,7 +39,7 @@ from typing import Any, Awaitable, Callable
 
 from . import report as R
 from .dag import Plan, Workflow
-from .engine import CONTINUE, FAIL_FAST, RunState
+from .engine import CONTINUE, FAIL_FAST, Executor
 from .errors import WorkflowFailed
 from .store import MemoStore
 
@@ -97,7 +97,7 @@ class Scheduler:
         """Validate (if given a Workflow) and run. Raises InvalidWorkflow before anything runs."""
         plan = workflow.validate() if isinstance(workflow, Workflow) else workflow
         name = workflow.name if isinstance(workflow, Workflow) else "workflow"
-        state = RunState(self, plan, name)
+        state = Executor(self, plan, name)
         show = self.config.progress if self.config.progress is not None else sys.stdout.isatty()
         if show:
             from .progress import live_view
@@ -106,8 +106,7 @@ class Scheduler:
                 await state.main()
         else:
             await state.main()
-        result = RunResult({plan.steps[i].name: v for i, v in enumerate(state.results)
-                            if state.records[i].state == R.DONE}, state.report)
+        result = RunResult(state.machine.results(), state.report)
         if state.errors and self.config.raise_on_failure:
             raise WorkflowFailed(state.errors, result)
         return result
