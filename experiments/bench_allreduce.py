@@ -111,18 +111,17 @@ def _worker(rank: int, world: int, transport: str, tmpdir: str, gloo_port: int, 
 
 
 async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
+    from dmlsys.assembly import ZmqTransports, build_node
     from dmlsys.collective import CollectiveService, ProcessGroup
-    from dmlsys.node import Node
-    from dmlsys.wire.zmq_transport import ZmqTransport
+    from dmlsys.node import Member
 
     names = [f"r{i}" for i in range(world)]
     bind = f"ipc://{tmpdir}/{names[rank]}" if transport == "ipc" else "tcp://127.0.0.1:0"
-    node = Node(names[rank], ZmqTransport(names[rank], bind), admin=None)
-    node.add_service(CollectiveService())
+    node = build_node(Member(names[rank], "", bind), ZmqTransports(), services=[CollectiveService()])
     await node.start()
     conn.send(("address", node.transport.address))
-    for name, address in conn.recv().items():  # every rank's address, from the parent
-        node.transport.add_peer(name, address)
+    # every rank's address, from the parent
+    node.directory.update(Member(name, "", address) for name, address in conn.recv().items())
     kwargs = {"chunk_bytes": args["chunk_bytes"]} if args["chunk_bytes"] else {}
     if args["no_shm"]:
         kwargs["shm"] = False

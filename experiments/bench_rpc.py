@@ -52,8 +52,8 @@ def raw_server(address: str, ready) -> None:
 def dmlsys_server(address: str, ready) -> None:
     import uvloop
 
-    from dmlsys.node import Node, Service, rpc
-    from dmlsys.wire.zmq_transport import ZmqTransport
+    from dmlsys.assembly import ZmqTransports, build_node
+    from dmlsys.node import Member, Service, rpc
 
     class Bench(Service):
         name = "bench"
@@ -74,8 +74,7 @@ def dmlsys_server(address: str, ready) -> None:
     async def main() -> None:
         global done
         done = asyncio.Event()
-        node = Node("server", ZmqTransport("server", address))
-        node.add_service(Bench())
+        node = build_node(Member("server", "", address), ZmqTransports(), services=[Bench()])
         await node.start()
         ready.set()
         await done.wait()
@@ -130,13 +129,13 @@ def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -
 def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
     import uvloop
 
-    from dmlsys.node import Node
-    from dmlsys.wire.zmq_transport import ZmqTransport
+    from dmlsys.assembly import ZmqTransports, build_node
+    from dmlsys.node import Member
 
     async def main() -> dict:
-        node = Node("client", ZmqTransport("client", "tcp://127.0.0.1:0"))
+        node = build_node(Member("client", "client", "tcp://127.0.0.1:0"), ZmqTransports())
         await node.start()
-        node.transport.add_peer("server", address)
+        node.directory.update([Member("server", "", address)])
         msg = b"x" * 32
         for _ in range(100):
             await node.call("server", "bench", "echo", msg)

@@ -1,6 +1,6 @@
 """The end-to-end pipeline cold, memoized, and with one model's hyperparameters changed.
 
-Three runs of ``dmlsys.workflow.pipeline`` against one fresh memo store and model store:
+Three runs of ``dmlsys.pipeline`` against one fresh memo store and model store:
 
 1. **cold**     — empty cache: ingest, three trainings, serve, aggregate all run;
 2. **memoized** — same config: ingest and every training are cache hits; serve + aggregate run
@@ -32,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dmlsys.workflow.pipeline import DEFAULT_MODELS, PipelineConfig, apply_overrides, run_pipeline  # noqa: E402
+from dmlsys.pipeline import DEFAULT_MODELS, PipelineConfig, apply_overrides, run_pipeline  # noqa: E402
 
 
 def row(run: str, r, cold_wall: float | None) -> dict:

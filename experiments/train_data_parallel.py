@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a plain script
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from dmlsys.node import Node  # noqa: E402
-from dmlsys.wire.zmq_transport import ZmqTransport  # noqa: E402
+from dmlsys.assembly import ZmqTransports, build_node  # noqa: E402
+from dmlsys.node import Member, Node  # noqa: E402
 
 MODELS = {
     "mlp": {"kind": "mlp", "hidden": [512, 256]},
@@ -52,19 +51,12 @@ MODELS = {
 
 
 async def serve_worker(name: str, bind: str, store: str, config: dict) -> None:
-    from dmlsys.collective.roles import build_worker
-
-    ctx = types.SimpleNamespace(name=name, role="worker", config=config, store=store, state_dir=store, spec=None)
-    node = Node(name, ZmqTransport(name, bind), role="worker", admin=None)
-    for service in build_worker(ctx):
-        node.add_service(service)
+    node = build_node(Member(name, "worker", bind, config=config), ZmqTransports(), store=store, state_dir=store)
     await node.start()
     print(json.dumps({"zmq": node.transport.address}), flush=True)
     loop = asyncio.get_running_loop()
     peers = json.loads(await loop.run_in_executor(None, sys.stdin.readline))["peers"]
-    for peer, address in peers.items():
-        if peer != name:
-            node.transport.add_peer(peer, address)
+    node.directory.update(Member(peer, "worker", address) for peer, address in peers.items())
     print(json.dumps({"ready": name}), flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -105,17 +97,17 @@ class Workers:
         return f"ipc://{self.tmp}/{name}" if transport == "ipc" else "tcp://127.0.0.1:0"
 
     async def start(self) -> Node:
-        self.driver = Node("driver", ZmqTransport("driver", self.bind(self.transport, "driver")), admin=None)
+        self.driver = build_node(Member("driver", "client", self.bind(self.transport, "driver")), ZmqTransports())
         await self.driver.start()
         addresses = {"driver": self.driver.transport.address}
         for name, proc in zip(self.names, self.procs):
             addresses[name] = (await self._line(proc))["zmq"]
+        self.driver.directory.update(Member(name, "worker", address) for name, address in addresses.items())
         for proc in self.procs:
             proc.stdin.write(json.dumps({"peers": addresses}) + "\n")
             proc.stdin.flush()
         for name, proc in zip(self.names, self.procs):
             await self._line(proc)  # {"ready": name}
-            self.driver.transport.add_peer(name, addresses[name])
         return self.driver
 
     @staticmethod

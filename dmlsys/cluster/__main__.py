@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     rollout.add_argument("--version", type=int, help="model store version (default: the latest)")
 
     for name, what in PASSTHROUGH.items():
-        sub.add_parser(name, help=what, add_help=False)  # the rest of the line goes to dmlsys.workflow
+        sub.add_parser(name, help=what, add_help=False)  # the rest of the line goes to its own CLI
 
     node = sub.add_parser("node")  # what the supervisor runs per member; no help: not listed
     node.add_argument("--name", required=True)
@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command = next((i for i, a in enumerate(argv) if a in PASSTHROUGH), None)
     if command is not None and not any(a in sub.choices and a not in PASSTHROUGH for a in argv[:command]):
-        from dmlsys.workflow.cli import main as workflow_main
-
-        sys.exit(workflow_main(argv[command:]))
+        if argv[command] == "pipeline":
+            from dmlsys.pipeline.cli import main as passthrough
+        else:
+            from dmlsys.workflow.cli import main as passthrough
+        sys.exit(passthrough(argv[command + 1:] if argv[command] == "pipeline" else argv[command:]))
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir)
     if args.command == "node":

@@ -2,14 +2,15 @@
 
 Two fleets with one interface (``start``, ``ensure``, ``predict``, ``stop``):
 
-* ``NodeFleet`` — the real thing: one ``dmlsys.serving`` replica node per served model version
-  (``ModelService``: load, compile, adaptive batching) and a gateway node (``GatewayService``:
-  balancer with readiness probes, plus its HTTP front door on a free port), all on
-  ``ZmqTransport`` over ``tcp://127.0.0.1:0`` and the caller's event loop. Predictions travel
-  gateway balancer -> ZeroMQ -> replica and back, exactly as in a cluster; only the processes
-  are shared. A served model is added to the gateway's directory, and traffic reaches it once a
-  probe sees it ready; a model that drops out of the top two is removed from the directory
-  first (no new requests), then its node drains and stops.
+* ``NodeFleet`` — the real thing, built by the assembly point (``dmlsys.assembly.System``) with
+  the cluster's own roles: one ``replica`` node per served model version (load, compile,
+  adaptive batching) and a ``gateway`` node (balancer with readiness probes, plus its HTTP
+  front door on a free port), on the caller's event loop. On ZeroMQ, predictions travel gateway
+  balancer -> ZeroMQ -> replica and back, exactly as in a cluster; only the processes are
+  shared. On a ``SimNetwork`` the same nodes run on virtual time, and the gateway has no HTTP
+  door. A served model is added to every directory, and traffic reaches it once a probe sees it
+  ready; a model that drops out of the top two is taken out of the directories first (no new
+  requests), then its node drains and stops.
 * ``LocalFleet`` — the fallback: the model's ``apply`` function, jitted, called in a thread.
   Same answers, no nodes; for machines where binding sockets is not wanted.
 
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import WorkflowError
+from dmlsys.assembly import System, Transports, ZmqTransports
+from dmlsys.serving.errors import ServingError
+from dmlsys.workflow import WorkflowError
 
 log = logging.getLogger(__name__)
 
@@ -38,97 +40,73 @@ class ServeError(WorkflowError):
 
 
 class NodeFleet:
-    """Replica nodes + a gateway node, in this process, on real ZeroMQ sockets."""
+    """Replica nodes + a gateway node, in this process, built by the assembly point."""
 
-    def __init__(self, store: str, *, replicas: int = 1, ready_timeout: float = 180.0) -> None:
+    def __init__(self, store: str, *, replicas: int = 1, ready_timeout: float = 180.0,
+                 transports: Transports | None = None) -> None:
         self.store = str(store)
         self.replicas = replicas
         self.ready_timeout = ready_timeout
-        self.gateway: Any = None  # Node
-        self.service: Any = None  # GatewayService
-        self.nodes: dict[tuple[str, int], list[Any]] = {}  # (model, version) -> replica Nodes
-        self.members: dict[str, Any] = {}  # replica name -> Member
+        self.system = System(transports or ZmqTransports(), store=self.store)
+        self.service: Any = None  # the gateway's GatewayService
+        self.nodes: dict[tuple[str, int], list[str]] = {}  # (model, version) -> replica node names
 
     @property
     def url(self) -> str | None:
-        """The gateway's HTTP front door (KServe v1), while the fleet runs."""
+        """The gateway's HTTP front door (KServe v1), while the fleet runs (None on SimNetwork)."""
         return self.service.url if self.service is not None else None
 
     async def start(self) -> None:
-        from dmlsys.node import Node
-        from dmlsys.serving.balancer import BalancerConfig
-        from dmlsys.serving.gateway import GatewayConfig, GatewayService
-        from dmlsys.wire.zmq_transport import ZmqTransport
-
-        gw = Node("gateway", ZmqTransport("gateway", "tcp://127.0.0.1:0"), role="gateway")
         # Short probe period: the pipeline waits for a new replica to be seen ready, and a
         # long try timeout: a replica computes a whole CHUNK of CNN predictions per request.
-        self.service = gw.add_service(GatewayService(GatewayConfig(
-            http="127.0.0.1:0", deadline=120.0, max_instances=CHUNK,
-            balancer=BalancerConfig(probe_period=0.1, probe_timeout=2.0, try_timeout=60.0))))
-        await gw.start()
-        self.gateway = gw
+        http = "127.0.0.1:0" if self.system.transports.kind == "zmq" else "off"
+        gateway = self.system.add("gateway", "gateway", config={
+            "http": http, "deadline": 120.0, "max_instances": CHUNK, "probe_period": 0.1, "probe_timeout": 2.0,
+            "try_timeout": 60.0})
+        await self.system.start()
+        self.service = gateway.service("serving")
 
     async def ensure(self, wanted: Mapping[str, int]) -> None:
         """Serve exactly ``wanted`` (model -> version): start what is missing, wait until the
         balancer sees it ready, then retire what is no longer wanted."""
-        from dmlsys.node import Member, Node
-        from dmlsys.serving.replica import ModelService, ReplicaConfig
-        from dmlsys.wire.zmq_transport import ZmqTransport
-
         fresh: list[tuple[str, int]] = []
         for model, version in wanted.items():
             if (model, version) in self.nodes:
                 continue
-            started = []
-            try:
-                for i in range(self.replicas):
-                    name = f"replica-{model}-v{version}-{i}"
-                    node = Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"), role="replica")
-                    node.add_service(ModelService(ReplicaConfig(model, self.store, version, max_instances=CHUNK,
-                                                                buckets=(CHUNK,))))
-                    await node.start()
-                    started.append(node)
-                    self.members[name] = Member(name, "replica", node.transport.address, config={"model": model})
-            finally:
-                self.nodes[(model, version)] = started  # so that stop() finds them whatever happens
+            started = self.nodes[(model, version)] = []  # so that stop() finds them whatever happens
+            for i in range(self.replicas):
+                name = f"replica-{model}-v{version}-{i}"
+                await self.system.spawn(name, "replica", config={
+                    "model": model, "version": version, "max_instances": CHUNK, "buckets": [CHUNK]})
+                started.append(name)
             fresh.append((model, version))
-        self.gateway.directory.update(self.members.values())
         for model, version in fresh:
             await self._wait_ready(model, version)
         for key in [k for k in self.nodes if wanted.get(k[0]) != k[1]]:
-            await self._retire(key)
+            for name in self.nodes.pop(key):
+                await self.system.retire(name, drain_timeout=10.0)
 
     async def _wait_ready(self, model: str, version: int) -> None:
-        names = {n.name for n in self.nodes[(model, version)]}
-        deadline = time.monotonic() + self.ready_timeout
+        names = set(self.nodes[(model, version)])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
         while True:
             info = self.service.balancer.models().get(model, {})
             if names <= set(info.get("ready_replicas", ())):
                 return
-            for node in self.nodes[(model, version)]:
-                svc = node.service("model")
+            for name in names:
+                svc = self.system.node(name).service("model")
                 if svc.phase == "failed":
-                    raise ServeError(f"replica {node.name} cannot serve {model} v{version}: {svc.last_error}")
-            if time.monotonic() > deadline:
+                    raise ServeError(f"replica {name} cannot serve {model} v{version}: {svc.last_error}")
+            if loop.time() > deadline:
                 raise ServeError(f"{model} v{version} not ready on {sorted(names)} within {self.ready_timeout:g}s; "
                                  "the replicas are still compiling or stuck: see their logs")
             await asyncio.sleep(0.05)
-
-    async def _retire(self, key: tuple[str, int]) -> None:
-        nodes = self.nodes.pop(key)
-        for node in nodes:
-            self.members.pop(node.name, None)
-        self.gateway.directory.update(self.members.values())  # the balancer stops choosing them first
-        for node in nodes:
-            await node.stop(drain_timeout=10.0)
 
     async def predict(self, model: str, x: np.ndarray) -> tuple[np.ndarray, set[int]]:
         """Scores for ``x`` (n, 28, 28) float32, sent through the balancer in CHUNK-sized requests,
         all in flight at once (the replica batches what queues up). Returns the scores and the
         set of versions that answered."""
-        from dmlsys.serving.errors import ServingError
-
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 120.0
         flat = np.ascontiguousarray(x.reshape(len(x), -1), np.float32)
@@ -143,16 +121,16 @@ class NodeFleet:
         return np.concatenate([r["scores"] for r in replies]), {r["version"] for r in replies}
 
     def served(self) -> dict[str, list[str]]:
-        return {f"{m} v{v}": [n.name for n in nodes] for (m, v), nodes in self.nodes.items()}
+        return {f"{m} v{v}": list(names) for (m, v), names in self.nodes.items()}
 
     async def stop(self) -> None:
-        # The gateway first (no new requests), then the replicas it was sending to.
-        if self.gateway is not None:
-            await self.gateway.stop(drain_timeout=5.0)
-        for key in list(self.nodes):
-            for node in self.nodes.pop(key):
-                await node.stop(drain_timeout=5.0)
-        self.members.clear()
+        # The gateway first (no new requests), then the replicas behind it: they were spawned
+        # after the gateway, so reverse start order alone would stop them first.
+        if self.service is not None:
+            await self.system.retire("gateway", drain_timeout=5.0)
+            self.service = None
+        await self.system.stop(drain_timeout=5.0)
+        self.nodes.clear()
 
 
 class LocalFleet:

@@ -26,7 +26,8 @@
   and averages their scores: each model's accuracy, the ensemble's, and how often they agree.
 
 ``run_pipeline(PipelineConfig(...)) -> PipelineResult`` runs it (``run_pipeline_async`` inside a
-running loop). CLI: ``python -m dmlsys.workflow pipeline --help``; see docs/workflow.md.
+running loop). CLI: ``python -m dmlsys.cluster pipeline --help`` (or ``python -m dmlsys.pipeline``);
+see docs/workflow.md.
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .dag import AsCompleted, Latest, Step, Workflow
-from .errors import WorkflowError
+from dmlsys.assembly import Transports
+from dmlsys.workflow import (CONTINUE, DEFAULT, AsCompleted, Latest, MemoStore, Probe, RunConfig, RunReport, Scheduler,
+                             Step, Workflow, WorkflowError, file_stamp)
+
 from .fleet import FLEETS, ServeError
-from .policy import DEFAULT, Probe, file_stamp
-from .report import RunReport
-from .scheduler import CONTINUE, RunConfig, Scheduler
-from .store import MemoStore
+from .workers import WorkerGroups
 
 __all__ = ["ModelSpec", "PipelineConfig", "PipelineError", "PipelineResult", "DEFAULT_MODELS", "ServeError",
            "apply_overrides", "build_workflow", "run_pipeline", "run_pipeline_async", "select_top"]
@@ -363,56 +363,6 @@ class PipelineResult:
         return t
 
 
-class WorkerGroups:
-    """``trainer="workers"``: for each model, ``size`` worker nodes in this process (the cluster's
-    ``worker`` role: collective + train services) on real ZeroMQ sockets, and a client node
-    that runs their jobs with ``train_on_workers``: the three trainings run at once, each
-    data-parallel over its own group. (All ranks share this process's CPU: it shows the
-    collective trainer at work, not a speed-up; on 2 cores the threads trainer is faster.)"""
-
-    def __init__(self, store: str, data_dir: str, size: int) -> None:
-        self.store, self.data_dir, self.size = str(store), data_dir, size
-        self.client: Any = None
-        self.groups: dict[str, list[str]] = {}
-        self.nodes: list[Any] = []
-
-    async def start(self, models: Sequence[str]) -> None:
-        from dmlsys.collective.group import CollectiveService
-        from dmlsys.collective.roles import TrainingService, worker_config
-        from dmlsys.node import Node
-        from dmlsys.wire.zmq_transport import ZmqTransport
-
-        def node(name: str) -> Any:
-            return Node(name, ZmqTransport(name, "tcp://127.0.0.1:0"), role="worker")
-
-        self.client = node("pipeline-trainer")
-        self.nodes.append(self.client)
-        config = worker_config({"data_dir": self.data_dir}, self.store)
-        for model in models:
-            names = self.groups[model] = [f"worker-{model}-{i}" for i in range(self.size)]
-            for name in names:
-                w = node(name)
-                w.add_service(CollectiveService())
-                w.add_service(TrainingService(config))
-                self.nodes.append(w)
-        for n in self.nodes:
-            await n.start()
-        for a in self.nodes:
-            for b in self.nodes:
-                if a is not b:
-                    a.transport.add_peer(b.name, b.transport.address)
-
-    async def train(self, model_spec: str, **job: Any) -> dict[str, Any]:
-        from dmlsys.collective.job import train_on_workers
-
-        return await train_on_workers(self.client, self.groups[model_spec], **job)
-
-    async def stop(self) -> None:
-        for n in reversed(self.nodes):
-            await n.stop(drain_timeout=5.0)
-        self.nodes.clear()
-
-
 def _arch_text(arch: Mapping[str, Any]) -> str:
     """``mlp(512,256)``, ``cnn(16,32;dense=64)``: one short cell."""
     if arch["kind"] == "mlp":
@@ -420,16 +370,21 @@ def _arch_text(arch: Mapping[str, Any]) -> str:
     return f"cnn({','.join(map(str, arch['channels']))};dense={arch['dense']})"
 
 
-async def run_pipeline_async(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
+async def run_pipeline_async(config: PipelineConfig = PipelineConfig(), *,
+                             transports: Transports | None = None) -> PipelineResult:
     """Run the pipeline on the running loop. Raises PipelineError for a bad config, and
     ``WorkflowFailed`` (``.errors`` per step, ``.result`` partial) at the end when a step failed:
-    the other models still train, are cached and served. Nothing is left serving either way."""
+    the other models still train, are cached and served. Nothing is left serving either way.
+
+    ``transports``: where the serving fleet's and worker groups' nodes talk (default ZeroMQ on
+    loopback); ``SimTransports(net)`` under ``dmlsys.wire.sim.run`` runs them on virtual time."""
     from dmlsys.train.data import find_data_dir
 
     config.validate()
     data_dir = str(Path(config.data_dir).expanduser() if config.data_dir else find_data_dir())
-    fleet = FLEETS[config.serve](config.store, replicas=config.replicas)
-    workers = WorkerGroups(config.store, data_dir, config.workers) if config.trainer == "workers" else None
+    fleet = FLEETS[config.serve](config.store, replicas=config.replicas, transports=transports)
+    workers = (WorkerGroups(config.store, data_dir, config.workers, transports=transports)
+               if config.trainer == "workers" else None)
     steps = _Steps(config, fleet, workers)
     wf = build_workflow(config, steps, data_dir)
     t = time.perf_counter()

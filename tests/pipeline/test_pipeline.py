@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmlsys.workflow import WorkflowFailed
-from dmlsys.workflow.cli import add_pipeline_arguments, pipeline_config
-from dmlsys.workflow.pipeline import (ModelSpec, PipelineConfig, PipelineError, apply_overrides, run_pipeline,
-                                      select_top)
+from dmlsys.pipeline import (ModelSpec, PipelineConfig, PipelineError, apply_overrides, run_pipeline,
+                             select_top)
+from dmlsys.pipeline.cli import add_pipeline_arguments, pipeline_config
 
 pytestmark = pytest.mark.slow
 
