@@ -300,8 +300,8 @@ def jump_hash(h: int, buckets: int) -> int:
     b, j = -1, 0
     while j < buckets:
         b = j
-        h = (h * _JUMP_MUL + 1) & _MASK64
-        j = int((b + 1) * (float(1 << 31) / float((h >> 33) + 1)))
+        h = (h * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * (2147483648.0 / ((h >> 33) + 1)))  # (h >> 33) + 1 < 2**53: exact as a float
     return b
 
 
@@ -447,7 +447,7 @@ class BoundedLoads:
     ['a', 'b']
     """
 
-    __slots__ = ("placement", "eps", "_holder", "_held")
+    __slots__ = ("placement", "eps", "_holder", "_held", "_weights", "_total")
 
     def __init__(self, placement: Placement, eps: float = DEFAULT_EPS) -> None:
         if not (math.isfinite(eps) and eps >= 0):
@@ -456,6 +456,9 @@ class BoundedLoads:
         self.eps = eps
         self._holder: dict[Key, str] = {}
         self._held: dict[str, dict[Key, None]] = {m: {} for m in placement.names}  # insertion-ordered
+        # Membership changes go through add/remove here, so the weights can be kept at hand.
+        self._weights = {m: placement.weight(m) for m in placement.names}
+        self._total = sum(self._weights.values())
 
     def __len__(self) -> int:
         return len(self._holder)
@@ -469,30 +472,28 @@ class BoundedLoads:
 
     def cap(self, member: str, in_flight: int | None = None) -> int:
         """The most keys ``member`` may hold with ``in_flight`` keys held in all (default: now)."""
-        self.placement.weight(member)  # names the member if it is unknown
-        return self._caps(len(self._holder) if in_flight is None else in_flight)[member]
+        if member not in self._weights:
+            raise MembershipError(f"{member!r} is not a member of the placement")
+        return self._cap(member, len(self._holder) if in_flight is None else in_flight)
 
-    def _caps(self, in_flight: int) -> dict[str, int]:
-        names = self.placement.names
-        if not names:
-            raise EmptyRing("bounded loads over an empty placement: add a member first")
-        weights = {x: self.placement.weight(x) for x in names}
-        total = sum(weights.values())
+    def _cap(self, member: str, in_flight: int) -> int:
         # The small tolerance keeps ceil(2.0000000000000004) at 2; it can only lower a cap by one
         # where (1+eps)·m·w/W is within 1e-9 of an integer, and the caps still sum to >= m there.
-        return {x: max(1, math.ceil((1.0 + self.eps) * in_flight * w / total - 1e-9)) for x, w in weights.items()}
+        return max(1, math.ceil((1.0 + self.eps) * in_flight * self._weights[member] / self._total - 1e-9))
 
-    def _place(self, key: Key, caps: Mapping[str, int], avoid: str | None = None) -> str:
+    def _place(self, key: Key, in_flight: int, avoid: str | None = None) -> str:
+        if not self._weights:
+            raise EmptyRing("bounded loads over an empty placement: add a member first")
         for member in self.placement.walk(key):
-            if member != avoid and len(self._held[member]) < caps[member]:
+            if member != avoid and len(self._held[member]) < self._cap(member, in_flight):
                 return member
-        raise AssertionError(f"no member under its cap for {key!r}: caps {dict(caps)}, loads {self.loads()}")
+        raise AssertionError(f"no member under its cap for {key!r} with {in_flight} in flight: loads {self.loads()}")
 
     def assign(self, key: Key) -> str:
         """Place ``key`` on the first member along its walk that stays within its cap."""
         if key in self._holder:
             raise KeyError(f"key {key!r} is already assigned to {self._holder[key]!r}; release it first")
-        member = self._place(key, self._caps(len(self._holder) + 1))
+        member = self._place(key, len(self._holder) + 1)
         self._holder[key] = member
         self._held[member][key] = None
         return member
@@ -507,14 +508,13 @@ class BoundedLoads:
         return self._repair()
 
     def _repair(self) -> list[Move]:
-        if not self._holder:
-            return []
-        caps, moves = self._caps(len(self._holder)), []
-        for member in self.placement.names:
-            held = self._held[member]
-            while len(held) > caps[member]:
+        in_flight, moves = len(self._holder), []
+        if not in_flight:
+            return moves
+        for member, held in self._held.items():
+            while len(held) > self._cap(member, in_flight):
                 key = next(reversed(held))  # the most recent arrival leaves first
-                target = self._place(key, caps, avoid=member)
+                target = self._place(key, in_flight, avoid=member)
                 del held[key]
                 self._held[target][key] = None
                 self._holder[key] = target
@@ -525,18 +525,21 @@ class BoundedLoads:
         """A new member; keys move only if caps went down (a few, off members now over)."""
         self.placement.add(member, weight)
         self._held[member] = {}
+        self._weights[member] = self.placement.weight(member)
+        self._total = sum(self._weights.values())
         return self._repair()
 
     def remove(self, member: str) -> list[Move]:
         """Remove a member; its keys, and any off members the lower caps put over, are re-placed."""
         self.placement.remove(member)
         orphans = self._held.pop(member)
-        moves: list[Move] = []
-        if orphans and not self.placement.names:
+        del self._weights[member]
+        self._total = sum(self._weights.values())
+        if orphans and not self._weights:
             raise EmptyRing(f"removed {member!r}, the last member, while it held {len(orphans)} key(s)")
-        caps = self._caps(len(self._holder)) if self._holder else {}
+        moves: list[Move] = []
         for key in orphans:
-            target = self._place(key, caps)
+            target = self._place(key, len(self._holder))
             self._held[target][key] = None
             self._holder[key] = target
             moves.append(Move(key, member, target))
