@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dmlsys.cluster.errors import CliError, ClusterError, SpecError
+
 DEFAULT_SPEC = "cluster/local.toml"
 DEFAULT_STATE_DIR = ".dmlsys"
 PASSTHROUGH = {
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
-    from dmlsys.cluster.spec import SpecError, load
+    from dmlsys.cluster.spec import load
 
     try:
         spec = load(args.spec)
@@ -129,7 +131,7 @@ def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
 
 async def up_foreground(spec, state_dir: Path, host: str | None) -> int:
     from dmlsys.cluster.jobs import before_phase
-    from dmlsys.cluster.supervisor import ClusterError, Supervisor
+    from dmlsys.cluster.supervisor import Supervisor
 
     sup = Supervisor(spec, state_dir, host=host, before_phase=before_phase)
     loop = asyncio.get_running_loop()
@@ -374,10 +376,6 @@ async def client_node(peers: dict[str, str]):
 
 async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
     return await ask("supervisor", address, "cluster", method, body, timeout=timeout)
-
-
-class CliError(Exception):
-    """What a command could not do; ``main`` prints it as ``error: ...`` and exits 1."""
 
 
 def running_state(state_dir: Path) -> dict:

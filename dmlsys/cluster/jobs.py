@@ -21,14 +21,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dmlsys.cluster.errors import RecipeError
+
 if TYPE_CHECKING:
     from dmlsys.cluster.supervisor import Supervisor
 
 log = logging.getLogger("dmlsys.supervisor")
-
-
-class JobError(RuntimeError):
-    """A job the cluster needs before serving could not run; the message says what to fix."""
 
 
 def recipe(sup: "Supervisor", model: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -39,37 +37,39 @@ def recipe(sup: "Supervisor", model: str) -> tuple[dict[str, Any], dict[str, Any
     table = sup.spec.train.get(model)
     if not isinstance(table, dict):
         known = ", ".join(sorted(sup.spec.train)) or "none"
-        raise JobError(f"model {model!r} is not in the store at {sup.spec.store} and {sup.spec.path} has no "
+        raise RecipeError(f"model {model!r} is not in the store at {sup.spec.store} and {sup.spec.path} has no "
                        f"[cluster.train.{model}] recipe to train it (recipes: {known})")
     table = dict(table)
     arch = table.pop("arch", None)
     if not isinstance(arch, dict):
-        raise JobError(f"{where}.arch: a table such as {{ kind = \"mlp\" }}")
+        raise RecipeError(f"{where}.arch: a table such as {{ kind = \"mlp\" }}")
     fields = {f.name for f in dataclasses.fields(Hyperparams)}
     unknown = set(table) - fields
     if unknown:
-        raise JobError(f"{where}.{sorted(unknown)[0]}: unknown key (known: arch, {', '.join(sorted(fields))})")
+        raise RecipeError(f"{where}.{sorted(unknown)[0]}: unknown key (known: arch, {', '.join(sorted(fields))})")
     try:
         Hyperparams(**table)
     except Exception as e:
-        raise JobError(f"{where}: {e}") from None
+        raise RecipeError(f"{where}: {e}") from None
     return arch, table
 
 
 def missing_models(sup: "Supervisor") -> list[str]:
+    """Models a replica will serve that have no intact version in the store: none at all, or only
+    versions a power loss or a bad disk damaged (a replica could load none of them). Reads and
+    checks each model's parameters: call it in a thread."""
     from dmlsys.train.store import ModelStore
 
     store = ModelStore(Path(sup.spec.store))
     wanted = sorted({p.member.config.get("model") for p in sup.procs.values()
                      if p.member.role == "replica" and p.member.config.get("model")})
-    present = set(store.models())
-    return [m for m in wanted if m not in present]
+    return [m for m in wanted if store.intact_version(m) is None]
 
 
 async def before_phase(sup: "Supervisor", phase: str) -> None:
     """Called before each phase of ``up``: "base", "serving", then "ready" (every node is)."""
     if phase == "serving":
-        for model in missing_models(sup):
+        for model in await asyncio.to_thread(missing_models, sup):
             log.info("model %r is not in the store yet", model)
             await train(sup, model)
     elif phase == "ready":

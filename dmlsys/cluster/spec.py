@@ -31,21 +31,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from dmlsys.cluster.errors import SpecError
 from dmlsys.node.directory import Member
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train"}
 KNOWN_NODE_KEYS = {"name", "role", "host", "zmq", "admin", "replicas", "config"}
-
-
-class SpecError(ValueError):
-    """A cluster spec is wrong. The message names the file, the key and what was expected."""
-
-    def __init__(self, path: str | Path, key: str, expected: str) -> None:
-        super().__init__(f"{path}: {key}: {expected}")
-        self.path = str(path)
-        self.key = key
-        self.expected = expected
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dmlsys.assembly import ZmqTransports, build_node
+from dmlsys.cluster.errors import ClusterError
 from dmlsys.cluster.nodeproc import EXIT_BIND
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
 from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
@@ -38,10 +39,6 @@ READY_TIMEOUT = 180.0  # a replica may compile its model; a worker may load data
 PROBE_PERIOD = 0.5
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 30.0
 STOP_TIMEOUT = 30.0
-
-
-class ClusterError(RuntimeError):
-    """``up`` could not bring the cluster up; the message names the node and the reason."""
 
 
 @dataclasses.dataclass
