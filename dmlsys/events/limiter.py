@@ -312,6 +312,16 @@ class Limiter:
         held = st.in_flight if st is not None else 0
         return held < ts.per_principal and ts.in_flight < ts.total
 
+    def under_own_cap(self, tier: str, principal: str) -> bool:
+        """Whether ``principal`` is under its per-principal cap (the tier's total aside)."""
+        ts = self._state(tier)
+        st = ts.table.get(principal)
+        return (st.in_flight if st is not None else 0) < ts.per_principal
+
+    def tracked(self, tier: str, principal: str) -> bool:
+        """Whether the tier holds state for ``principal`` (False for a new or evicted one)."""
+        return principal in self._state(tier).table
+
     def in_flight(self, tier: str, principal: str | None = None) -> int:
         """Slots held by ``principal`` in ``tier``, or by the whole tier when ``principal`` is None."""
         ts = self._state(tier)
