@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import tempfile
 import threading
+import time
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -140,3 +143,85 @@ def test_default_root_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("DMLSYS_STORE")
     monkeypatch.chdir(tmp_path)
     assert ModelStore().root == tmp_path / ".dmlsys" / "models"
+
+
+# -- durability: what a power loss or a crash leaves behind ------------------------------------
+
+DAMAGE = {
+    "empty card": lambda v: (v / "card.json").write_bytes(b""),
+    "truncated card": lambda v: (v / "card.json").write_bytes((v / "card.json").read_bytes()[:20]),
+    "card not an object": lambda v: (v / "card.json").write_text("null"),
+    "empty params": lambda v: (v / "params.npz").write_bytes(b""),
+    "truncated params": lambda v: (v / "params.npz").write_bytes((v / "params.npz").read_bytes()[:100]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_the_latest_version_damaged_falls_back_to_the_newest_intact_one(tmp_path, caplog, damage):
+    store = ModelStore(tmp_path)
+    for v in (1.0, 2.0, 3.0):
+        store.save("m", params(v), {"test_accuracy": v})
+    DAMAGE[damage](tmp_path / "m" / "3")
+    with caplog.at_level("WARNING", logger="dmlsys.train"):
+        p, card = store.load("m")
+    assert card["version"] == 2 and p["dense0"]["w"][0, 0] == np.float32(2.0)
+    assert any("'m' version 3 is damaged" in r.getMessage() for r in caplog.records), caplog.text
+    assert store.intact_version("m") == 2 and store.models() == ["m"]
+    if "card" in damage:
+        assert store.card("m")["version"] == 2
+    with pytest.raises(StoreError, match="/m/3/"):  # asked for by number, the damage is the answer
+        store.load("m", 3)
+    assert store.save("m", params(4.0)) == 4, "a damaged version still holds its number"
+
+
+def test_a_model_with_no_intact_version_is_not_present(tmp_path):
+    store = ModelStore(tmp_path)
+    store.save("m", params(1.0))
+    store.save("ok", params(1.0))
+    (tmp_path / "m" / "1" / "card.json").write_bytes(b"")
+    assert store.models() == ["ok"], "up trains a model that models() does not list"
+    assert store.intact_version("m") is None and store.intact_version("nosuch") is None
+    with pytest.raises(StoreError, match="no intact version.*version 1: .*unreadable card"):
+        store.load("m")
+
+
+def test_params_failing_their_checksum_make_a_version_not_intact(tmp_path):
+    store = ModelStore(tmp_path)
+    store.save("m", params(1.0))
+    store.save("m", params(2.0))
+    other = ModelStore(tmp_path / "other")
+    other.save("m", params(9.0))
+    (tmp_path / "m" / "2" / "params.npz").write_bytes((tmp_path / "other" / "m" / "1" / "params.npz").read_bytes())
+    assert store.intact_version("m") == 1 and store.load("m")[1]["version"] == 1
+
+
+def test_save_fsyncs_both_files_the_temporary_directory_and_the_rename(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    ModelStore(tmp_path / "store").save("m", params(1.0))
+    names = [s.replace(str(tmp_path / "store"), "") for s in synced]
+    tmp = [n for n in names if n.startswith("/m/.tmp-") and n.count("/") == 2]
+    assert any(n.endswith("/params.npz") for n in names) and any(n.endswith("/card.json") for n in names)
+    assert tmp, f"the temporary directory is fsynced before its rename: {names}"
+    assert names.index(tmp[0]) < names.index("/m"), "the model directory is fsynced after the rename"
+    assert str(tmp_path) in synced, "a new store's root entry is made durable in its parent"
+
+
+def test_temporary_directories_of_crashed_saves_are_removed_by_the_next_save(tmp_path):
+    store = ModelStore(tmp_path)
+    store.save("m", params(1.0))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mdir = tmp_path / "m"
+    crashed = mdir / f".tmp-{dead.pid}-abc"  # its writer is gone
+    running = mdir / f".tmp-{os.getppid()}-def"  # its writer is alive: a save in progress
+    old_unnamed = mdir / ".tmp-0123abcd"  # from before the pid was in the name, two minutes old
+    new_unnamed = mdir / ".tmp-4567cdef"
+    for d in (crashed, running, old_unnamed, new_unnamed):
+        d.mkdir()
+        (d / "params.npz").write_bytes(b"x")
+    os.utime(old_unnamed, (time.time() - 120, time.time() - 120))
+    store.save("m", params(2.0))
+    left = sorted(p.name for p in mdir.iterdir())
+    assert left == sorted(["1", "2", running.name, new_unnamed.name])
