@@ -23,6 +23,18 @@ class BadInput(ServingError):
     status = 400
 
 
+class BodyTooLarge(ServingError):
+    """The request body is over ``max_body_bytes``; the message names the limit."""
+
+    status = 413
+
+
+class SlowClient(ServingError):
+    """The request body did not arrive within ``read_timeout`` seconds (a slow or stuck client)."""
+
+    status = 408
+
+
 class UnknownModel(ServingError):
     """No replica serves a model of this name; the message lists the models that are served."""
 
@@ -56,6 +68,14 @@ class Overloaded(ServingError):
         self.retry_after = retry_after
 
 
+class QueueFull(ServingError):
+    """Raised by a replica whose batch queue holds ``max_queue`` requests: nothing ran, so the
+    balancer tries another replica (the full one is healthy, only busy) before answering 503."""
+
+    status = 503
+    retry_after = 1.0
+
+
 class DeadlineExceeded(ServingError):
     """No replica answered within the request's deadline (retries included)."""
 
@@ -82,8 +102,11 @@ class RolloutError(ServingError):
 
 
 # Errors a replica raises that mean "this request was not processed": safe to retry elsewhere.
+# NotReady and NodeStopped also take the replica out of rotation until its next probe; QueueFull
+# and NodeBusy (the node's own task bound, dmlsys.node.limits) say only "not now, try another".
 RETRIABLE_REMOTE = {"NotReady", "NodeStopped"}
-_BY_NAME = {cls.__name__: cls for cls in (BadInput, NotReady, ModelLoadError)}
+BUSY_REMOTE = {"QueueFull", "NodeBusy"}
+_BY_NAME = {cls.__name__: cls for cls in (BadInput, NotReady, ModelLoadError, QueueFull)}
 
 
 def from_remote(type_name: str, message: str) -> ServingError | None:
