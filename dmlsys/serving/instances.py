@@ -33,12 +33,12 @@ def expected() -> str:
 def parse_many(bodies: Sequence[bytes], max_instances: int) -> list[np.ndarray | BadInput]:
     """Parse several request bodies; each entry is its float32 ``(n, 784)`` array or its error,
     so one bad body never fails the others."""
-    return [_parse(body, max_instances) for body in bodies]
+    return [parse_one(body, max_instances) for body in bodies]
 
 
 def parse(body: bytes, max_instances: int) -> np.ndarray:
     """One body -> float32 ``(n, 784)``. Raises BadInput."""
-    result = _parse(body, max_instances)
+    result = parse_one(body, max_instances)
     if isinstance(result, BadInput):
         raise result
     return result
@@ -48,7 +48,8 @@ def _too_many(n: int, limit: int) -> BadInput:
     return BadInput(f"{n} instances in one request; the limit is {limit}: split the request")
 
 
-def _parse(body: bytes, max_instances: int) -> np.ndarray | BadInput:
+def parse_one(body: bytes, max_instances: int) -> np.ndarray | BadInput:
+    """One body -> float32 ``(n, 784)``, or the BadInput that says what is wrong with it."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -18,10 +18,15 @@ cost (parsing, dispatch, one matrix product instead of many) falls, which is how
 Serving and Triton trade nothing at low load for throughput at high load. We never wait on a
 timer to fill a batch: the only wait is the one the busy model imposes anyway.
 
-Predict bodies: ``{"json": <request body bytes>, "max_instances": n}`` from the HTTP front door
-(parsed here, in the replica, so parsing scales out with replicas; the reply carries the
-ready-made JSON response as ``body``), or ``{"x": float32 array (n, 784)}`` from other nodes
-(the reply carries ``scores``).
+Predict bodies (see :mod:`dmlsys.serving.messages`): ``{"json": <request body>, "max_instances":
+n}`` from the HTTP front door (parsed here, in the replica, so parsing scales out with replicas;
+the reply carries the ready-made JSON response as ``body``), or ``{"x": float32 array (n, 784)}``
+from other nodes (the reply carries ``scores``).
+
+**Bounds.** Every field of a body is checked as it arrives (``_admit``), so a bad one fails only
+its own request, never the batch it would have joined; at most ``max_queue`` requests wait for
+the batcher, and past that a request is refused at once with ``QueueFull``, which the balancer
+answers by trying another replica.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from typing import Any, Callable
 import numpy as np
 
 from dmlsys.node import Service, State, rpc
-from dmlsys.serving import instances
-from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady
+from dmlsys.serving import instances, messages
+from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady, QueueFull, ServingError
 from dmlsys.serving.runtime import BUCKETS, Runtime
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,14 @@ class ReplicaConfig:
     store: str
     version: int | None = None  # None: the latest in the store
     max_batch: int = 64
-    max_instances: int = 64  # per request, when the caller does not say
+    max_instances: int = 64  # per request; a caller (the door) may ask for a lower limit
+    max_queue: int = 1024  # requests waiting for the batcher; past it a request is refused QueueFull
     buckets: tuple[int, ...] = BUCKETS
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_instances", "max_queue"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"ReplicaConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
 
 def default_loader(buckets=BUCKETS) -> Loader:
@@ -104,7 +115,7 @@ class ModelService(Service):
                 task.cancel()
         await asyncio.gather(*(t for t in (self._loader_task, self._worker) if t), return_exceptions=True)
         while self._queue:
-            _, _, fut = self._queue.popleft()
+            _, fut = self._queue.popleft()
             if not fut.done():
                 fut.set_exception(NotReady(f"replica {self.node.name} stopped"))
 
@@ -132,15 +143,12 @@ class ModelService(Service):
 
     @rpc
     async def predict(self, body: Any) -> dict[str, Any]:
-        if self.runtime is None or self.node.state in (State.DRAINING, State.STOPPED):
-            raise NotReady(f"replica {self.node.name} is {self.phase if self.runtime is None else 'draining'}; "
-                           "send it elsewhere")
-        if not isinstance(body, dict) or ("json" not in body and "x" not in body):
-            raise BadInput('predict takes {"json": request body bytes} or {"x": float32 array (n, 784)}')
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((body, None, fut))
+        self._check_serving()
+        entry = self._admit(body)
+        if isinstance(entry, Exception):
+            raise entry
         self._wake.set()
-        return await fut
+        return await entry
 
     @rpc
     async def predict_many(self, body: Any) -> dict[str, Any]:
@@ -153,26 +161,40 @@ class ModelService(Service):
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):
             raise BadInput('predict_many takes {"items": [predict bodies]}')
-        if self.runtime is None or self.node.state in (State.DRAINING, State.STOPPED):
-            raise NotReady(f"replica {self.node.name} is {self.phase if self.runtime is None else 'draining'}; "
-                           "send it elsewhere")
-        loop = asyncio.get_running_loop()
-        futs = []
-        for item in items:
-            fut = loop.create_future()
-            if isinstance(item, dict) and ("json" in item or "x" in item):
-                self._queue.append((item, None, fut))
-            else:
-                fut.set_exception(BadInput('each item is {"json": bytes} or {"x": array}'))
-            futs.append(fut)
+        if len(items) > messages.MAX_ITEMS:
+            raise BadInput(f"predict_many takes at most {messages.MAX_ITEMS} items (messages.MAX_ITEMS), "
+                           f"got {len(items)}: split them")
+        self._check_serving()
+        entries = [self._admit(item) for item in items]
         self._wake.set()
         results = []
-        for fut in futs:
+        for entry in entries:
             try:
-                results.append(await fut)
+                if isinstance(entry, Exception):
+                    raise entry
+                results.append(await entry)
             except Exception as e:
                 results.append({"error": type(e).__name__, "message": str(e)})
         return {"results": results}
+
+    def _check_serving(self) -> None:
+        if self.runtime is None or self.node.state in (State.DRAINING, State.STOPPED):
+            raise NotReady(f"replica {self.node.name} is {self.phase if self.runtime is None else 'draining'}; "
+                           "send it elsewhere")
+
+    def _admit(self, body: Any) -> asyncio.Future | ServingError:
+        """Check one predict body and queue it for the batcher: its future, or the error that is
+        its answer. Every field is checked here, where the request enters, so the batcher meets
+        only well-formed requests and one bad field fails only its own request."""
+        if len(self._queue) >= self.config.max_queue:
+            return QueueFull(f"replica {self.node.name}'s batch queue is full (max_queue={self.config.max_queue} "
+                             "requests wait); try another replica or later")
+        request = _request(body, self.config.max_instances)
+        if isinstance(request, ServingError):
+            return request
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((request, fut))
+        return fut
 
     @rpc
     async def reload(self, body: Any) -> dict[str, Any]:
@@ -229,63 +251,69 @@ class ModelService(Service):
                 self._run(batch)
             except Exception as e:  # a bug in one batch must not stop the replica
                 log.exception("replica %s: batch of %d failed", self.node.name, len(batch))
-                for _, _, fut in batch:
+                for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
             await asyncio.sleep(0)  # let the transport read what arrived while we computed
 
     def _run(self, batch: list) -> None:
         rt = self.runtime  # one version for the whole batch
-        live = [item for item in batch if not item[2].done()]  # callers that gave up are skipped
-        if not live:
-            return
-        json_items = [item for item in live if "json" in item[0]]
-        parsed = instances.parse_many([_as_bytes(b["json"]) for b, _, _ in json_items],
-                                      self.config.max_instances) if json_items else []
-        inputs: list[tuple[Any, np.ndarray | Exception]] = []
-        for item, x in zip(json_items, parsed):
-            limit = item[0].get("max_instances") or self.config.max_instances
-            if isinstance(x, np.ndarray) and len(x) > limit:  # the caller's limit may be the lower
-                x = BadInput(f"{len(x)} instances in one request; the limit is {limit}: split the request")
-            inputs.append((item, x))
-        for item in live:
-            if "json" not in item[0]:
-                inputs.append((item, _array_input(item[0].get("x"), self.config.max_instances)))
-        good = [(item, x) for item, x in inputs if not isinstance(x, Exception)]
-        for item, x in inputs:
-            if isinstance(x, Exception):
-                item[2].set_exception(x)
+        good: list[tuple[np.ndarray, bool, asyncio.Future]] = []
+        for (data, limit), fut in batch:
+            if fut.done():  # the caller gave up
+                continue
+            if isinstance(data, np.ndarray):
+                good.append((data, False, fut))
+                continue
+            x = instances.parse_one(data, limit)
+            if isinstance(x, BadInput):
+                fut.set_exception(x)
+            else:
+                good.append((x, True, fut))
         if not good:
             return
-        xs = np.concatenate([x for _, x in good]) if len(good) > 1 else good[0][1]
+        xs = np.concatenate([x for x, _, _ in good]) if len(good) > 1 else good[0][0]
         scores = rt.predict(xs)
         self.batches += 1
         self.requests += len(good)
         self.max_seen_batch = max(self.max_seen_batch, len(good))
         at = 0
-        for (body, _, fut), x in good:
+        for x, is_json, fut in good:
             s = scores[at:at + len(x)]
             at += len(x)
-            if "json" in body:
-                reply = {"version": rt.version, "body": instances.response_body(rt.model, rt.version, s, rt.labels)}
+            if fut.done():
+                continue
+            if is_json:
+                body = instances.response_body(rt.model, rt.version, s, rt.labels)
+                fut.set_result({"version": rt.version, "body": messages.carry(body)})
             else:
-                reply = {"version": rt.version, "scores": s}
-            if not fut.done():
-                fut.set_result(reply)
+                fut.set_result({"version": rt.version, "scores": s})
 
 
-def _as_bytes(b: Any) -> bytes:
-    if isinstance(b, (bytes, bytearray, memoryview)):
-        return bytes(b)
-    if isinstance(b, np.ndarray) and b.dtype == np.uint8:
-        return b.tobytes()
-    return b"" if b is None else str(b).encode()
+def _request(body: Any, own_limit: int) -> tuple[bytes | np.ndarray, int] | BadInput:
+    """A predict body -> ``(JSON bytes or float32 (n, 784) array, instance limit)``, or BadInput.
 
-
-def _array_input(x: Any, max_instances: int) -> np.ndarray | Exception:
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        return BadInput("\"x\" must be a float array of shape (n, 784) or (n, 28, 28)")
+    The instance limit is the caller's ``max_instances`` (the door's) or ours, whichever is
+    lower, decided once here; the parser checks a JSON body against it, and an array is
+    checked now."""
+    if not isinstance(body, dict):
+        return BadInput(f'a predict body is {{"json": request body bytes, "max_instances": n}} or '
+                        f'{{"x": float32 array (n, 784)}}, got {type(body).__name__}')
+    limit = body.get("max_instances", own_limit)
+    if type(limit) is not int or limit < 1:
+        return BadInput(f"max_instances must be an integer >= 1, got {limit!r:.40}")
+    limit = min(limit, own_limit)
+    if "json" in body:
+        data = messages.received(body["json"])
+        if data is None:
+            return BadInput(f'"json" must be the request body as bytes, got {type(body["json"]).__name__}')
+        return data, limit
+    if "x" not in body:
+        return BadInput('a predict body holds "json" (request body bytes) or "x" (float32 array (n, 784))')
+    x = body["x"]
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.ndim not in (2, 3):
+        return BadInput('"x" must be a float array of shape (n, 784) or (n, 28, 28)')
     x = x.reshape(x.shape[0], -1) if x.ndim == 3 else x
-    if x.ndim != 2 or x.shape[1] != instances.PIXELS or not 1 <= x.shape[0] <= max_instances:
-        return BadInput(f"\"x\" has shape {x.shape}; expected (n, 784) with 1 <= n <= {max_instances}")
-    return np.asarray(x, np.float32)
+    if x.shape[1] != instances.PIXELS or not 1 <= x.shape[0] <= limit:
+        return BadInput(f'"x" has shape {x.shape}; expected (n, 784) with 1 <= n <= {limit} (max_instances)')
+    return np.asarray(x, np.float32), limit

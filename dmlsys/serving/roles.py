@@ -10,11 +10,18 @@
                        # latest if absent  max_in_flight = 64        # per replica
     buckets = [1, 64]  # optional: batch
                        # sizes to compile
-                                           max_queue = 1024          # per model
+    max_batch = 64     # requests per batch
+    max_instances = 64 # per request
+    max_queue = 1024   # requests waiting
+                       # for the batcher
+                                           max_queue = 1024          # per model, for a free replica
                                            deadline = 10.0           # seconds, per request
                                            try_timeout = 2.0         # seconds, per try
                                            max_instances = 64
-                                           max_body_bytes = 4194304
+                                           max_body_bytes = 4194304  # over it: 413
+                                           max_connections = 1024    # open at once; over it: 503
+                                           read_timeout = 10.0       # seconds for a body; else 408
+                                           idle_timeout = 15.0       # seconds without a request head
                                            models = ["fashion-mlp"]  # optional: serve only these
                                            http = "127.0.0.1:8000"   # optional: else [cluster] http;
                                                                      # "off": reached by RPC only
@@ -30,11 +37,12 @@ from typing import Any
 
 from dmlsys.node import ConfigError, Service
 from dmlsys.serving.policies import POLICIES, EjectionConfig
+from dmlsys.wire.codec import DEFAULT_LIMITS
 
-REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "buckets"}
+REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets"}
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
-                "deadline", "max_instances", "max_body_bytes", "models", "consecutive_failures", "base_ejection",
-                "max_ejection"}
+                "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
+                "models", "consecutive_failures", "base_ejection", "max_ejection"}
 
 
 def _unknown(config: dict[str, Any], known: set[str]) -> None:
@@ -73,6 +81,7 @@ def build_replica(ctx) -> list[Service]:
     return [ModelService(ReplicaConfig(
         model=model, store=str(ctx.store), version=_int(config, "version", None),
         max_batch=_int(config, "max_batch", 64), max_instances=_int(config, "max_instances", 64),
+        max_queue=_int(config, "max_queue", 1024),
         **({"buckets": _buckets(config)} if "buckets" in config else {}),
     ))]
 
@@ -113,8 +122,13 @@ def build_gateway(ctx) -> list[Service]:
         ejection=EjectionConfig(consecutive_failures=_int(config, "consecutive_failures", 3),
                                 base_ejection=base, max_ejection=longest),
     )
+    max_body = _int(config, "max_body_bytes", 4 << 20)
+    if max_body > DEFAULT_LIMITS.max_frame_bytes:  # a body travels to a replica as one frame
+        raise ConfigError("max_body_bytes", f"at most the wire's frame limit ({DEFAULT_LIMITS.max_frame_bytes}), "
+                                            f"got {max_body}")
     return [GatewayService(GatewayConfig(
         http=None if http == "off" else f"{host}:{port}", deadline=_seconds(config, "deadline", 10.0),
-        max_body_bytes=_int(config, "max_body_bytes", 4 << 20), max_instances=_int(config, "max_instances", 64),
-        balancer=balancer,
+        max_body_bytes=max_body, max_instances=_int(config, "max_instances", 64),
+        max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
+        idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer,
     ))]

@@ -66,13 +66,12 @@ def test_model_listing_and_details():
     asyncio.run(door(scenario))
 
 
-def test_bad_input_gets_400_with_the_reason():
+def test_bad_input_gets_400_with_the_reason_and_a_body_over_the_limit_413():
     cases = [
         (b"{not json", "not valid JSON"),
         (json.dumps({"instances": [[1, 2, 3]]}).encode(), "length 3"),
         (json.dumps({"instances": [["x"] * 784]}).encode(), "not a number"),
         (json.dumps({"instances": [[0] * 784] * 5}).encode(), "limit is 4"),
-        (b" " * (64 * 1024 + 10), "limit"),
         (json.dumps({"nope": 1}).encode(), "missing"),
     ]
 
@@ -83,6 +82,8 @@ def test_bad_input_gets_400_with_the_reason():
                 assert reason in (await r.json())["error"]
         async with s.post(f"{url}/v1/models/m:predict", data=body(1), headers={"X-Deadline-Ms": "soon"}) as r:
             assert r.status == 400
+        async with s.post(f"{url}/v1/models/m:predict", data=b" " * (64 * 1024 + 10)) as r:
+            assert r.status == 413 and "limit of 65536 bytes" in (await r.json())["error"]
         async with s.post(f"{url}/v1/models/m:predict", data=body(1)) as r:
             assert r.status == 200  # and the door still serves
 

@@ -21,6 +21,10 @@ def test_replica_and_gateway_build_from_valid_config():
     [gateway] = build_gateway(ctx({"policy": "round-robin", "probe_period": 0.25, "models": ["a"]}, http="0.0.0.0:9"))
     assert isinstance(gateway, GatewayService)
     assert gateway.config.http == "0.0.0.0:9" and gateway.config.balancer.policy == "round-robin"
+    [gateway] = build_gateway(ctx({"max_connections": 8, "read_timeout": 2.5, "idle_timeout": 30}))
+    assert (gateway.config.max_connections, gateway.config.read_timeout, gateway.config.idle_timeout) == (8, 2.5, 30)
+    [replica] = build_replica(ctx({"model": "m", "max_queue": 16}))
+    assert replica.config.max_queue == 16
 
 
 @pytest.mark.parametrize("build, config, key", [
@@ -32,6 +36,11 @@ def test_replica_and_gateway_build_from_valid_config():
     (build_gateway, {"http": "nope"}, "http"),
     (build_gateway, {"models": "m"}, "models"),
     (build_gateway, {"base_ejection": 10, "max_ejection": 5}, "max_ejection"),
+    (build_replica, {"model": "m", "max_queue": 0}, "max_queue"),
+    (build_gateway, {"max_body_bytes": 2 << 30}, "max_body_bytes"),
+    (build_gateway, {"max_connections": 0}, "max_connections"),
+    (build_gateway, {"read_timeout": 0}, "read_timeout"),
+    (build_gateway, {"idle_timeout": "long"}, "idle_timeout"),
 ])
 def test_bad_config_names_the_key(build, config, key):
     with pytest.raises(ConfigError) as info:

@@ -18,7 +18,8 @@ from tests.serving.helpers import body, fake_runtime, members
 
 
 class Cluster:
-    def __init__(self, seed: int, n: int = 3, config: BalancerConfig | None = None) -> None:
+    def __init__(self, seed: int, n: int = 3, config: BalancerConfig | None = None, **replica_config) -> None:
+        self.replica_config = replica_config
         self.net = SimNetwork(seed)
         self.store_versions = {"m": 1}  # what "latest" means for the fake loader
         self.replicas: dict[str, Node] = {}
@@ -32,7 +33,8 @@ class Cluster:
 
     async def start_replica(self, name: str) -> Node:
         node = Node(name, self.net.transport(name), role="replica")
-        node.add_service(ModelService(ReplicaConfig("m", "unused"), loader=self.loader, offload=False))
+        node.add_service(ModelService(ReplicaConfig("m", "unused", **self.replica_config), loader=self.loader,
+                                      offload=False))
         await node.start()
         self.replicas[name] = node
         return node
