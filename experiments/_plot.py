@@ -81,35 +81,36 @@ def _label_bars(ax, bars, fmt=_num, tops=None) -> None:
 
 # ----------------------------------------------------------------------------- bench_dag
 def bench_dag(rows: list[dict], path: Path) -> None:
-    """Grouped bars, µs per step per DAG shape for each runner, log scale; whiskers = min..max of reps."""
+    """Per pair (inline-vs-sync, threads-vs-threads): grouped bars, ours and Dask's µs per step
+    for each shape and function kind, log scale; whiskers = min..max of repetitions."""
     plt = _pyplot()
     if plt is None:
         return
     import numpy as np
 
-    runners = [("ours", "ours_us_per_step", "dmlsys (inline steps)", OURS),
-               ("ours-thread", "ours_thread_us_per_step", "dmlsys (thread-pool steps)", OURS_ALT),
-               ("dask", "dask_us_per_step", "Dask threaded", PEER),
-               ("asyncio", "asyncio_us_per_step", "asyncio floor (1 Task/step)", FLOOR)]
-    runners = [r for r in runners if any(row.get(r[1]) for row in rows)]
-    x, w = np.arange(len(rows)), 0.8 / max(1, len(runners))
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    every: list[float] = []
-    for i, (key, col, label, colour) in enumerate(runners):
-        vals = [row.get(col) or np.nan for row in rows]
-        lo_hi = [row.get("spread", {}).get(key) for row in rows]
-        err = np.array([[v - s[0], s[1] - v] if s and v == v else [0, 0] for v, s in zip(vals, lo_hi)]).T
-        bars = ax.bar(x + (i - (len(runners) - 1) / 2) * w, vals, w, label=label, color=colour,
-                      yerr=err, capsize=2, error_kw={"elinewidth": 0.8, "alpha": 0.6})
-        _label_bars(ax, bars, tops=[v + e for v, e in zip(vals, err[1])])
-        every += [v + e for v, e in zip(vals, err[1])] + vals
-    _log_if_wide(ax, every, "µs per step ({scale}lower is better)")
-    ax.set_xticks(x, [row["shape"] + (f"\nours/dask {row['ours_over_dask']:.2f}×" if row.get("ours_over_dask")
-                                      else "") for row in rows])
+    pairs = [p for p in ("inline-vs-sync", "threads-vs-threads") if any(r.get("pair") == p for r in rows)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.4), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        mine = [r for r in rows if r.get("pair") == pair]
+        x, w = np.arange(len(mine)), 0.38
+        every: list[float] = []
+        for i, (col, who, colour) in enumerate((("ours_us_per_step", "ours", OURS), ("dask_us_per_step", "peer", PEER))):
+            vals = [r.get(col) or np.nan for r in mine]
+            lo_hi = [r.get("spread", {}).get(r.get(who)) for r in mine]
+            err = np.array([[v - s[0], s[1] - v] if s and v == v else [0, 0] for v, s in zip(vals, lo_hi)]).T
+            label = ("dmlsys " if who == "ours" else "Dask ") + (mine[0][who].split("-", 1)[1] if mine else "")
+            bars = ax.bar(x + (i - 0.5) * w, vals, w, label=label, color=colour, yerr=err, capsize=2,
+                          error_kw={"elinewidth": 0.8, "alpha": 0.6})
+            _label_bars(ax, bars, tops=[v + e for v, e in zip(vals, err[1])])
+            every += [v + e for v, e in zip(vals, err[1])] + vals
+        _log_if_wide(ax, every, "µs per step ({scale}lower is better)")
+        ax.set_xticks(x, [f"{r['shape'].split(' ')[0]}{' distinct' if r['distinct_functions'] else ''}"
+                          + (f"\n{r['ours_over_dask']:.2f}×" if r.get("ours_over_dask") else "") for r in mine],
+                      fontsize=8)
+        ax.set_title(pair, fontsize=10)
+        ax.legend(fontsize=8)
     reps = rows[0].get("reps", "?") if rows else "?"
-    ax.set_title(f"Scheduling overhead per no-op step (median of {reps} run{'' if reps == 1 else 's'}; "
-                 "whiskers: min–max)")
-    ax.legend(fontsize=8, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.suptitle(f"Scheduling overhead per no-op step, like with like (median of {reps} alternated repetitions)")
     _save(plt, fig, path)
 
 

@@ -5,19 +5,24 @@ No-op steps, three DAG shapes (deterministic, seed 0):
   chain    1,000 steps, each depending on the previous one;
   fan      1 -> 10,000 -> 1 (10,002 steps): a root, 10,000 steps on it, a sink on all of them;
   layered  10,000 steps in 100 layers of 100, each depending on 3 random steps of the layer before.
+Each shape twice: every step the same function, and every step a distinct function (its own
+code object and signature: nothing a scheduler memoizes per function can be reused).
 
-Runners, each measured in a fresh subprocess of its own (other benchmarks sharing a process
-inflate the asyncio numbers several-fold), warm-up run first, then --reps timed runs:
-  ours         dmlsys.workflow Scheduler.run on inline steps (the fast path for cheap sync work);
-               timed: validation + scheduling + running (building the Step objects is not timed)
-  ours-thread  the same steps without inline=True: each runs in the scheduler's thread pool
-  dask         dask.compute(..., scheduler="threads") on Delayed objects over one low-level dict
-               graph (timed: dask.compute alone = optimisation + scheduling + running), as in
-               the anchor measurement
-  asyncio      the floor: one asyncio.Task per step awaiting its dependencies' Tasks
+Like with like, two pairs:
+  inline-vs-sync       ours-inline   dmlsys Scheduler.run, steps inline=True (run on the event loop)
+                       dask-sync     dask.compute(..., scheduler="sync") (run in the calling thread)
+  threads-vs-threads   ours-threads  dmlsys Scheduler.run, plain sync steps in its thread pool
+                       dask-threads  dask.compute(..., scheduler="threads")
+  asyncio              the floor: one asyncio.Task per step awaiting its dependencies' Tasks
+Timed: ours = validation + scheduling + running (building the Step objects is not timed);
+dask = dask.compute alone on Delayed objects over one low-level dict graph (optimisation +
+scheduling + running), as in the anchor measurement (shared/anchors/dag).
 
-µs per step = wall time / number of steps; the table gives the median over reps and the
-ratios ours/dask and ours/asyncio. Target: ours <= 0.5x dask on every shape.
+Every repetition runs every runner once, in a fresh subprocess each (other benchmarks sharing
+a process inflate the asyncio numbers several-fold), alternating the runners' order from one
+repetition to the next, each after a warm-up run. µs per step = wall time / number of steps;
+the table gives the median over repetitions and ours/dask per pair. Target: ours <= 0.5x dask
+in both pairs on every shape.
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNNERS = ("ours", "ours-thread", "dask", "asyncio")
+RUNNERS = ("ours-inline", "dask-sync", "ours-threads", "dask-threads", "asyncio")
+PAIRS = {"inline-vs-sync": ("ours-inline", "dask-sync"), "threads-vs-threads": ("ours-threads", "dask-threads")}
 
 
 def noop(*args):
     return None
+
+
+def step_functions(n: int, distinct: bool) -> list:
+    """``n`` no-op functions: the same one n times, or n distinct ones (own code, own name)."""
+    if not distinct:
+        return [noop] * n
+    namespace: dict = {}
+    exec("\n".join(f"def noop_{i}(*args):\n    return None" for i in range(n)), namespace)
+    return [namespace[f"noop_{i}"] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- DAGs
@@ -67,12 +82,12 @@ def sinks_of(dag) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- runners (child side)
-def make_ours(dag, inline: bool):
+def make_ours(dag, fns, inline: bool):
     sys.path.insert(0, str(ROOT))
     from dmlsys.workflow import RunConfig, Scheduler, Step, Workflow
 
     names = [f"s{i}" for i in range(len(dag))]
-    steps = [Step(names[i], noop, [names[j] for j in ds], inline=inline) for i, ds in enumerate(dag)]
+    steps = [Step(names[i], fns[i], [names[j] for j in ds], inline=inline) for i, ds in enumerate(dag)]
     sched = Scheduler(RunConfig(progress=False, concurrency=8))
 
     def once() -> float:
@@ -85,7 +100,7 @@ def make_ours(dag, inline: bool):
     return once
 
 
-def make_dask(dag):
+def make_dask(dag, fns, scheduler: str):
     import dask
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
@@ -96,27 +111,27 @@ def make_dask(dag):
         counter[0] += 1
         prefix = f"bench{counter[0]}"
         keys = [f"{prefix}-{i}" for i in range(len(dag))]
-        dsk = {keys[i]: (noop, *[keys[j] for j in ds]) for i, ds in enumerate(dag)}
+        dsk = {keys[i]: (fns[i], *[keys[j] for j in ds]) for i, ds in enumerate(dag)}
         hlg = HighLevelGraph.from_collections(prefix, dsk, dependencies=())
         objs = [Delayed(keys[i], hlg, layer=prefix) for i in sinks_of(dag)]
         t0 = time.perf_counter()
-        dask.compute(*objs, scheduler="threads")
+        dask.compute(*objs, scheduler=scheduler)
         return time.perf_counter() - t0
 
     return once
 
 
-def make_asyncio(dag):
+def make_asyncio(dag, fns):
     sinks = sinks_of(dag)
 
     async def main() -> None:
         tasks: list[asyncio.Task] = []
 
-        async def step(deps):
-            return noop(*[await d for d in deps])
+        async def step(fn, deps):
+            return fn(*[await d for d in deps])
 
-        for ds in dag:
-            tasks.append(asyncio.ensure_future(step([tasks[j] for j in ds])))
+        for i, ds in enumerate(dag):
+            tasks.append(asyncio.ensure_future(step(fns[i], [tasks[j] for j in ds])))
         for i in sinks:
             await tasks[i]
 
@@ -129,36 +144,41 @@ def make_asyncio(dag):
     return once
 
 
-def child(runner: str, shape: str, reps: int) -> None:
+def child(runner: str, shape: str, reps: int, distinct: bool) -> None:
     dag = SHAPES[shape][1]()
-    once = {"ours": lambda: make_ours(dag, True), "ours-thread": lambda: make_ours(dag, False),
-            "dask": lambda: make_dask(dag), "asyncio": lambda: make_asyncio(dag)}[runner]()
+    fns = step_functions(len(dag), distinct)
+    once = {"ours-inline": lambda: make_ours(dag, fns, True), "ours-threads": lambda: make_ours(dag, fns, False),
+            "dask-sync": lambda: make_dask(dag, fns, "sync"), "dask-threads": lambda: make_dask(dag, fns, "threads"),
+            "asyncio": lambda: make_asyncio(dag, fns)}[runner]()
     once()  # warm-up: imports, caches, thread pools
     times = [once() for _ in range(reps)]
     json.dump({"us_per_step": [t / len(dag) * 1e6 for t in times], "steps": len(dag)}, sys.stdout)
 
 
 # ----------------------------------------------------------------------------- parent
-def measure(runner: str, shape: str, reps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", runner, shape, "--reps", str(reps)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+def measure(runner: str, shape: str, distinct: bool, reps: int = 1) -> list[float]:
+    cmd = [sys.executable, __file__, "--child", runner, shape, "--reps", str(reps)] + (["--distinct"] if distinct else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"{runner} on {shape} failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    return json.loads(out.stdout)["us_per_step"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per runner and shape (default 5)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions; each runs every runner once (default 5)")
     ap.add_argument("--shapes", default="chain,fan,layered", help="comma-separated shapes (default all)")
     ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
+    ap.add_argument("--functions", choices=("shared", "distinct", "both"), default="both",
+                    help="every step the same function, each its own, or both (default)")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list to FILE")
     ap.add_argument("--plot", metavar="PNG", help="bar chart of µs per step (default: the --json path with .png)")
     ap.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
     ap.add_argument("--child", nargs=2, metavar=("RUNNER", "SHAPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--distinct", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.reps)
+        return child(args.child[0], args.child[1], args.reps, args.distinct)
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.from_json:
@@ -176,46 +196,49 @@ def main() -> None:
     for r in runners:
         if r not in RUNNERS:
             ap.error(f"unknown runner {r!r}; choose from {', '.join(RUNNERS)}")
+    kinds = {"shared": [False], "distinct": [True], "both": [False, True]}[args.functions]
     console = Console(stderr=True)
-    med: dict[tuple[str, str], float] = {}
-    spread: dict[tuple[str, str], tuple[float, float]] = {}
+    samples: dict[tuple[str, str, bool], list[float]] = {}
+    cases = [(s, d) for s in shapes for d in kinds]
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("measuring", total=len(shapes) * len(runners))
-        for s in shapes:
-            for r in runners:
-                progress.update(bar, description=f"{r} on {s}")
-                res = measure(r, s, args.reps)
-                med[(r, s)] = statistics.median(res["us_per_step"])
-                spread[(r, s)] = (min(res["us_per_step"]), max(res["us_per_step"]))
-                progress.advance(bar)
+        bar = progress.add_task("measuring", total=len(cases) * len(runners) * args.reps)
+        for rep in range(args.reps):
+            order = runners if rep % 2 == 0 else runners[::-1]  # alternate who goes first
+            for s, d in cases:
+                for r in order:
+                    progress.update(bar, description=f"rep {rep + 1}: {r} on {s}{' (distinct)' if d else ''}")
+                    samples.setdefault((r, s, d), []).extend(measure(r, s, d))
+                    progress.advance(bar)
 
-    def cell(r: str, s: str) -> float | None:
-        return med.get((r, s))
+    def med(r: str, s: str, d: bool) -> float | None:
+        xs = samples.get((r, s, d))
+        return statistics.median(xs) if xs else None
 
     rows = []
-    for s in shapes:
-        ours, dask_, floor, thr = cell("ours", s), cell("dask", s), cell("asyncio", s), cell("ours-thread", s)
-        rows.append({
-            "shape": SHAPES[s][0], "ours_us_per_step": ours, "ours_thread_us_per_step": thr,
-            "dask_us_per_step": dask_, "asyncio_us_per_step": floor,
-            "ours_over_dask": ours / dask_ if ours and dask_ else None,
-            "ours_thread_over_dask": thr / dask_ if thr and dask_ else None,
-            "ours_over_asyncio": ours / floor if ours and floor else None,
-            "reps": args.reps,
-            "spread": {r: spread[(r, s)] for r in runners},
-        })
+    for s, d in cases:
+        for pair, (ours_r, dask_r) in PAIRS.items():
+            ours, dask_ = med(ours_r, s, d), med(dask_r, s, d)
+            if ours is None and dask_ is None:
+                continue
+            rows.append({
+                "shape": SHAPES[s][0], "pair": pair, "distinct_functions": d,
+                "ours": ours_r, "peer": dask_r, "ours_us_per_step": ours, "dask_us_per_step": dask_,
+                "ours_over_dask": ours / dask_ if ours and dask_ else None,
+                "asyncio_us_per_step": med("asyncio", s, d), "reps": args.reps,
+                "spread": {k: (min(samples[(k, s, d)]), max(samples[(k, s, d)]))
+                           for k in (ours_r, dask_r) if (k, s, d) in samples},
+            })
 
     def f(x: float | None, unit: str = "") -> str:
         return "—" if x is None else f"{x:.1f}{unit}" if x >= 10 else f"{x:.2f}{unit}"
 
-    t = Table(title=f"µs per step, median of {args.reps} runs, each runner in a fresh process")
-    headers = ["shape", "ours", "ours-thread", "dask threaded", "asyncio floor", "ours/dask", "ours-thread/dask",
-               "ours/asyncio"]
+    t = Table(title=f"µs per no-op step, median of {args.reps} alternated repetitions, each run in a fresh process")
+    headers = ["shape", "functions", "pair", "ours", "dask", "ours/dask", "asyncio floor"]
     for h in headers:
-        t.add_column(h, justify="left" if h == "shape" else "right")
-    table_rows = [[row["shape"], f(row["ours_us_per_step"]), f(row["ours_thread_us_per_step"]),
-                   f(row["dask_us_per_step"]), f(row["asyncio_us_per_step"]), f(row["ours_over_dask"], "×"),
-                   f(row["ours_thread_over_dask"], "×"), f(row["ours_over_asyncio"], "×")] for row in rows]
+        t.add_column(h, justify="left" if h in ("shape", "functions", "pair") else "right")
+    table_rows = [[row["shape"], "distinct" if row["distinct_functions"] else "shared", row["pair"],
+                   f(row["ours_us_per_step"]), f(row["dask_us_per_step"]), f(row["ours_over_dask"], "×"),
+                   f(row["asyncio_us_per_step"])] for row in rows]
     for tr in table_rows:
         t.add_row(*tr)
     Console().print(t)
