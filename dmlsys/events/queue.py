@@ -276,6 +276,14 @@ class EventQueue:
         self._ended[EXPIRED] += len(out)
         return out
 
+    def time_out(self, ticket: Ticket, now: float) -> None:
+        """End one waiting event as expired: its waiter's own timer fired (possibly a hair before
+        ``deadline`` by the loop's clock resolution, which ``expire`` would not count yet)."""
+        if ticket.state == WAITING:
+            self._tiers[ticket.tier].remove(ticket)
+            ticket.state = EXPIRED
+            self._ended[EXPIRED] += 1
+
     # ------------------------------------------------------------------------- introspection
     def estimate_free(self, tier: str, now: float) -> float:
         """When a queue slot will likely be free: the events ahead served at the recent rate.
