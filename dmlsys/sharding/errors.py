@@ -23,3 +23,12 @@ class PartFailed(ShardingError):
         super().__init__(message)
         self.part = part
         self.shard = shard
+
+
+class NotOwner(ShardingError):
+    """A shard was asked for a key that the ring gives to another shard (the caller's ring is
+    stale, or the key is moving): ask ``owner``."""
+
+
+class AppError(ShardingError, ValueError):
+    """A sharded app named in a config could not be loaded, or broke its contract."""

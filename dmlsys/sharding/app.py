@@ -1,0 +1,102 @@
+"""A sharded app: the four user-given functions the router and the shards run.
+
+    split(request)              -> [(key, part), ...]    on the router: cut the request up
+    handle(key, part, state)    -> (result, new_state)   on the key's shard (state None: no state yet;
+                                                         new_state None: keep no state for the key)
+    merge([result, ...])        -> merged                on the router, results in split order
+    cleanup(merged)             -> answer                on the router: drop what the split made meaningless
+
+``stateful`` apps keep per-key state on the key's owner shard, which alone serves the key;
+stateless ones may be served by any shard (the router's retry then lands on the next one).
+
+``split`` decides the keys, so it decides the shards: a key is routed through the hash ring, and
+parts with the same key go to the same shard (where that key's state lives). Everything crossing
+the wire (parts, results, states) must be what dmlsys.wire encodes: msgpack values and numpy
+arrays. Apps are named in configs as ``"module:function"``, a function returning a ``ShardedApp``.
+
+Two apps come with the package: ``identity`` (the split -> merge round trip, for tests and as
+the template) and ``counter`` (a running sum per key: the smallest stateful app).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+from dmlsys.sharding.errors import AppError
+
+
+def _keep(merged: Any) -> Any:
+    return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedApp:
+    name: str
+    split: Callable[[Any], list[tuple[str, Any]]]
+    handle: Callable[[str, Any, Any], tuple[Any, Any]]
+    merge: Callable[[list[Any]], Any]
+    cleanup: Callable[[Any], Any] = _keep
+    # Stateful apps keep per-key state on the key's owner, and only the owner serves the key.
+    # Stateless ones (tiles of an image) may be served by any shard: the ring only spreads them.
+    stateful: bool = False
+
+
+def load_app(target: str) -> ShardedApp:
+    """The app a config names as ``"module:function"``. Raises AppError saying what is wrong."""
+    module, sep, function = target.partition(":")
+    if not sep or not module or not function:
+        raise AppError(f"a sharded app is named \"module:function\", got {target!r}")
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        raise AppError(f"cannot load sharded app {target!r}: {e}") from None
+    app = fn()
+    if not isinstance(app, ShardedApp):
+        raise AppError(f"{target} returned {type(app).__name__}, not a ShardedApp")
+    return app
+
+
+# -- identity: a list cut into runs of ``chunk`` items, each echoed by its shard ----------------
+
+
+def identity_split(request: dict) -> list[tuple[str, Any]]:
+    """``{"items": [...], "chunk": n}`` -> one part per run of n items, keyed by its index."""
+    items, chunk = request["items"], int(request.get("chunk", 1))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [(f"part-{i // chunk}", items[i:i + chunk]) for i in range(0, len(items), chunk)]
+
+
+def identity_handle(key: str, part: Any, state: Any) -> tuple[Any, Any]:
+    return part, state
+
+
+def identity_merge(results: list[list]) -> list:
+    return [x for r in results for x in r]
+
+
+def identity() -> ShardedApp:
+    return ShardedApp("identity", identity_split, identity_handle, identity_merge)
+
+
+# -- counter: per-key running sums; a request adds to several keys at once ----------------------
+
+
+def counter_split(request: dict) -> list[tuple[str, Any]]:
+    """``{"add": {key: amount, ...}}`` -> one part per key."""
+    return [(str(k), float(v)) for k, v in sorted(request["add"].items())]
+
+
+def counter_handle(key: str, amount: float, state: Any) -> tuple[Any, Any]:
+    total = (state or 0.0) + amount
+    return [key, total], total
+
+
+def counter_merge(results: list) -> dict:
+    return {k: v for k, v in results}
+
+
+def counter() -> ShardedApp:
+    return ShardedApp("counter", counter_split, counter_handle, counter_merge, stateful=True)

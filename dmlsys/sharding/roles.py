@@ -1,0 +1,92 @@
+"""Cluster roles ``router`` and ``shard``: validate a node's ``[nodes.config]``, build its services.
+
+    [[nodes]]                                   [[nodes]]
+    name = "router"                             name = "shard"
+    role = "router"                             role = "shard"
+    [nodes.config]                              replicas = 3
+    app = "dmlsys.sharding.app:identity"        [nodes.config]
+    part_timeout = 2.0     # seconds per try    app = "dmlsys.sharding.app:identity"   # the same app
+    deadline = 10.0        # seconds a request  snapshot_every = 1   # changes between snapshots
+    cache_entries = 4096   # sub-results kept   call_timeout = 5.0   # seconds, shard to shard
+    cache_ttl = 60.0       # seconds            fsync = true
+    max_parts = 4096
+    vnodes = 2000          # both roles: points per shard on the ring (must agree)
+
+A shard's snapshot lives in ``<state_dir>/sharding/<node name>/``, where its restart finds it.
+Every bad value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the file and
+node name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dmlsys.node import ConfigError, Service
+from dmlsys.sharding.app import load_app
+from dmlsys.sharding.errors import AppError
+from dmlsys.sharding.ring import DEFAULT_VNODES
+
+ROUTER_KEYS = {"app", "part_timeout", "deadline", "cache_entries", "cache_ttl", "max_parts", "vnodes"}
+SHARD_KEYS = {"app", "snapshot_every", "call_timeout", "fsync", "vnodes"}
+
+
+def _unknown(config: dict[str, Any], known: set[str]) -> None:
+    extra = sorted(set(config) - known)
+    if extra:
+        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _int(config: dict, key: str, default: int, low: int = 1) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(key, f"an integer >= {low}, got {value!r}")
+    return value
+
+
+def _seconds(config: dict, key: str, default: float) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
+        raise ConfigError(key, f"a number of seconds in (0, 86400], got {value!r}")
+    return float(value)
+
+
+def _app(config: dict):
+    target = config.get("app", "dmlsys.sharding.app:identity")
+    if not isinstance(target, str):
+        raise ConfigError("app", f"\"module:function\" returning a ShardedApp, got {target!r}")
+    try:
+        return target, load_app(target)
+    except AppError as e:
+        raise ConfigError("app", str(e)) from None
+
+
+def build_router(ctx) -> list[Service]:
+    """Role factory (``ROLES["router"] = "dmlsys.sharding.roles:build_router"``)."""
+    from dmlsys.sharding.router import RouterConfig, RouterService
+
+    config = dict(ctx.config)
+    _unknown(config, ROUTER_KEYS)
+    target, app = _app(config)
+    return [RouterService(RouterConfig(
+        app=target, vnodes=_int(config, "vnodes", DEFAULT_VNODES), part_timeout=_seconds(config, "part_timeout", 2.0),
+        deadline=_seconds(config, "deadline", 10.0), max_parts=_int(config, "max_parts", 4096),
+        cache_entries=_int(config, "cache_entries", 4096, low=0), cache_ttl=_seconds(config, "cache_ttl", 60.0),
+    ), app=app)]
+
+
+def build_shard(ctx) -> list[Service]:
+    """Role factory (``ROLES["shard"] = "dmlsys.sharding.roles:build_shard"``)."""
+    from dmlsys.sharding.shard import ShardConfig, ShardService
+
+    config = dict(ctx.config)
+    _unknown(config, SHARD_KEYS)
+    target, app = _app(config)
+    fsync = config.get("fsync", True)
+    if not isinstance(fsync, bool):
+        raise ConfigError("fsync", f"true or false, got {fsync!r}")
+    return [ShardService(ShardConfig(
+        state_dir=str(Path(ctx.state_dir) / "sharding" / ctx.name), app=target,
+        vnodes=_int(config, "vnodes", DEFAULT_VNODES), snapshot_every=_int(config, "snapshot_every", 1),
+        call_timeout=_seconds(config, "call_timeout", 5.0), fsync=fsync,
+    ), app=app)]
