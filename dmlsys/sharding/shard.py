@@ -117,6 +117,7 @@ class ShardService(Service):
         self._dirty = 0
         self._left = False
         self._rebalance: asyncio.Task | None = None
+        self._push_again = False
         self.counters = {"handled": 0, "pulled": 0, "pushed": 0, "accepted": 0, "refused": 0, "snapshots": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -151,10 +152,9 @@ class ShardService(Service):
             self.ring.remove(gone)
         for new in sorted(names - known):
             self.ring.add(new)
+        self._push_again = True  # a running push goes round once more, with the ring as it is then
         if self._rebalance is None or self._rebalance.done():
             self._rebalance = asyncio.get_running_loop().create_task(self._push_moved())
-        else:  # a push is running: run again once it is done, with the ring as it is then
-            self._rebalance.add_done_callback(lambda _: self._on_members(self.node.directory.members()))
 
     def _snapshot(self, force: bool = True) -> None:
         if force or self._dirty >= self.config.snapshot_every:
@@ -272,13 +272,22 @@ class ShardService(Service):
         return len(items)
 
     async def _push_moved(self) -> None:
-        """Push every key the ring now gives to another shard, grouped by new owner."""
+        """Push every key the ring gives to another shard, grouped by new owner; again while the
+        ring changed meanwhile, and (after ``call_timeout``) while a push failed."""
+        while self._push_again:
+            self._push_again = False
+            if not await self._push_once():
+                self._push_again = True
+                await asyncio.sleep(self.config.call_timeout)
+
+    async def _push_once(self) -> bool:
         by_owner: dict[str, list[str]] = defaultdict(list)
         if self.ring.names:
             for key in list(self.state):
                 owner = self.ring.lookup(key)
                 if owner != self.node.name:
                     by_owner[owner].append(key)
+        ok = True
         for owner, keys in sorted(by_owner.items()):
             self._moving.update(keys)
             try:
@@ -288,8 +297,9 @@ class ShardService(Service):
                 items = [[k, self.state[k]] for k in keys if k in self.state]
                 await self.node.call(owner, "shard", "accept", {"items": items}, timeout=self.config.call_timeout)
             except NodeError as e:
-                log.warning("shard %s: pushing %d key(s) to %s failed (%s); they stay here", self.node.name,
-                            len(keys), owner, e)
+                log.warning("shard %s: pushing %d key(s) to %s failed (%s); they stay here for now",
+                            self.node.name, len(keys), owner, e)
+                ok = False
                 continue
             finally:
                 self._moving.difference_update(keys)
@@ -298,21 +308,21 @@ class ShardService(Service):
                 self.moved_to[key] = owner
             self.counters["pushed"] += len(items)
             self._snapshot()
+        return ok
 
     @rpc
     async def leave(self, body: Any = None) -> int:
         """Hand every key to its owner on the ring without us, then serve nothing (scale-down)."""
-        self._left = True
-        self._on_members(self.node.directory.members())
-        while True:  # the push, and any rerun it scheduled when it finished
-            task = self._rebalance
-            if task is not None and not task.done():
-                await asyncio.gather(task, return_exceptions=True)
-                continue
-            await asyncio.sleep(0)
-            if self._rebalance is task:
-                break
-        return len(self.state)  # keys that could not be pushed (0 when all went)
+        if not self._left:
+            self._left = True
+            self.ring.remove(self.node.name)
+        self._push_again = True
+        if self._rebalance is None or self._rebalance.done():
+            self._rebalance = asyncio.get_running_loop().create_task(self._push_moved())
+        give_up = asyncio.get_running_loop().time() + 3 * self.config.call_timeout
+        while self.state and not self._rebalance.done() and asyncio.get_running_loop().time() < give_up:
+            await asyncio.sleep(0.01)
+        return len(self.state)  # keys not pushed yet (0 when all went)
 
     @rpc
     def keys(self, body: Any = None) -> list[str]:
