@@ -4,8 +4,10 @@ The gateway is the one process every request crosses, and there a message costs 
 as parsing a small request does (encode, send, a pending-call entry, decode the reply). Under
 load a turn of the event loop brings several requests for the same replica; they go out as one
 ``predict_many`` of at most ``messages.MAX_ITEMS`` items. Nothing waits for company: the flush
-is the very next turn. Measured with wrk at 64 connections against two replicas, sending each
-predict as its own message instead halved the throughput (see docs/serving.md).
+is the very next turn. Measured (2026-12-06, provisional: a loaded 2-core machine): CPU per
+predict through balancer and two replicas on the simulated network, 64 concurrent clients,
+130-139 µs coalesced against 310 µs with one message per predict; with wrk at 64 connections
+against a real cluster of two replicas, 2391 against 1243 req/s.
 
 This is the only place requests are grouped on their way to a replica. The replica's adaptive
 batcher is a different thing: it groups *computation* (whatever is queued when the model is

@@ -126,11 +126,12 @@ class _CappedSite(web.TCPSite):
     """A TCP site that keeps at most ``limit`` connections open: one more is answered 503 naming
     the limit and closed, before aiohttp spends anything on it."""
 
-    __slots__ = ("_limit",)
+    __slots__ = ("_limit", "refused")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, limit: int, **kw: Any) -> None:
         super().__init__(runner, host, port, **kw)
         self._limit = limit
+        self.refused = 0  # connections answered 503 for the cap
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
@@ -139,6 +140,7 @@ class _CappedSite(web.TCPSite):
 
         def protocol() -> asyncio.Protocol:
             if len(server.connections) >= limit:
+                self.refused += 1
                 return _Refuse(limit)
             return server()
 
@@ -191,6 +193,7 @@ class GatewayService(Service):
         self._rng = rng
         self.balancer: Balancer | None = None
         self._runner: web.AppRunner | None = None
+        self._site: _CappedSite | None = None
         self._bodies = _BodyDeadlines(config.read_timeout)
         self.url: str | None = None
         self.requests = 0
@@ -230,6 +233,12 @@ class GatewayService(Service):
             raise OSError(e.errno, f"gateway {self.node.name!r} cannot listen for HTTP on {self.config.http}: "
                                    f"{e.strerror}; pick another [cluster] http or stop what holds the port") from None
         self._bodies.start()
+        self._site = site
+        node = self.node
+        node.metrics.gauge("serving_http_connections", "Connections open at the front door",
+                           lambda: len(self._runner.server.connections) if self._runner else 0)
+        node.metrics.gauge("serving_http_connections_refused", "Connections refused for max_connections",
+                           lambda: site.refused)
         self.url = f"http://{host}:{site.port}"
         log.info("gateway %s: front door on %s", self.node.name, self.url)
 
@@ -312,5 +321,8 @@ class GatewayService(Service):
 
     def status(self) -> dict[str, Any]:
         b = self.balancer
+        runner, site = self._runner, self._site
         return {"http": self.url, "requests": self.requests, "errors": {str(k): v for k, v in self.errors.items()},
+                "connections": len(runner.server.connections) if runner and runner.server else 0,
+                "connections_refused": site.refused if site else 0,
                 "retries": b.retries if b else 0, "models": b.models() if b else {}}

@@ -93,6 +93,7 @@ class ModelService(Service):
         self.requests = 0
         self.instances = 0
         self.max_seen_batch = 0
+        self.refused = 0  # requests refused QueueFull
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class ModelService(Service):
         its answer. Every field is checked here, where the request enters, so the batcher meets
         only well-formed requests and one bad field fails only its own request."""
         if len(self._queue) >= self.config.max_queue:
+            self.refused += 1
             return QueueFull(f"replica {self.node.name}'s batch queue is full (max_queue={self.config.max_queue} "
                              "requests wait); try another replica or later")
         request = _request(body, self.config.max_instances)
@@ -229,6 +231,7 @@ class ModelService(Service):
         return {
             "model": self.config.model, "version": rt.version if rt else None, "phase": self.phase,
             "serving": rt is not None, "error": self.last_error, "queue": len(self._queue),
+            "max_queue": self.config.max_queue, "refused": self.refused,
             "batches": self.batches, "requests": self.requests, "max_batch_seen": self.max_seen_batch,
             "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0.0,
         }

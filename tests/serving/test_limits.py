@@ -169,6 +169,7 @@ def test_the_replica_queue_is_bounded_and_says_so():
         errors = [res.get("error") for res in reply["results"]]
         assert errors == [None, None, None, "QueueFull", "QueueFull"]
         assert "max_queue=3" in reply["results"][3]["message"]
+        assert r0.service("model").status()["refused"] == 2
         reply = await c.call("r0", "model", "predict_many", {"items": items[:3]}, timeout=5)
         assert all("error" not in res for res in reply["results"])  # drained: room again
         await c.stop(0)
@@ -208,6 +209,7 @@ def test_connections_over_the_cap_get_503_naming_the_limit_and_idle_ones_are_clo
         answer = await asyncio.wait_for(reader.read(1000), 5)
         assert answer.startswith(b"HTTP/1.1 503") and b"max_connections=2" in answer, answer
         writer.close()
+        assert svc.status()["connections_refused"] == 1
         for reader, _ in slow:  # the idle timeout closes them
             assert await asyncio.wait_for(reader.read(1000), 5) == b""
         for _, w in slow:
