@@ -1,0 +1,242 @@
+"""How many instances each function should have, from the concurrency it sees: a pure core.
+
+After Knative's KPA (Knative Pod Autoscaler). Each function has a ``target``: events one
+instance handles at once. Every tick the caller reports each function's observed concurrency
+(events in flight plus events queued for it) and asks for a decision.
+
+* **stable mode**: instances = ceil(mean concurrency over the last ``stable_window`` (60 s) /
+  target). Slow to react, so a lull of a few seconds does not tear instances down.
+* **panic mode**: when the ``panic_window`` (6 s) mean asks for at least ``panic_threshold``
+  (2x) the instances the function has now (at least one counted, so any event at zero
+  instances panics), it panics: instances = ceil(panic mean / target), and never fewer than
+  the function's previous decision while the panic lasts. The panic lasts until a whole
+  ``stable_window`` passes without the threshold being crossed again (Knative's rule), or a
+  whole stable window passes without any event (ours: the surge is over).
+* **scale to zero**: with ``min = 0``, once no event was seen for a whole stable window, both
+  means are zero and the panic is over: the decision is 0.
+
+Then ``[min, max]`` clamps each function, and the **pool** divides its ``slots`` (each instance
+of a function takes ``FunctionSpec.slots``):
+
+1. every function first gets its ``min`` (``Autoscaler`` refuses a configuration whose mins
+   do not fit);
+2. priority levels in descending order: within a level, functions in panic first keep what
+   they had (up to what they want), then the level's wants are filled one instance at a time,
+   round-robin, while slots last. A lower level gets what is left: a pipeline's batch step
+   (low priority) yields to a serving function (high) when the pool is full.
+
+Guarantees (tests/events/test_autoscaler.py): the decision never uses more slots than the
+pool has; every function is within ``[min, max]``; a function with ``min = 0`` is at 0 once a
+stable window has passed without an event; a function in panic is never scaled down, except
+when the pool is full and a function of strictly higher priority takes the slots.
+
+Decisions are targets, not facts: the caller starts and stops instances, and passes what it
+has (``current``) back in, so a slow start is not mistaken for a missing instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from typing import Iterable, Mapping
+
+
+class ScalingError(ValueError):
+    """An autoscaler configuration is invalid; names the function and field."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FunctionSpec:
+    """A function's scaling bounds: ``target`` events per instance, ``min``..``max`` instances,
+    ``priority`` (higher wins a full pool), ``slots`` of the pool per instance."""
+
+    name: str
+    target: float = 1.0
+    min: int = 0
+    max: int = 4
+    priority: int = 0
+    slots: int = 1
+
+    def __post_init__(self) -> None:
+        where = f"function {self.name!r}"
+        if not isinstance(self.target, (int, float)) or not (self.target > 0 and math.isfinite(self.target)):
+            raise ScalingError(f"{where}: target must be a finite number > 0, got {self.target!r}")
+        for f in ("min", "max", "priority", "slots"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ScalingError(f"{where}: {f} must be an integer, got {v!r}")
+        if self.min < 0 or self.max < max(1, self.min):
+            raise ScalingError(f"{where}: need 0 <= min <= max and max >= 1, got min={self.min}, max={self.max}")
+        if self.slots < 1:
+            raise ScalingError(f"{where}: slots must be >= 1, got {self.slots}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScalingConfig:
+    """Knative's KPA defaults."""
+
+    stable_window: float = 60.0
+    panic_window: float = 6.0
+    panic_threshold: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.panic_window <= self.stable_window < math.inf:
+            raise ScalingError(f"need 0 < panic_window <= stable_window, got {self.panic_window!r}, "
+                               f"{self.stable_window!r}")
+        if not self.panic_threshold > 1.0:
+            raise ScalingError(f"panic_threshold must be > 1 (2.0 = panic at twice the capacity), "
+                               f"got {self.panic_threshold!r}")
+
+
+class _Window:
+    """Samples within the last ``width`` seconds, with their running sum."""
+
+    __slots__ = ("width", "samples", "total")
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self.samples: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def add(self, now: float, value: float) -> None:
+        self.samples.append((now, value))
+        self.total += value
+
+    def mean(self, now: float) -> float:
+        s = self.samples
+        while s and s[0][0] + self.width <= now:  # a sample counts while t + width > now
+            self.total -= s.popleft()[1]
+        if not s:
+            self.total = 0.0  # no drift from float sums once empty
+            return 0.0
+        return max(0.0, self.total / len(s))
+
+
+class _Function:
+    __slots__ = ("spec", "stable", "panic", "panic_since", "last_panic", "decided")
+
+    def __init__(self, spec: FunctionSpec, cfg: ScalingConfig) -> None:
+        self.spec = spec
+        self.stable = _Window(cfg.stable_window)
+        self.panic = _Window(cfg.panic_window)
+        self.panic_since: float | None = None  # in panic mode when not None
+        self.last_panic = -math.inf  # last time the threshold was crossed
+        self.decided = spec.min
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """Instances per function; ``wanted`` before the pool divided its slots; who is in panic."""
+
+    instances: Mapping[str, int]
+    wanted: Mapping[str, int]
+    panicking: frozenset[str]
+    slots_used: int
+
+
+class Autoscaler:
+    """Scaling decisions for functions sharing a pool of ``pool_slots``; see the module docstring.
+
+    Raises:
+        ScalingError: bad specs, duplicate names, or mins that do not fit the pool.
+    """
+
+    def __init__(self, pool_slots: int, functions: Iterable[FunctionSpec],
+                 config: ScalingConfig = ScalingConfig()) -> None:
+        if isinstance(pool_slots, bool) or not isinstance(pool_slots, int) or pool_slots < 0:
+            raise ScalingError(f"pool_slots must be an integer >= 0, got {pool_slots!r}")
+        self.pool_slots, self.config = pool_slots, config
+        self._fns: dict[str, _Function] = {}
+        for spec in functions:
+            if spec.name in self._fns:
+                raise ScalingError(f"function {spec.name!r} is configured twice")
+            self._fns[spec.name] = _Function(spec, config)
+        floor = sum(f.spec.min * f.spec.slots for f in self._fns.values())
+        if floor > pool_slots:
+            raise ScalingError(f"the functions' mins need {floor} slots but the pool has {pool_slots}: "
+                               + ", ".join(f"{f.spec.name} min={f.spec.min}x{f.spec.slots}" for f in self._fns.values()))
+        self._now = -math.inf
+
+    def _fn(self, name: str) -> _Function:
+        try:
+            return self._fns[name]
+        except KeyError:
+            raise ScalingError(f"unknown function {name!r}; configured: {', '.join(self._fns)}") from None
+
+    def observe(self, name: str, now: float, concurrency: float) -> None:
+        """One sample of the function's concurrency (in flight + queued), e.g. once a second."""
+        if not (concurrency >= 0 and math.isfinite(concurrency)):
+            raise ScalingError(f"function {name!r}: concurrency must be a finite number >= 0, got {concurrency!r}")
+        now = max(now, self._now)
+        self._now = now
+        f = self._fn(name)
+        f.stable.add(now, concurrency)
+        f.panic.add(now, concurrency)
+
+    def decide(self, now: float, current: Mapping[str, int] | None = None) -> Decision:
+        """Instances per function now. ``current``: instances each has (starting ones count);
+        defaults to the previous decision."""
+        now = max(now, self._now)
+        self._now = now
+        cfg, wanted, panicking = self.config, {}, set()
+        for name, f in self._fns.items():
+            spec = f.spec
+            have = current.get(name, f.decided) if current is not None else f.decided
+            stable_mean = f.stable.mean(now)
+            want_stable = math.ceil(stable_mean / spec.target - 1e-9)
+            panic_load = f.panic.mean(now) / spec.target  # instances' worth of work, unrounded (as Knative)
+            want_panic = math.ceil(panic_load - 1e-9)
+            if panic_load / max(1, have) >= cfg.panic_threshold or (have == 0 and want_panic > 0):
+                f.last_panic = now
+                if f.panic_since is None:
+                    f.panic_since = now
+            elif f.panic_since is not None and (now - f.last_panic >= cfg.stable_window or stable_mean == 0):
+                # Knative ends a panic a stable window after the threshold was last crossed; we
+                # also end it once a whole stable window saw no event (the surge is over), so
+                # that scale-to-zero comes one stable window after the last event, not up to a
+                # panic window later.
+                f.panic_since = None
+            if f.panic_since is not None:
+                panicking.add(name)
+                want = max(want_panic, f.decided)  # no scaling down while in panic
+            else:
+                want = want_stable
+            wanted[name] = min(spec.max, max(spec.min, want))
+        alloc = self._divide(wanted, panicking)
+        for name, n in alloc.items():
+            self._fns[name].decided = n
+        used = sum(n * self._fns[k].spec.slots for k, n in alloc.items())
+        return Decision(alloc, wanted, frozenset(panicking), used)
+
+    def _divide(self, wanted: Mapping[str, int], panicking: set[str]) -> dict[str, int]:
+        """The pool's slots: mins first, then priority levels high to low (module docstring)."""
+        fns = self._fns
+        alloc = {n: f.spec.min for n, f in fns.items()}
+        free = self.pool_slots - sum(f.spec.min * f.spec.slots for f in fns.values())
+        for prio in sorted({f.spec.priority for f in fns.values()}, reverse=True):
+            level = [n for n, f in fns.items() if f.spec.priority == prio]
+            for n in level:  # panicking functions keep what they had first
+                if n in panicking:
+                    keep = min(wanted[n], fns[n].decided)
+                    extra = max(0, min(keep - alloc[n], free // fns[n].spec.slots))
+                    alloc[n] += extra
+                    free -= extra * fns[n].spec.slots
+            hungry = [n for n in level if alloc[n] < wanted[n]]
+            while hungry:  # round-robin, one instance at a time
+                nxt = []
+                for n in hungry:
+                    if fns[n].spec.slots <= free:
+                        alloc[n] += 1
+                        free -= fns[n].spec.slots
+                        if alloc[n] < wanted[n]:
+                            nxt.append(n)
+                hungry = nxt
+        return alloc
+
+    def statistics(self) -> dict[str, dict]:
+        """Per function: the last decision, the two window means, whether in panic."""
+        now = self._now
+        return {n: {"instances": f.decided, "stable_mean": f.stable.mean(now), "panic_mean": f.panic.mean(now),
+                    "panic": f.panic_since is not None} for n, f in self._fns.items()}
+

@@ -1,0 +1,133 @@
+"""The autoscaler core: the pool is never exceeded, scale to zero, no scale-down in panic, priorities."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dmlsys.events.autoscaler import Autoscaler, FunctionSpec, ScalingConfig, ScalingError
+
+FAST = settings(max_examples=150, deadline=None)
+CFG = ScalingConfig(stable_window=60.0, panic_window=6.0, panic_threshold=2.0)
+
+
+@st.composite
+def setups(draw):
+    n = draw(st.integers(1, 4))
+    specs = []
+    for i in range(n):
+        lo = draw(st.integers(0, 2))
+        specs.append(FunctionSpec(f"f{i}", target=draw(st.sampled_from([0.5, 1.0, 2.0, 10.0])), min=lo,
+                                  max=draw(st.integers(max(1, lo), 8)), priority=draw(st.integers(0, 2)),
+                                  slots=draw(st.integers(1, 2))))
+    floor = sum(s.min * s.slots for s in specs)
+    pool = draw(st.integers(floor, floor + 12))
+    return pool, specs
+
+
+# one tick: seconds elapsed, then a concurrency per function (None: no sample this tick)
+ticks = st.lists(st.tuples(st.sampled_from([0.5, 1.0, 1.0, 3.0, 20.0]),
+                           st.lists(st.one_of(st.none(), st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0, 8.0, 40.0])),
+                                    min_size=4, max_size=4)), max_size=60)
+
+
+def drive(pool, specs, seq, now=0.0):
+    scaler = Autoscaler(pool, specs, CFG)
+    decisions = []
+    for dt, values in seq:
+        now += dt
+        for spec, v in zip(specs, values):
+            if v is not None:
+                scaler.observe(spec.name, now, v)
+        decisions.append((now, scaler.decide(now)))
+    return scaler, decisions, now
+
+
+@FAST
+@given(setups(), ticks)
+def test_never_exceeds_the_pool_and_every_function_stays_within_min_and_max(setup, seq):
+    pool, specs = setup
+    _, decisions, _ = drive(pool, specs, seq)
+    for _, d in decisions:
+        assert d.slots_used == sum(d.instances[s.name] * s.slots for s in specs) <= pool
+        for s in specs:
+            assert s.min <= d.instances[s.name] <= s.max
+
+
+@FAST
+@given(setups(), ticks, st.booleans())
+def test_scales_to_zero_once_a_stable_window_passes_without_events(setup, seq, keep_sampling):
+    pool, specs = setup
+    scaler, _, now = drive(pool, specs, seq)
+    last_event = now
+    t = now
+    while t < last_event + CFG.stable_window:  # quiet: zeros reported every second, or nothing at all
+        t += 1.0
+        if keep_sampling:
+            for s in specs:
+                scaler.observe(s.name, t, 0.0)
+        scaler.decide(t)
+    d = scaler.decide(last_event + CFG.stable_window)
+    for s in specs:
+        assert d.instances[s.name] == s.min
+    assert not d.panicking
+
+
+@FAST
+@given(setups(), ticks)
+def test_a_function_in_panic_is_scaled_down_only_for_a_higher_priority_one(setup, seq):
+    pool, specs = setup
+    _, decisions, _ = drive(pool, specs, seq)
+    by_name = {s.name: s for s in specs}
+    for (_, prev), (_, cur) in zip(decisions, decisions[1:]):
+        for name in cur.panicking & prev.panicking:
+            if cur.instances[name] < prev.instances[name]:
+                grew = [g for g, s in by_name.items()
+                        if s.priority > by_name[name].priority and cur.instances[g] > prev.instances[g]]
+                assert grew, f"{name} scaled down in panic with no higher-priority function taking its slots"
+
+
+def test_a_spike_panics_at_twice_the_capacity_and_scales_at_once():
+    scaler = Autoscaler(10, [FunctionSpec("f", target=1.0, min=1, max=8)], CFG)
+    for t in range(60):
+        scaler.observe("f", float(t), 1.0)
+        assert scaler.decide(float(t)).instances["f"] == 1
+    scaler.observe("f", 60.0, 1.9)  # below 2x of one instance... in the panic mean with five 1.0s
+    assert not scaler.decide(60.0).panicking
+    scaler.observe("f", 61.0, 20.0)
+    d = scaler.decide(61.0)
+    assert d.panicking == {"f"} and d.instances["f"] == 5  # panic mean (4x1 + 1.9 + 20)/6 = 4.3 -> 5
+    scaler.observe("f", 62.0, 0.0)
+    assert scaler.decide(62.0).instances["f"] == 5  # lower demand, but no scale-down in panic
+
+
+def test_scale_from_zero_on_the_first_event():
+    scaler = Autoscaler(4, [FunctionSpec("f", min=0, max=4)], CFG)
+    assert scaler.decide(0.0).instances["f"] == 0
+    scaler.observe("f", 1.0, 1.0)  # one queued event, no instance
+    d = scaler.decide(1.0)
+    assert d.instances["f"] == 1 and d.panicking == {"f"}
+
+
+def test_a_low_priority_batch_step_yields_the_pool_to_serving():
+    specs = [FunctionSpec("serve", min=1, max=6, priority=10), FunctionSpec("batch", min=0, max=6, priority=0)]
+    scaler = Autoscaler(6, specs, CFG)
+    for t in range(10):
+        scaler.observe("batch", float(t), 6.0)
+        scaler.observe("serve", float(t), 0.0)
+    d = scaler.decide(10.0)
+    assert d.instances == {"serve": 1, "batch": 5}
+    for t in range(11, 14):
+        scaler.observe("batch", float(t), 6.0)
+        scaler.observe("serve", float(t), 5.0)
+    d = scaler.decide(14.0)
+    assert d.instances["serve"] >= 3 and d.instances["serve"] + d.instances["batch"] == 6
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: FunctionSpec("f", min=3, max=2), "min <= max"),
+    (lambda: FunctionSpec("f", target=0), "target"),
+    (lambda: Autoscaler(2, [FunctionSpec("a", min=2), FunctionSpec("b", min=1, max=2)]), "need 3 slots"),
+    (lambda: ScalingConfig(stable_window=5, panic_window=6), "panic_window"),
+])
+def test_bad_configurations_name_what_is_wrong(make, match):
+    with pytest.raises(ScalingError, match=match):
+        make()
