@@ -245,6 +245,36 @@ def plot(rows: list[dict], path: Path) -> None:
     _plot._save(plt, fig, path)
 
 
+# ----------------------------------------------------------------------------- docs
+def markdown(rows: list[dict]) -> str:
+    """The results tables for docs/events.md, from the rows (so --from-json can rewrite them)."""
+    get = {(r["impl"], r["path"]): r for r in rows}
+    r0 = rows[0]
+    out = [f"Decisions per second, median of {r0['reps']} alternating runs ({r0['loop']} loop), one coroutine; "
+           "ratio = ours / peer (medians). Provisional: measured on a shared, loaded machine.", "",
+           "| path | dmlsys | aiolimiter | limits (moving window) | dmlsys / aiolimiter | dmlsys / limits |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for path in PATHS:
+        v = {i: get[(i, path)]["decisions_per_s"] for i in IMPLS if (i, path) in get}
+        if len(v) < len(IMPLS):
+            continue
+        out.append(f"| {path} | {v['dmlsys'] / 1e3:,.0f}k | {v['aiolimiter'] / 1e3:,.0f}k | "
+                   f"{v['limits-moving-window'] / 1e3:,.0f}k | {v['dmlsys'] / v['aiolimiter']:.2f}x | "
+                   f"{v['dmlsys'] / v['limits-moving-window']:.2f}x |")
+    if "max_in_window" in r0:
+        out += ["", f"Accuracy: limit {r0['accuracy_limit']} per 1 s; the most admissions seen in any 1 s window "
+                "(worst run; stamps taken right after each decision with the limiter's own clock).", "",
+                "| limiter | hammer | late burst | mean admitted/s (hammer) | verdict |", "|---|---:|---:|---:|---|"]
+        for impl in IMPLS:
+            r = get.get((impl, "admit"))
+            if r is None:
+                continue
+            ok = r["max_in_window"] <= r["accuracy_limit"]
+            out.append(f"| {impl} | {r['max_in_window_hammer']} | {r['max_in_window_late-burst']} | "
+                       f"{r['admitted_per_s_hammer']:.1f} | {'never over the limit' if ok else 'OVER-ADMITS'} |")
+    return "\n".join(out) + "\n"
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,13 +291,19 @@ def main() -> None:
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     ap.add_argument("--plot", metavar="PNG", help="figure (default: the --json path with .png)")
-    ap.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
+    ap.add_argument("--doc", metavar="MD", help="rewrite the bench_limiter section of this markdown file")
+    ap.add_argument("--from-json", metavar="FILE", help="only plot (and --doc) the rows an earlier --json wrote")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "experiments"))
     import _plot
 
+    import _docs
+
     if args.from_json:
-        return plot(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        rows = _plot.load_json(args.from_json)
+        if args.doc:
+            _docs.replace_section(Path(args.doc), "bench_limiter", markdown(rows))
+        return plot(rows, _plot.plot_path(args.plot, args.from_json))
 
     from rich.console import Console
     from rich.table import Table
@@ -349,6 +385,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if out := _plot.plot_path(args.plot, args.json):
         plot(rows, out)
+    if args.doc:
+        _docs.replace_section(Path(args.doc), "bench_limiter", markdown(rows))
 
 
 if __name__ == "__main__":
