@@ -251,8 +251,13 @@ def cmd_down(args: argparse.Namespace, state_dir: Path) -> int:
     if doc is None:
         print(f"no cluster has run from {state_dir}")
         return 0
-    pid = doc.get("supervisor", {}).get("pid")
-    if pid_alive(pid):
+    from dmlsys.cluster.nodeproc import is_our_process
+
+    supervisor = doc.get("supervisor", {})
+    pid = supervisor.get("pid")
+    if pid_alive(pid) and not is_our_process(pid, started=supervisor.get("started")):
+        print(f"supervisor pid {pid} is gone (that pid now belongs to another process, left alone)")
+    elif pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + args.timeout
         while pid_alive(pid) and time.monotonic() < deadline:
@@ -260,15 +265,24 @@ def cmd_down(args: argparse.Namespace, state_dir: Path) -> int:
         if pid_alive(pid):
             print(f"supervisor pid {pid} did not stop within {args.timeout:g}s; killing it", file=sys.stderr)
             os.kill(pid, signal.SIGKILL)
-    # Anything the supervisor could not stop (it was SIGKILLed, say) is ours to stop, by pid.
-    leftovers = [row for row in read_state(state_dir)["nodes"] if pid_alive(row.get("pid"))]
+    # Anything the supervisor could not stop (it was SIGKILLed, say) is ours to stop, by pid: but
+    # only while that pid is still the node we started. After a reboot or a long time the pid
+    # may belong to anyone; its start time and command line say whether it is still ours.
+    def ours(row: dict) -> bool:
+        return pid_alive(row.get("pid")) and is_our_process(row["pid"], started=row.get("started"), name=row["name"])
+
+    rows = (read_state(state_dir) or doc)["nodes"]
+    for row in rows:
+        if pid_alive(row.get("pid")) and not ours(row):
+            print(f"node {row['name']}: pid {row['pid']} now belongs to another process; left alone")
+    leftovers = [row for row in rows if ours(row)]
     for row in leftovers:
         os.kill(row["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while any(pid_alive(r["pid"]) for r in leftovers) and time.monotonic() < deadline:
+    while any(ours(r) for r in leftovers) and time.monotonic() < deadline:
         time.sleep(0.1)
     for row in leftovers:
-        if pid_alive(row["pid"]):
+        if ours(row):
             os.kill(row["pid"], signal.SIGKILL)
     print("cluster stopped")
     return 0

@@ -10,6 +10,21 @@ Order of shutdown, the reverse of start-up's phases: first every node that is no
 the replicas. Within a wave nodes stop in parallel, each drained by SIGTERM and killed only
 after ``STOP_TIMEOUT``; the supervisor's own node last, so nodes can still reach it while they
 drain.
+
+Restarts. A node that exits is started again after a backoff that doubles from
+``BACKOFF_START`` to ``BACKOFF_MAX`` (and starts over once a node ran ``BACKOFF_RESET``
+seconds). That holds during ``up`` too, for a node that was ready in an earlier phase (a worker
+dying while ``up`` trains the models the replicas need); one that dies before it was ever ready
+fails ``up``, with its log. ``CRASHLOOP_RESTARTS`` restarts within ``CRASHLOOP_WINDOW``
+seconds mark a node ``crashloop`` in ``status`` (logged once, "crash-looping"); it is still
+restarted, every ``BACKOFF_MAX`` seconds, and loses the mark once it is ready again.
+
+Node logs (``logs/NAME.log``, and ``supervisor.log``) are rotated past ``LOG_MAX_BYTES``, keeping
+``LOG_KEEP`` older files, by copy and truncate: a node writes its log through a descriptor
+opened for appending, which goes on writing at the start of the truncated file.
+
+``scale`` calls run one at a time (``_scale_lock``): two at once would both start
+``replica-N``, leaving one process untracked.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from typing import Any, Callable
 
 from dmlsys.assembly import ZmqTransports, build_node
 from dmlsys.cluster.errors import ClusterError
-from dmlsys.cluster.nodeproc import EXIT_BIND
+from dmlsys.cluster.nodeproc import EXIT_BIND, node_command, process_start_ticks
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
 from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
 from dmlsys.wire import TransportError
@@ -38,7 +53,10 @@ log = logging.getLogger("dmlsys.supervisor")
 READY_TIMEOUT = 180.0  # a replica may compile its model; a worker may load data
 PROBE_PERIOD = 0.5
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.5, 10.0, 30.0
+CRASHLOOP_RESTARTS, CRASHLOOP_WINDOW = 5, 120.0  # this many restarts within this many seconds
 STOP_TIMEOUT = 30.0
+LOG_MAX_BYTES = int(os.environ.get("DMLSYS_LOG_MAX_BYTES", 16 << 20))  # per log file, before rotation
+LOG_KEEP = 3  # rotated files kept: NAME.log.1 (newest) .. NAME.log.3
 
 
 @dataclasses.dataclass
@@ -55,13 +73,20 @@ class Proc:
     stopping: bool = False
     waiter: asyncio.Task | None = None
     rebinds: int = 0  # starts retried on new ports after a picked one was taken first
+    was_ready: bool = False  # ready once: from then on a death is restarted, even during up
+    crashloop: bool = False
+    restart_times: list[float] = dataclasses.field(default_factory=list)  # within CRASHLOOP_WINDOW
+    start_ticks: int | None = None  # the process's start time: with the pid, its identity for `down`
 
     def row(self) -> dict[str, Any]:
+        running = self.process is not None and self.process.returncode is None
         return {
             "name": self.member.name, "role": self.member.role,
-            "pid": self.process.pid if self.process and self.process.returncode is None else None,
+            "pid": self.process.pid if running else None,
+            "started": self.start_ticks if running else None,
             "zmq": self.member.address, "admin": f"http://{self.member.admin}" if self.member.admin else None,
-            "state": self.state, "restarts": self.restarts, "host": self.member.host,
+            "state": "crashloop" if self.crashloop and self.state != "ready" else self.state,
+            "restarts": self.restarts, "host": self.member.host,
             "model": self.member.config.get("model"),
         }
 
@@ -114,6 +139,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._before_phase = before_phase
         self._groups: dict[str, int] = {n.name: n.replicas for n in spec.nodes if n.replicas is not None}
+        self._scale_lock = asyncio.Lock()
 
     # -- membership -------------------------------------------------------------------------
 
@@ -136,7 +162,8 @@ class Supervisor:
     def status_document(self) -> dict[str, Any]:
         return {
             "cluster": self.spec.name, "spec": self.spec.path, "state": self.state, "error": self.error,
-            "supervisor": {"pid": os.getpid(), "zmq": self.node.transport.address if self.node else None},
+            "supervisor": {"pid": os.getpid(), "started": process_start_ticks(os.getpid()),
+                           "zmq": self.node.transport.address if self.node else None},
             "http": f"http://{self.spec.http}" if self.spec.http else None,
             "nodes": [p.row() for p in self.procs.values()],
             "updated": time.time(),
@@ -228,16 +255,19 @@ class Supervisor:
 
     async def _spawn(self, proc: Proc) -> None:
         _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
-        logfile = open(self.log_dir / f"{proc.member.name}.log", "ab")
+        log_path = self.log_dir / f"{proc.member.name}.log"
+        rotate_log(log_path)
+        logfile = open(log_path, "ab")
+        argv, env = node_command(self.state_dir, proc.member.name)
         try:
             proc.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dmlsys.cluster", "--state-dir", str(self.state_dir), "node",
-                "--name", proc.member.name,
+                *argv, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops nodes in order
             )
         finally:
             logfile.close()
+        proc.start_ticks = process_start_ticks(proc.process.pid)
         proc.started_at = time.monotonic()
         proc.stopping = False
         self._set(proc, "starting")
@@ -257,7 +287,7 @@ class Supervisor:
                     raise ClusterError(f"node {proc.member.name!r} exited with code {proc.process.returncode} while "
                                        f"starting:\n{self.log_tail(proc.member.name)}")
                 if await self._probe(proc) == "ready":
-                    pending.remove(proc)
+                    pending.remove(proc)  # _probe marked it was_ready: from now on it is restarted
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.member.name for p in pending)
                 raise ClusterError(f"node(s) {names} not ready within {READY_TIMEOUT:g}s; see {self.log_dir}")
@@ -272,6 +302,11 @@ class Supervisor:
             state = "unresponsive" if proc.state not in ("starting", "restarting") else proc.state
         if proc.process is None or proc.process.returncode is not None:
             return proc.state
+        if state == "ready":
+            proc.was_ready = True
+            if proc.crashloop:
+                proc.crashloop = False
+                log.info("node %s is ready again after crash-looping", proc.member.name)
         self._set(proc, state)
         return state
 
@@ -288,20 +323,29 @@ class Supervisor:
         code = await process.wait()
         if proc.stopping or self.state in ("stopping", "stopped", "failed") or process is not proc.process:
             return
-        if self.state == "starting":
-            return  # _wait_ready reports it
-        ran = time.monotonic() - proc.started_at
+        if self.state == "starting" and not proc.was_ready:
+            return  # _wait_ready reports it: up fails with the node's log
+        now = time.monotonic()
+        ran = now - proc.started_at
         if ran > BACKOFF_RESET:
             proc.streak = 0
         delay = min(BACKOFF_START * 2 ** proc.streak, BACKOFF_MAX)
         proc.streak += 1
         proc.restarts += 1
+        proc.restart_times = [t for t in proc.restart_times if now - t < CRASHLOOP_WINDOW] + [now]
+        if len(proc.restart_times) >= CRASHLOOP_RESTARTS:
+            delay = BACKOFF_MAX
+            if not proc.crashloop:
+                proc.crashloop = True
+                log.error("node %s is crash-looping: %d restarts within %.0fs; still restarting it every %.0fs "
+                          "(its log: %s)", proc.member.name, len(proc.restart_times), CRASHLOOP_WINDOW, delay,
+                          self.log_dir / f"{proc.member.name}.log")
         self._set(proc, "restarting")
         log.warning("node %s (pid %d) exited with code %s after %.1fs; restarting in %.1fs (restart #%d)",
                     proc.member.name, process.pid, code, ran, delay, proc.restarts)
         self._tell_peer_lost(proc.member.name, f"exited with code {code}")
         await asyncio.sleep(delay)
-        if self.state == "ready" and not proc.stopping:
+        if self.state in ("starting", "ready") and not proc.stopping:
             if code == EXIT_BIND:  # its port was taken while it was down
                 self._repick_ports(proc)
             await self._spawn(proc)
@@ -321,6 +365,7 @@ class Supervisor:
         while not self._stop.is_set():
             await asyncio.gather(*(self._probe(p) for p in self.procs.values()
                                    if p.process is not None and p.process.returncode is None and not p.stopping))
+            self.rotate_logs()
             try:
                 await asyncio.wait_for(self._stop.wait(), PROBE_PERIOD)
             except TimeoutError:
@@ -329,7 +374,19 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def rotate_logs(self) -> None:
+        for path in [self.state_dir / "supervisor.log", *(self.log_dir / f"{n}.log" for n in self.procs)]:
+            try:
+                rotate_log(path)
+            except OSError as e:  # a full disk, say: the nodes matter more than their logs
+                log.warning("cannot rotate %s: %s", path, e)
+
     async def scale(self, group: str, replicas: int) -> list[dict]:
+        """Start or stop members of ``group`` until it has ``replicas``. Calls run one at a time."""
+        async with self._scale_lock:
+            return await self._scale(group, replicas)
+
+    async def _scale(self, group: str, replicas: int) -> list[dict]:
         try:
             template: NodeSpec = self.spec.node_spec(group)
         except KeyError:
@@ -407,3 +464,24 @@ def _write_json(path: Path, doc: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
+
+
+def rotate_log(path: Path, max_bytes: int | None = None, keep: int = LOG_KEEP) -> bool:
+    """Rotate ``path`` if it is over ``max_bytes``: NAME.1 becomes NAME.2 and so on (the oldest
+    dropped), NAME is copied to NAME.1 and truncated. Copy and truncate, not rename: the process
+    writing it holds it open for appending and goes on at the start of the emptied file, where a
+    renamed file would go on growing under its new name. What it writes between the copy and
+    the truncation is lost: a few lines, once per rotation."""
+    max_bytes = LOG_MAX_BYTES if max_bytes is None else max_bytes
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.truncate(path, 0)
+    return True
