@@ -82,9 +82,9 @@ class Piece:
 class Rate(Piece):
     """At most ``limit`` admissions in any window of ``period`` seconds.
 
-    ``resolution``: admissions are remembered with their expiry rounded *up* to a multiple of
-    this many seconds, so a principal's log holds at most ``period / resolution + 1`` entries
-    whatever the limit. Rounding up only ever delays an admission (never over-admits); the
+    ``resolution``: admissions are remembered with their expiry rounded *up* by less than this
+    many seconds (onto a grid, or to the newest entry's expiry), so a principal's log holds at
+    most ``period / resolution + 1`` entries whatever the limit. Rounding up only ever delays an admission (never over-admits); the
     price is that capacity comes back up to ``resolution`` late. ``None`` picks 0 (exact) when
     ``limit <= 1024`` and ``period / 1024`` otherwise."""
 
