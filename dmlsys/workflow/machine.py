@@ -14,7 +14,8 @@ A step's states::
                                 -> partial -> ready -> running ...   (an async-edge step, between runs)
                                 -> failed
     pending -> skipped           (under "continue": an input can no longer be had)
-    any state but a final one -> cancelled   (``close``: fail-fast stopped the run, or it was cancelled)
+    ready -> cancelled           (under "fail_fast", at the first failure: the queue is dropped)
+    any state but a final one -> cancelled   (``close``: the run stopped or was cancelled)
 
 ``StepRecord.state`` (the report) follows the same states, except that ``ready`` is shown as
 what it was before (``pending``, or ``partial`` for a rerun): it is the executor's queue, not
@@ -47,9 +48,11 @@ outcomes and orders of completion):
    input that is not ``done``, an ``AsCompleted`` edge with fewer than ``k`` sources ``done``,
    a ``Latest`` source that ended without a single result. Every other step runs to ``done``
    or fails on its own. A ``done`` async-edge step's final run saw every source that is done.
-5. Under ``fail_fast``, nothing becomes ready after the first failure: the steps already
-   running may still end ``done`` or ``failed``, every other unfinished step ends
-   ``cancelled``, and none is skipped.
+5. Under ``fail_fast``, nothing becomes ready after the first failure, and what was ready is
+   cancelled: the steps already running may still end ``done`` or ``failed``, every other
+   unfinished step ends ``cancelled``, and none is skipped.
+6. A step is ``ready`` exactly while it is in ``ready`` or held by the executor between
+   popping it and ``start``.
 """
 
 from __future__ import annotations
@@ -272,18 +275,27 @@ class StepMachine:
         self.errors[rec.name] = exc
         if self.fail_fast:
             self.stopping = True
-            self.ready.clear()
+            self._cancel_ready(now)
         else:
             self._propagate_skip(node, now)
 
     def close(self, now: float) -> None:
         """The run is over: every step not in a final state is cancelled."""
         self.stopping = True
-        self.ready.clear()
+        self._cancel_ready(now)
         for node in self.nodes:
             if node.state not in FINAL:
                 node.state = node.record.state = CANCELLED
                 node.record.end = now
+
+    def _cancel_ready(self, now: float) -> None:
+        # A step is ready exactly while it is in the queue: what is dropped from it is cancelled.
+        nodes = self.nodes
+        for i in self.ready:
+            node = nodes[i]
+            node.state = node.record.state = CANCELLED
+            node.record.end = now
+        self.ready.clear()
 
     # ------------------------------------------------------------------ propagation
     def _finalize(self, node: StepState, now: float) -> None:
