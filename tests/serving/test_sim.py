@@ -32,7 +32,7 @@ class Cluster:
         return fake_runtime(model, version or self.store_versions[model])
 
     async def start_replica(self, name: str) -> Node:
-        node = Node(name, self.net.transport(name), role="replica")
+        node = Node(name, self.net.transport(name), role="replica", directory=self.directory)
         node.add_service(ModelService(ReplicaConfig("m", "unused", **self.replica_config), loader=self.loader,
                                       offload=False))
         await node.start()
