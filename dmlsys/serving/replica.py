@@ -169,13 +169,19 @@ class ModelService(Service):
         entries = [self._admit(item) for item in items]
         self._wake.set()
         results = []
-        for entry in entries:
-            try:
-                if isinstance(entry, Exception):
-                    raise entry
-                results.append(await entry)
-            except Exception as e:
-                results.append({"error": type(e).__name__, "message": str(e)})
+        try:
+            for entry in entries:
+                try:
+                    if isinstance(entry, Exception):
+                        raise entry
+                    results.append(await entry)
+                except Exception as e:
+                    results.append({"error": type(e).__name__, "message": str(e)})
+        except asyncio.CancelledError:  # the caller gave up (its deadline): the batcher skips the rest
+            for entry in entries:
+                if isinstance(entry, asyncio.Future):
+                    entry.cancel()
+            raise
         return {"results": results}
 
     def _check_serving(self) -> None:
