@@ -383,7 +383,7 @@ class Node:
 
     def _reply(self, route: Route, msg: Message, result: Any) -> None:
         try:
-            frames = encode(Message(Kind.REPLY, msg.id, msg.method, self.name, result))
+            frames = encode(Message(Kind.REPLY, msg.id, msg.method, self.name, result), self.limits)
         except WireError as e:
             self._reply_error(route, msg, "WireError", f"handler returned what the wire cannot carry: {e}")
             return
