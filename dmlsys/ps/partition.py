@@ -9,14 +9,15 @@ shards. A leaf larger than the cap ``c = ceil(T / (k·S))`` (``k = split_factor`
 cut along its first axis into contiguous row ranges of at most ``max(c, one row)`` bytes, their
 row counts differing by at most one. The pieces, largest first (ties by path, so the
 map is a pure function of its inputs), each go to the shard with the least bytes so far (ties
-to the lowest index), starting from the bytes the tables already put on each shard.
+to the lowest index), starting from the bytes the tables already put on each shard. Adjacent
+pieces of a leaf that land on one shard are merged back into one slice.
 
 **Tables: rows by id modulo S.** Row ``i`` of a table lives on shard ``i % S`` at local index
 ``i // S``: no lookup table, any worker computes a row's home from its id, and every shard gets
 ``floor`` or ``ceil`` of ``rows / S`` rows of every table.
 
 **Guarantee** (checked by ``tests/ps/test_partition.py`` for any list of shapes): with ``B`` the
-total bytes, ``p`` the largest dense piece and ``R`` the sum over tables of one row's bytes,
+total bytes, ``p`` the largest dense piece (before merging) and ``R`` the sum over tables of one row's bytes,
 
     max bytes on a shard  <=  B / S  +  max(p, R),      and  p <= max(c, largest row of any leaf).
 
@@ -339,7 +340,23 @@ def plan(specs: Iterable[LeafSpec], shards: int, *, tables: Iterable[str] = (), 
         load[shard] += nbytes
         placed.append((order, a, Slice(path, a, b, whole, shard, nbytes)))
     placed.sort(key=lambda p: (p[0], p[1]))
-    return PartitionMap(shards, tuple(dense), tuple(s for _, _, s in placed), tuple(table_list), version)
+    return PartitionMap(shards, tuple(dense), tuple(_merge([s for _, _, s in placed], dense)), tuple(table_list),
+                        version)
+
+
+def _merge(slices: list[Slice], leaves: list[LeafSpec]) -> list[Slice]:
+    """Adjacent pieces of one leaf that landed on one shard become one slice (fewer keys and
+    arrays per message; every shard's bytes stay the same, so the bound still holds)."""
+    rows = {leaf.path: (leaf.shape[0] if leaf.shape else 1) for leaf in leaves}
+    out: list[Slice] = []
+    for s in slices:
+        last = out[-1] if out else None
+        if last is not None and last.path == s.path and last.shard == s.shard and last.stop == s.start:
+            out[-1] = Slice(s.path, last.start, s.stop, last.start == 0 and s.stop == rows[s.path],
+                            s.shard, last.nbytes + s.nbytes)
+        else:
+            out.append(s)
+    return out
 
 
 def partition(tree: Any, shards: int, *, tables: Iterable[str] = (), split_factor: int = 4,
