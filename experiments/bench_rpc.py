@@ -8,7 +8,12 @@ Three measurements, each against a server in its own process:
 The raw side is a pyzmq ROUTER echo server and a DEALER client with zero-copy sends: the floor
 any framework on ZeroMQ pays. Ratios are what to read: this machine is shared and noisy.
 
+``--curve`` adds a third side, ours with a cluster key (CurveZMQ on every connection, see
+docs/security.md), alternated with the other two, and rows ``tcp+curve`` whose ratio is
+CURVE on over CURVE off: the price of encryption and authentication.
+
     python experiments/bench_rpc.py --transport tcp ipc --json docs/bench_rpc.json
+    python experiments/bench_rpc.py --transport tcp ipc --curve --json docs/bench_rpc_curve.json
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import zmq
 
 ARRAY_BYTES = 16 << 20
+CLUSTER_KEY = None  # set in main() when --curve: one key for every CURVE run of this benchmark
 
 
 # -- servers (each runs in its own process) ---------------------------------------------------
@@ -49,11 +55,12 @@ def raw_server(address: str, ready) -> None:
     ctx.term()
 
 
-def dmlsys_server(address: str, ready) -> None:
+def dmlsys_server(address: str, ready, key: str | None = None) -> None:
     import uvloop
 
     from dmlsys.assembly import ZmqTransports, build_node
-    from dmlsys.node import Member, Service, rpc
+    from dmlsys.node import Directory, Member, Service, rpc
+    from dmlsys.wire.curve import ClusterKey
 
     class Bench(Service):
         name = "bench"
@@ -74,7 +81,10 @@ def dmlsys_server(address: str, ready) -> None:
     async def main() -> None:
         global done
         done = asyncio.Event()
-        node = build_node(Member("server", "", address), ZmqTransports(), services=[Bench()])
+        keys = ClusterKey.from_text(key) if key else None
+        # The server admits the names it knows: the client is a member of its directory.
+        node = build_node(Member("server", "", address), ZmqTransports(keys=keys), services=[Bench()],
+                          directory=Directory([Member("client", "client", "tcp://127.0.0.1:9")]))
         await node.start()
         ready.set()
         await done.wait()
@@ -126,14 +136,16 @@ def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -
     return {"latency": latency * 1e6, "throughput": throughput, "array": array_gbs}
 
 
-def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
+def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, key: str | None = None) -> dict:
     import uvloop
 
     from dmlsys.assembly import ZmqTransports, build_node
     from dmlsys.node import Member
+    from dmlsys.wire.curve import ClusterKey
 
     async def main() -> dict:
-        node = build_node(Member("client", "client", "tcp://127.0.0.1:0"), ZmqTransports())
+        keys = ClusterKey.from_text(key) if key else None
+        node = build_node(Member("client", "client", "tcp://127.0.0.1:0"), ZmqTransports(keys=keys))
         await node.start()
         node.directory.update([Member("server", "", address)])
         msg = b"x" * 32
@@ -167,13 +179,16 @@ def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int
 def measure(kind: str, address: str, args) -> dict:
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    server = ctx.Process(target=raw_server if kind == "raw" else dmlsys_server, args=(address, ready), daemon=True)
+    key = CLUSTER_KEY.to_text() if kind == "curve" else None
+    server_args = (address, ready) if kind == "raw" else (address, ready, key)
+    server = ctx.Process(target=raw_server if kind == "raw" else dmlsys_server, args=server_args, daemon=True)
     server.start()
     try:
         if not ready.wait(30):
             raise RuntimeError(f"{kind} server did not start")
-        client = raw_client if kind == "raw" else dmlsys_client
-        return client(address, args.latency_n, args.throughput_n, args.arrays)
+        if kind == "raw":
+            return raw_client(address, args.latency_n, args.throughput_n, args.arrays)
+        return dmlsys_client(address, args.latency_n, args.throughput_n, args.arrays, key)
     finally:
         server.join(10)
         if server.is_alive():
@@ -190,6 +205,8 @@ def free_tcp_address() -> str:
 
 
 TARGETS = {"latency": ("<=", 2.0), "throughput": (">=", 0.5), "array": (">=", 0.8)}
+# CURVE on over CURVE off (issue 12); throughput has no stated target, 0.7x is ours.
+CURVE_TARGETS = {"latency": ("<=", 1.3), "throughput": (">=", 0.7), "array": (">=", 0.5)}
 UNITS = {"latency": "us", "throughput": "req/s", "array": "GB/s"}
 
 
@@ -199,9 +216,10 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
     The ratio is the median of the per-repeat ratios: each pair of runs is adjacent in time, so
     a neighbour's load that comes and goes (this machine is shared) cancels within a pair.
     """
-    runs: dict[str, list[dict]] = {"raw": [], "ours": []}
+    kinds = ("raw", "ours", "curve") if args.curve else ("raw", "ours")
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for i in range(args.repeats):
-        for kind in ("raw", "ours"):
+        for kind in kinds:
             address = free_tcp_address() if transport == "tcp" else f"ipc://{tmp}/{kind}{i}.sock"
             runs[kind].append(measure(kind, address, args))
             print(f"{transport} run {i + 1}/{args.repeats} {kind}: {runs[kind][-1]}", file=sys.stderr)
@@ -212,6 +230,14 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
         ratio = float(np.median([o / r for o, r in zip(ours, raw)]))
         rows.append({"metric": metric, "ours": round(float(np.median(ours)), 3), "raw": round(float(np.median(raw)), 3),
                      "unit": unit, "ratio": round(ratio, 3), "transport": transport, "repeats": args.repeats})
+    if args.curve:  # one more row set: ours with CURVE against ours without, pairwise as above
+        for metric, unit in UNITS.items():
+            curve = [r[metric] for r in runs["curve"]]
+            plain = [r[metric] for r in runs["ours"]]
+            ratio = float(np.median([c / p for c, p in zip(curve, plain)]))
+            rows.append({"metric": metric, "ours": round(float(np.median(curve)), 3),
+                         "raw": round(float(np.median(plain)), 3), "unit": unit, "ratio": round(ratio, 3),
+                         "transport": f"{transport}+curve", "baseline": "ours without CURVE", "repeats": args.repeats})
     return rows
 
 
@@ -223,6 +249,8 @@ def main() -> None:
     parser.add_argument("--latency-n", type=int, default=5000)
     parser.add_argument("--throughput-n", type=int, default=20000)
     parser.add_argument("--arrays", type=int, default=20)
+    parser.add_argument("--curve", action="store_true",
+                        help="also run ours with a cluster key (CURVE); rows TRANSPORT+curve compare it to ours without")
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--plot", metavar="PNG", help="bar chart of the rows (default: the --json path with .png)")
     parser.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
@@ -232,6 +260,11 @@ def main() -> None:
     if args.from_json:
         return _plot.bench_rpc(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
 
+    if args.curve:
+        global CLUSTER_KEY
+        from dmlsys.wire.curve import ClusterKey
+
+        CLUSTER_KEY = ClusterKey.generate()
     tmp = tempfile.mkdtemp(prefix="dmlsys-bench-")
     rows: list[dict] = []
     try:
@@ -245,11 +278,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dmlsys RPC vs raw pyzmq (medians of {args.repeats} alternating runs; ratio = median of per-run ratios)")
-    for col in ("transport", "metric", "dmlsys", "raw pyzmq", "unit", "ratio", "target"):
+    table = Table(title=f"dmlsys RPC vs raw pyzmq (medians of {args.repeats} alternating runs; ratio = median of per-run ratios)"
+                  + ("; +curve rows: dmlsys with CURVE vs dmlsys without" if args.curve else ""))
+    for col in ("transport", "metric", "dmlsys", "baseline", "unit", "ratio", "target"):
         table.add_column(col, justify="left" if col in ("transport", "metric", "unit") else "right")
     for row in rows:
-        op, bound = TARGETS[row["metric"]]
+        op, bound = (CURVE_TARGETS if row["transport"].endswith("+curve") else TARGETS)[row["metric"]]
         ok = row["ratio"] <= bound if op == "<=" else row["ratio"] >= bound
         table.add_row(row["transport"], row["metric"], f"{row['ours']:,.2f}", f"{row['raw']:,.2f}", row["unit"],
                       f"{row['ratio']:.2f}x", f"{op} {bound}x {'ok' if ok else 'MISSED'}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from dmlsys.wire import DEFAULT_LIMITS, Limits, Transport
+from dmlsys.wire.curve import ClusterKey
 from dmlsys.wire.sim import SimNetwork
 from dmlsys.wire.zmq_transport import ZmqTransport
 
@@ -26,19 +27,24 @@ class Transports(Protocol):
 
 
 class ZmqTransports:
-    """ZeroMQ: ``tcp://HOST:0`` by default (a free port, the bound one is read back after start)."""
+    """ZeroMQ: ``tcp://HOST:0`` by default (a free port, the bound one is read back after start).
+
+    ``keys``: the cluster's ``ClusterKey``; every transport made then speaks CURVE and admits
+    only members of that cluster (docs/security.md). None: no authentication, as in tests."""
 
     kind = "zmq"
 
-    def __init__(self, host: str = "127.0.0.1", *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, limits: Limits = DEFAULT_LIMITS,
+                 keys: ClusterKey | None = None) -> None:
         self.host = host
         self.limits = limits
+        self.keys = keys
 
     def default_address(self, name: str) -> str:
         return f"tcp://{self.host}:0"
 
     def __call__(self, name: str, address: str) -> Transport:
-        return ZmqTransport(name, address, limits=self.limits)
+        return ZmqTransport(name, address, limits=self.limits, keys=self.keys)
 
 
 class SimTransports:

@@ -16,6 +16,13 @@ request whose header still names its id, the caller gets the ``WireError`` as it
 Nor does it take on more than ``NodeLimits`` allow: at most ``max_in_flight`` handler tasks
 (past that a request is answered ``NodeBusy``), each running no longer than its caller waits,
 or ``default_deadline_s`` when the caller did not say.
+
+Who sent a message is who its connection proved to be, when the transport authenticates
+(CURVE, docs/security.md): a message whose header names someone else is dropped and counted
+(``forged_sender``); a reply counts only from the peer its call went to (``forged_reply``);
+a handler declared ``allow=...`` runs only for the callers it names (``not_allowed``). Over a
+transport that does not authenticate, the header's sender is taken at its word, and the same
+checks apply to it.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from dmlsys.node.errors import NodeStopped, PeerUnreachable, RemoteError
 from dmlsys.node.limits import BUSY, DEFAULT_NODE_LIMITS, NodeLimits
 from dmlsys.node.metrics import NodeMetrics
 from dmlsys.node.pending import PendingCalls
-from dmlsys.node.service import CallContext, Gate, Handler, NodeService, Service
+from dmlsys.node.service import Allow, CallContext, Gate, Handler, NodeService, Service
 from dmlsys.wire.codec import (
     DEFAULT_LIMITS, MAX_DEADLINE, Kind, Limits, Message, WireError, decode, encode, request_prefix,
 )
+from dmlsys.wire.curve import principal_of
 from dmlsys.wire.transport import Route, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -91,6 +99,7 @@ class Node:
         self.directory = directory or Directory()
         self._peer_lost_watchers: list[Callable[[str, str], None]] = []
         transport.set_receiver(self._on_frames)
+        transport.set_refusal_observer(self._connection_refused)
         self.add_service(NodeService())
 
     # -- composition ----------------------------------------------------------------------
@@ -294,14 +303,21 @@ class Node:
 
     # -- inbound --------------------------------------------------------------------------
 
-    def _on_frames(self, frames, route: Route) -> None:
+    def _on_frames(self, frames, route: Route, principal: str | None = None) -> None:
+        """One inbound message. ``principal``: who the transport proved sent it (None: a
+        transport that does not authenticate; the header's sender stands)."""
         metrics = self.metrics
         metrics.messages_in += 1
         metrics.bytes_in += sum(map(len, frames))
         try:
             msg = decode(frames, self.limits)
         except WireError as e:
-            self._bad_message(route, e, frames)
+            self._bad_message(route, e, frames, principal)
+            return
+        if principal is not None and principal_of(msg.sender) != principal:
+            metrics.error("forged_sender")
+            self._log_rate_limited(principal, "node %s dropped a %s from %s whose header says it is from %r",
+                                   msg.method, principal, msg.sender[:100])
             return
         kind = msg.kind
         if kind is Kind.REPLY or kind is Kind.ERROR:
@@ -310,6 +326,12 @@ class Node:
                 metrics.error("late_reply")  # timed out already, or a duplicate
                 return
             fut, peer, method, _ = entry
+            if (msg.sender if principal is None else principal) != (peer if principal is None else principal_of(peer)):
+                # Only the peer the call went to answers it: ids are sequential, easy to guess.
+                metrics.error("forged_reply")
+                self._log_rate_limited(principal or msg.sender, "node %s dropped a reply to its %s call to %s "
+                                       "that came from %s", method, peer, principal or msg.sender[:100])
+                return
             if fut.done():
                 return
             if kind is Kind.REPLY:
@@ -331,6 +353,9 @@ class Node:
             metrics.error("wrong_kind")
             if kind is Kind.REQUEST:
                 self._reply_error(route, msg, "WrongKind", f"{msg.method} is one-way; use send(), not call()")
+            return
+        if handler.allow is not None and not self._allowed(handler.allow, principal or principal_of(msg.sender)):
+            self._not_allowed(route, msg, handler.allow, principal or principal_of(msg.sender))
             return
         if msg.deadline is None and kind is Kind.REQUEST:
             msg.deadline = self.node_limits.default_deadline_s  # nobody's work runs forever
@@ -423,9 +448,24 @@ class Node:
             return
         self._count_out(frames)
 
-    def _bad_message(self, route: Route, error: WireError, frames: Any) -> None:
+    def _allowed(self, allow: Allow, principal: str) -> bool:
+        member = self.directory.get(principal)
+        return allow.admits(principal, member.role if member is not None else None)
+
+    def _not_allowed(self, route: Route, msg: Message, allow: Allow, principal: str) -> None:
+        self.metrics.error("not_allowed")
+        text = f"node {self.name!r}: {principal!r} may not call {msg.method} (allowed: {allow})"
+        if msg.kind is Kind.REQUEST:
+            self._reply_error(route, msg, "NotAllowed", text)
+        self._log_rate_limited(principal, "node %s refused %s from %s (allowed: %s)", msg.method, principal, allow)
+
+    def _connection_refused(self, address: str, reason: str) -> None:
+        # The transport logs these itself (rate-limited); here they are counted with the node's errors.
+        self.metrics.error("connection_refused")
+
+    def _bad_message(self, route: Route, error: WireError, frames: Any, principal: str | None = None) -> None:
         self.metrics.error("bad_message")
-        peer = route.decode(errors="replace") if isinstance(route, bytes) else str(route)
+        peer = principal or (route.decode(errors="replace") if isinstance(route, bytes) else str(route))
         prefix = request_prefix(frames)
         if prefix is not None:
             # A request we cannot take (over a limit, a bad array frame) is still answered, at

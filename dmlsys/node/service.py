@@ -15,6 +15,15 @@
 A handler takes ``body`` and, if it declares a second parameter, a ``CallContext``. Whatever it
 returns is the reply body; whatever it raises reaches the caller as a ``RemoteError`` with the
 exception's type name and message.
+
+Who may call a handler is declared on it, and checked by the node before it runs::
+
+        @rpc(allow=ADMIN)                  # the supervisor, the CLI and "client" members only
+        async def shutdown(self, body): ...
+
+A handler without ``allow`` answers every member. The caller is the principal its connection
+authenticated as when the transport authenticates (CURVE, docs/security.md), else the sender
+its header names; a refused call gets a ``NotAllowed`` error and is counted.
 """
 
 from __future__ import annotations
@@ -27,17 +36,55 @@ if TYPE_CHECKING:
     from dmlsys.node.node import Node
 
 _HANDLER_ATTR = "_dmlsys_handler"
+_ALLOW_ATTR = "_dmlsys_allow"
 
 
-def rpc(fn: Callable) -> Callable:
-    """Mark a method as a request/reply handler."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Allow:
+    """Who may call a handler: principals by name, and members of the directory by role.
+
+    ``Allow(names={"supervisor"}) | Allow(roles={"gateway"})`` admits the supervisor and every
+    member whose directory entry says role "gateway". Roles come from the member list, which
+    is the supervisor's word (its replies are accepted only from it)."""
+
+    names: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+
+    def __or__(self, other: "Allow") -> "Allow":
+        return Allow(self.names | other.names, self.roles | other.roles)
+
+    def admits(self, principal: str, role: str | None) -> bool:
+        return principal in self.names or (role is not None and role in self.roles)
+
+    def __str__(self) -> str:
+        return ", ".join([*sorted(self.names), *(f"role {r}" for r in sorted(self.roles))]) or "nobody"
+
+
+def allow(*names: str, roles: tuple[str, ...] = ()) -> Allow:
+    return Allow(frozenset(names), frozenset(roles))
+
+
+SUPERVISOR = allow("supervisor")
+# Administration: the supervisor, the command line (every ``cli-*`` client acts as ``cli``), and
+# members of role "client" (drivers such as the pipeline's trainer, placed by the operator).
+ADMIN = allow("supervisor", "cli", roles=("client",))
+
+
+def rpc(fn: Callable | None = None, *, allow: Allow | None = None) -> Callable:
+    """Mark a method as a request/reply handler: ``@rpc``, or ``@rpc(allow=ADMIN)``."""
+    if fn is None:
+        return lambda f: rpc(f, allow=allow)
     setattr(fn, _HANDLER_ATTR, "rpc")
+    setattr(fn, _ALLOW_ATTR, allow)
     return fn
 
 
-def oneway(fn: Callable) -> Callable:
+def oneway(fn: Callable | None = None, *, allow: Allow | None = None) -> Callable:
     """Mark a method as a one-way handler: no reply is sent, errors are only logged."""
+    if fn is None:
+        return lambda f: oneway(f, allow=allow)
     setattr(fn, _HANDLER_ATTR, "oneway")
+    setattr(fn, _ALLOW_ATTR, allow)
     return fn
 
 
@@ -55,6 +102,7 @@ class Handler:
     is_async: bool
     wants_context: bool
     oneway: bool
+    allow: Allow | None = None  # None: every member may call it
 
 
 class Service:
@@ -86,9 +134,13 @@ class Service:
             if len(params) not in (1, 2):
                 raise TypeError(f"handler {type(self).__name__}.{attr} must take (body) or (body, ctx), takes {params}")
             found[f"{self.name}.{attr}"] = Handler(
-                bound, inspect.iscoroutinefunction(fn), len(params) == 2, mode == "oneway"
+                bound, inspect.iscoroutinefunction(fn), len(params) == 2, mode == "oneway", getattr(fn, _ALLOW_ATTR, None)
             )
         return found
+
+    def acl(self) -> dict[str, Allow | None]:
+        """``{"service.method": who may call it}``: this service's access rules, for review."""
+        return {method: handler.allow for method, handler in self.handlers().items()}
 
 
 class Gate:
@@ -131,7 +183,7 @@ class NodeService(Service):
     def ping(self, body):
         return {"state": self.node.state.value, "failing_gates": self.node.failing_gates}
 
-    @oneway
+    @oneway(allow=SUPERVISOR)
     def peer_lost(self, body, ctx):
         """``{"name", "reason"}`` from the supervisor, which saw that node's process exit: calls
         waiting on it fail now (``PeerUnreachable``), not at their timeouts. From anyone else: ignored."""

@@ -40,7 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dmlsys.node import Service, rpc
+from dmlsys.node import ADMIN, Service, rpc
 from dmlsys.serving import messages
 from dmlsys.serving.balancer import Balancer, BalancerConfig
 from dmlsys.serving.errors import BadInput, BodyTooLarge, ServingError, SlowClient
@@ -309,7 +309,7 @@ class GatewayService(Service):
     def models(self, body=None) -> dict[str, Any]:
         return self.balancer.models()
 
-    @rpc
+    @rpc(allow=ADMIN)
     async def rollout(self, body: Any) -> dict[str, Any]:
         """``{"model": name, "version": v | None}``: reload every replica, one at a time."""
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):

@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 # Where a reply goes: a ZeroMQ routing identity, or a peer name in the simulation. Opaque to
 # everyone but the transport that produced it.
 Route = Any
-Receiver = Callable[[Sequence[Any], Route], None]
+# receiver(frames, route) or, from a transport that authenticates its peers,
+# receiver(frames, route, principal): the name the sender proved to hold the key of.
+Receiver = Callable[..., None]
 
 
 class TransportError(RuntimeError):
@@ -55,6 +57,12 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    authenticated = False  # True: every inbound message comes with its sender's principal
+
+    def set_refusal_observer(self, observer: Callable[[str, str], None]) -> None:
+        """``observer(address, reason)`` on the event loop for each connection this endpoint
+        refused. Only transports that authenticate refuse anyone; the rest ignore this."""
 
     def peers(self) -> dict[str, str]:
         return {}

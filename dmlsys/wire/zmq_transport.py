@@ -8,6 +8,14 @@ We drive raw sockets from the event loop with ``add_reader`` rather than ``zmq.a
 readable callback drains every queued message, which halves the per-message cost measured
 here. ZeroMQ's FD is edge-triggered and a send can consume the edge, so after every send we
 check ``EVENTS`` and schedule a drain ourselves if input is waiting.
+
+With a ``ClusterKey`` (``keys=``) every TCP socket speaks CURVE (see ``dmlsys.wire.curve``): the
+ROUTER admits only keys of names this endpoint knows, through a ZAP handler on a context of
+this transport's own, and each DEALER checks that its peer holds that peer's key (on ipc://,
+PLAIN with a per-name token, unencrypted, as ``dmlsys.wire.curve`` explains). Every
+message then arrives with the name of the principal that sent it, which the receiver gets as a
+third argument. Dealers set no identity then: the ROUTER numbers connections itself, so no
+newcomer can take over another's reply route by claiming its name.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any, Sequence
 import zmq
 
 from dmlsys.wire.codec import DEFAULT_LIMITS, Limits
+from dmlsys.wire.curve import CLI, ZAP_DOMAIN, ClusterKey, RefusalLog, ZapHandler, principal_of, secure_mechanism
 from dmlsys.wire.transport import Receiver, Route, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -77,6 +86,7 @@ class ZmqTransport(Transport):
     """``ZmqTransport("w0", "tcp://127.0.0.1:0")`` binds a free port; ``address`` then says which.
 
     ``ipc://`` addresses work too and are faster between processes on one host.
+    ``keys=ClusterKey(...)``: CURVE on every connection, to and from members of that cluster only.
     """
 
     def __init__(
@@ -88,6 +98,7 @@ class ZmqTransport(Transport):
         limits: Limits = DEFAULT_LIMITS,
         hwm: int = 100_000,
         context: zmq.Context | None = None,
+        keys: ClusterKey | None = None,
     ) -> None:
         self.name = name
         self.address = bind
@@ -95,7 +106,14 @@ class ZmqTransport(Transport):
         self._peers: dict[str, str] = dict(peers or {})
         self._limits = limits
         self._hwm = hwm
-        self._ctx = context or zmq.Context.instance()
+        self._keys = keys
+        # A ZAP handler serves a whole context: an authenticating endpoint gets a context of its own.
+        self._own_ctx = keys is not None and context is None
+        self._ctx = zmq.Context(io_threads=1) if self._own_ctx else (context or zmq.Context.instance())
+        self._zap: ZapHandler | None = None
+        self._dealer_peer: dict[zmq.Socket, str] = {}  # with keys: the principal each dealer's server proved to be
+        self.refusals = RefusalLog(f"node {name!r}")
+        self._refusal_observer = None
         self._router: zmq.Socket | None = None
         self._dealers: dict[str, zmq.Socket] = {}
         self._receiver: Receiver | None = None
@@ -110,12 +128,26 @@ class ZmqTransport(Transport):
     def set_receiver(self, receiver: Receiver) -> None:
         self._receiver = receiver
 
+    def set_refusal_observer(self, observer) -> None:
+        self._refusal_observer = observer
+
+    @property
+    def authenticated(self) -> bool:
+        return self._keys is not None
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _tune_malloc()
         router = self._socket(zmq.ROUTER)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same name takes over
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises, not vanishes
+        if self._keys is None:
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same name takes over
+        else:
+            try:
+                self._start_zap(router)
+            except zmq.ZMQError as e:
+                router.close(linger=0)
+                raise TransportError(f"node {self.name!r} cannot start its ZAP handler: {e.strerror}") from None
         bind = self._bind
         if bind.startswith("tcp://") and bind.endswith(":0"):
             bind = bind[:-2] + ":*"
@@ -128,25 +160,65 @@ class ZmqTransport(Transport):
         self._router = router
         self._watch(router)
 
+    def _start_zap(self, router: zmq.Socket) -> None:
+        keys = self._keys
+        zap = ZapHandler(self._ctx, keys, self._refused_elsewhere)
+        for name in {self.name, CLI, "supervisor", *self._peers}:
+            zap.admit(name)
+        if secure_mechanism(self._bind) == "CURVE":
+            public, secret = keys.keypair(self.name)
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            router.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        else:
+            router.setsockopt(zmq.PLAIN_SERVER, 1)
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        zap.watch(router)
+        zap.start()
+        self._zap = zap
+
+    def _refused_elsewhere(self, address: str, reason: str) -> None:
+        # On the ZAP thread: count and log on the loop, where the node's metrics live.
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._refused, address, reason)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+
+    def _refused(self, address: str, reason: str) -> None:
+        self.refusals(address, reason)
+        if self._refusal_observer is not None:
+            self._refusal_observer(address, reason)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._zap is not None:
+            self._zap.close()  # joins its thread first: it reads the router's monitor
+            self._zap = None
         for sock in [self._router, *self._dealers.values()]:
             if sock is not None:
                 self._unwatch(sock)
                 sock.close(linger=0)
         self._dealers.clear()
+        self._dealer_peer.clear()
         self._recheck_soon.clear()
         self._router = None
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)
 
     # -- peers ----------------------------------------------------------------------------
 
     def add_peer(self, name: str, address: str) -> None:
         old = self._peers.get(name)
         self._peers[name] = address
+        if self._zap is not None and old is None:
+            self._zap.admit(name)
         if old is not None and old != address and name in self._dealers:
             sock = self._dealers.pop(name)
+            self._dealer_peer.pop(sock, None)
             self._unwatch(sock)
             sock.close(linger=0)
 
@@ -187,7 +259,18 @@ class ZmqTransport(Transport):
             known = ", ".join(sorted(self._peers)) or "none"
             raise TransportError(f"no address known for peer {peer!r} (known peers: {known})")
         sock = self._socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        if self._keys is None:
+            sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        elif secure_mechanism(address) == "CURVE":
+            public, secret = self._keys.keypair(self.name)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._keys.public_key(peer))
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            self._dealer_peer[sock] = principal_of(peer)
+        else:  # ipc: the socket file sits in a directory only the cluster's user can enter
+            sock.setsockopt(zmq.PLAIN_USERNAME, principal_of(self.name).encode())
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self._keys.token(self.name))
+            self._dealer_peer[sock] = principal_of(peer)
         sock.connect(address)
         self._dealers[peer] = sock
         self._watch(sock)
@@ -240,6 +323,10 @@ class ZmqTransport(Transport):
         receiver = self._receiver
         is_router = sock is self._router
         leading = 2 if is_router else 1
+        # With keys, who sent each message: the dealer's server (it proved its key), or the
+        # principal ZAP named for the ROUTER connection a message came in on.
+        authenticated = self._keys is not None
+        dealer_peer = self._dealer_peer.get(sock) if authenticated and not is_router else None
         # One part past the frame limit is kept, so that decode() refuses the message by its
         # frame count; the parts after it are read and dropped, never gathered in a list.
         max_parts = leading + self._limits.max_frames
@@ -248,7 +335,10 @@ class ZmqTransport(Transport):
             # Bounded batch so one busy socket cannot starve the loop.
             for i in range(256):
                 try:
-                    frames = _recv_frames(sock, leading, max_parts)
+                    if authenticated and is_router:
+                        frames = _recv_frames_authenticated(sock, max_parts)
+                    else:
+                        frames = _recv_frames(sock, leading, max_parts)
                 except zmq.Again:
                     # A failed non-blocking recv makes libzmq process every pending command, so
                     # the FD's state is exact again: it will signal the next arrival. No recheck
@@ -261,7 +351,13 @@ class ZmqTransport(Transport):
                 if receiver is None:
                     continue
                 try:
-                    if is_router:
+                    if authenticated:
+                        if is_router:
+                            route, principal = frames[0]
+                            receiver(frames[1:], route, principal)
+                        else:
+                            receiver(frames, None, dealer_peer)
+                    elif is_router:
                         receiver(frames[1:], frames[0])
                     else:
                         receiver(frames, None)
@@ -303,4 +399,18 @@ def _recv_frames(sock: zmq.Socket, leading: int, max_parts: int) -> list:
             _zrecv(sock, 0, copy=False)  # the rest of a message already refused: read, dropped
             continue
         parts.append(_zrecv(sock, 0, copy=len(parts) < leading))
+    return parts
+
+
+def _recv_frames_authenticated(sock: zmq.Socket, max_parts: int) -> list:
+    """As ``_recv_frames`` on a ROUTER, with ``(route, principal)`` as the first part: the
+    principal is the User-Id the ZAP handler gave the connection, which libzmq carries on
+    every message part of it."""
+    first = _zrecv(sock, _NOBLOCK, copy=False)
+    parts: list = [(first.bytes, first.get("User-Id")), _zrecv(sock, 0)]
+    while _zget(sock, _RCVMORE):
+        if len(parts) >= max_parts:
+            _zrecv(sock, 0, copy=False)
+            continue
+        parts.append(_zrecv(sock, 0, copy=False))
     return parts
