@@ -131,7 +131,7 @@ class EventQueue:
     """Admission, bounded fair queues and refusals for the tiers of ``limiter``. Not thread-safe.
 
         q = EventQueue(Limiter(tiers))
-        got = q.offer("anonymous", "anon:10.0.0.7", now)
+        got, pushed_out = q.offer("anonymous", "anon:10.0.0.7", now)   # answer pushed_out 429
         if isinstance(got, Refusal): answer 429 with Retry-After ceil(got.retry_at - now)
         elif got.state == RUNNING: run it, then for t in q.release(got, now): wake t (it runs now)
         else: wait for a release to grant it, or until got.deadline (then q.expire(now))
@@ -153,7 +153,9 @@ class EventQueue:
         """Accept (running or waiting) or refuse one event. The list holds tickets this offer
         pushed out of the queue (state ``displaced``): answer them 429."""
         lim = self.limiter
-        tq = self._tiers.get(tier) or self._unknown(tier)
+        tq = self._tiers.get(tier)
+        if tq is None:
+            self.limiter.tier(tier)  # raises TierError naming the configured tiers
         displaced: list[Ticket] = []
         # Work conservation (see _grant) means nobody eligible waits while the tier has room, so
         # an event that can take a slot now jumps no queue by taking it.
@@ -183,10 +185,6 @@ class EventQueue:
         if lim.under_own_cap(tier, principal):
             tq.enter_ring(principal)  # in the turn order; else it enters when one of its events ends
         return t, displaced
-
-    def _unknown(self, tier: str) -> _TierQueue:
-        self.limiter.tier(tier)  # raises TierError naming the known tiers
-        raise AssertionError("unreachable")
 
     def _refuse(self, tier: str, principal: str, now: float) -> Refusal:
         at = self.limiter.retry_after(tier, principal, now)
