@@ -135,7 +135,8 @@ def test_rolling_update_under_load_fails_nothing_and_answers_from_old_or_new(clu
         from dmlsys.wire.zmq_transport import ZmqTransport
 
         await asyncio.sleep(0.5)
-        node = Node("test-client", ZmqTransport("test-client", "tcp://127.0.0.1:0"))
+        # A cli-* name: rollout is an administrative call (the command line, the supervisor).
+        node = Node("cli-test", ZmqTransport("cli-test", "tcp://127.0.0.1:0"))
         await node.start()
         try:
             gw = next(n for n in cluster.state()["nodes"] if n["role"] == "gateway")
