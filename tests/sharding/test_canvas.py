@@ -11,7 +11,7 @@ from dmlsys.wire import sim
 
 from tests.sharding.helpers import Cluster
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=100, deadline=None)
 
 
 def report(tiling, garments, h, w):
