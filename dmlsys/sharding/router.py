@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from typing import Any
 
 from dmlsys.node import Member, PeerUnreachable, RemoteError, RpcTimeout, Service, rpc
@@ -97,7 +98,10 @@ class RouterService(Service):
             for i, (key, _) in enumerate(parts):
                 results[i] = self.cache.get((request_id, i, key), loop.time(), _MISSING)
             self.counters["resumed_parts"] += sum(r is not _MISSING for r in results)
-        tasks = {loop.create_task(self._serve(i, key, part, deadline, request_id)): i
+        # Every part carries an id, so a shard that sees one twice (our retry after a timeout, or a
+        # message that waited for a restarted shard) answers it from memory instead of applying it twice.
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        tasks = {loop.create_task(self._serve(i, key, part, deadline, request_id, f"{rid}/{i}")): i
                  for i, (key, part) in enumerate(parts) if results[i] is _MISSING}
         try:
             if tasks:
@@ -116,7 +120,8 @@ class RouterService(Service):
             results[i] = t.result()
         return self.app.cleanup(self.app.merge(results))
 
-    async def _serve(self, index: int, key: str, part: Any, deadline: float, request_id: str | None) -> Any:
+    async def _serve(self, index: int, key: str, part: Any, deadline: float, request_id: str | None,
+                     part_id: str) -> Any:
         """One part: its owner, then once more on the next shard along its walk."""
         loop = asyncio.get_running_loop()
         self.counters["parts"] += 1
@@ -132,7 +137,7 @@ class RouterService(Service):
             if attempt:
                 self.counters["retries"] += 1
             try:
-                result = await self.node.call(shard, "shard", "handle", {"key": key, "part": part},
+                result = await self.node.call(shard, "shard", "handle", {"key": key, "part": part, "id": part_id},
                                               timeout=min(self.config.part_timeout, remaining))
             except RemoteError as e:
                 if e.type != "NotOwner":  # the app itself failed: another shard would fail alike

@@ -46,6 +46,7 @@ from dmlsys.sharding.ring import DEFAULT_VNODES, HashRing
 log = logging.getLogger(__name__)
 
 SNAPSHOT = "snapshot.msgpack"
+APPLIED_KEPT = 16  # part ids remembered per key for deduplication
 _FORMAT = 1
 
 
@@ -56,11 +57,12 @@ class SnapshotStore:
         self.path = Path(directory) / SNAPSHOT
         self.fsync = fsync
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> tuple[dict[str, Any], dict[str, list]]:
+        """(state per key, applied part ids per key) as last saved; empty when never saved."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
-            return {}
+            return {}, {}
         try:
             doc = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as e:
@@ -68,12 +70,12 @@ class SnapshotStore:
                                 "start this shard empty") from None
         if not isinstance(doc, dict) or doc.get("v") != _FORMAT or not isinstance(doc.get("keys"), dict):
             raise ShardingError(f"snapshot {self.path} is not a version-{_FORMAT} shard snapshot")
-        return doc["keys"]
+        return doc["keys"], doc.get("applied") or {}
 
-    def save(self, state: dict[str, Any]) -> int:
-        """Write ``state``; returns the bytes written."""
+    def save(self, state: dict[str, Any], applied: dict[str, list] | None = None) -> int:
+        """Write ``state`` (and the applied part ids); returns the bytes written."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = msgpack.packb({"v": _FORMAT, "keys": state}, use_bin_type=True)
+        data = msgpack.packb({"v": _FORMAT, "keys": state, "applied": applied or {}}, use_bin_type=True)
         tmp = self.path.with_name(f".{SNAPSHOT}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
@@ -109,6 +111,10 @@ class ShardService(Service):
         self.app = app or load_app(config.app)
         self.store = SnapshotStore(config.state_dir, fsync=config.fsync)
         self.state: dict[str, Any] = {}
+        # Per key, the last APPLIED_KEPT part ids applied with their results: a part delivered twice
+        # (the router's retry after a timeout, or a message queued for a shard that then restarted)
+        # is answered from here instead of being applied twice. Kept, snapshotted and moved with the key.
+        self.applied: dict[str, list[list]] = {}
         self.moved_to: dict[str, str] = {}  # tombstones: key -> the shard it was pushed or handed to
         self._moving: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -118,13 +124,14 @@ class ShardService(Service):
         self._left = False
         self._rebalance: asyncio.Task | None = None
         self._push_again = False
-        self.counters = {"handled": 0, "pulled": 0, "pushed": 0, "accepted": 0, "refused": 0, "snapshots": 0}
+        self.counters = {"handled": 0, "pulled": 0, "pushed": 0, "accepted": 0, "refused": 0, "snapshots": 0,
+                         "deduplicated": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, node) -> None:
         await super().start(node)
-        self.state = self.store.load()
+        self.state, self.applied = self.store.load()
         self._on_members(node.directory.members())
         node.directory.watch(self._on_members)
 
@@ -158,7 +165,7 @@ class ShardService(Service):
 
     def _snapshot(self, force: bool = True) -> None:
         if force or self._dirty >= self.config.snapshot_every:
-            self.store.save(self.state)
+            self.store.save(self.state, self.applied)
             self._dirty = 0
             self.counters["snapshots"] += 1
 
@@ -190,12 +197,23 @@ class ShardService(Service):
             self._check_owner(key)  # the ring may have moved while we waited
             if key not in self.state:
                 await self._pull(key)
+            part_id = body.get("id")
+            if part_id is not None:
+                for seen, earlier in self.applied.get(key, ()):
+                    if seen == part_id:
+                        self.counters["deduplicated"] += 1
+                        return earlier
             result, new = self.app.handle(key, body.get("part"), self.state.get(key))
             if new is None:
                 changed = self.state.pop(key, None) is not None
+                self.applied.pop(key, None)
             else:
                 changed = True
                 self.state[key] = new
+                if part_id is not None:
+                    ids = self.applied.setdefault(key, [])
+                    ids.append([part_id, result])
+                    del ids[:-APPLIED_KEPT]
             self.moved_to.pop(key, None)
             if changed:
                 self._dirty += 1
@@ -222,6 +240,7 @@ class ShardService(Service):
                 return
             if reply.get("found"):
                 self.state[key] = reply["state"]
+                self.applied[key] = reply.get("applied") or []
                 self.counters["pulled"] += 1
                 return
             if reply.get("moved_to") not in (None, self.node.name):
@@ -251,20 +270,21 @@ class ShardService(Service):
         async with self._locks[key]:
             if key not in self.state:
                 return {"found": False, "moving": key in self._moving, "moved_to": self.moved_to.get(key)}
-            value = self.state.pop(key)
+            value, applied = self.state.pop(key), self.applied.pop(key, [])
             self.moved_to[key] = to
             self._snapshot()  # the key is gone from our disk before it is anyone else's
-            return {"found": True, "state": value}
+            return {"found": True, "state": value, "applied": applied}
 
     @rpc
     def accept(self, body: dict) -> int:
-        """Keys pushed to us with their state: ``{"items": [[key, state], ...]}``."""
+        """Keys pushed to us with their state: ``{"items": [[key, state, applied ids], ...]}``."""
         items = body["items"]
-        for key, value in items:
+        for key, value, applied in items:
             if key in self.state:
                 log.warning("shard %s: key %r pushed to us while we hold it; the pushed state wins",
                             self.node.name, key)
             self.state[key] = value
+            self.applied[key] = applied
             self.moved_to.pop(key, None)
         self.counters["accepted"] += len(items)
         self._snapshot()  # on our disk before the sender drops it from its own
@@ -294,7 +314,7 @@ class ShardService(Service):
                 for key in keys:  # let requests already running on these keys finish
                     async with self._locks[key]:
                         pass
-                items = [[k, self.state[k]] for k in keys if k in self.state]
+                items = [[k, self.state[k], self.applied.get(k, [])] for k in keys if k in self.state]
                 await self.node.call(owner, "shard", "accept", {"items": items}, timeout=self.config.call_timeout)
             except NodeError as e:
                 log.warning("shard %s: pushing %d key(s) to %s failed (%s); they stay here for now",
@@ -303,8 +323,9 @@ class ShardService(Service):
                 continue
             finally:
                 self._moving.difference_update(keys)
-            for key, _ in items:
+            for key, *_ in items:
                 self.state.pop(key, None)
+                self.applied.pop(key, None)
                 self.moved_to[key] = owner
             self.counters["pushed"] += len(items)
             self._snapshot()

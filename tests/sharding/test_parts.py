@@ -37,7 +37,7 @@ def test_snapshots_survive_a_new_store_and_a_torn_temporary_file(tmp_path):
     store = SnapshotStore(tmp_path)
     store.save({"a": 1.5, "b": [1, 2]})
     (tmp_path / f".{SNAPSHOT}.999.tmp").write_bytes(b"\x00half-written")  # a crash mid-save
-    assert SnapshotStore(tmp_path).load() == {"a": 1.5, "b": [1, 2]}
+    assert SnapshotStore(tmp_path).load() == ({"a": 1.5, "b": [1, 2]}, {})
 
 
 def test_an_unreadable_snapshot_names_the_file(tmp_path):

@@ -210,3 +210,20 @@ def test_a_leaving_shard_hands_every_key_over_first(tmp_path):
         await c.stop()
 
     sim.run(scenario())
+
+
+def test_a_part_delivered_twice_is_applied_once(tmp_path):
+    from dmlsys.wire.sim import Link
+
+    async def scenario():
+        c = Cluster(9, ["s0", "s1"], counter, tmp_path)
+        for s in ("s0", "s1"):
+            c.net.set_link("router", s, Link(duplicate=1.0))  # every part arrives twice
+        await c.start()
+        keys = [f"user-{i}" for i in range(20)]
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 1.0 for k in keys}
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 2.0 for k in keys}
+        assert sum(c.shard(s).counters["deduplicated"] for s in ("s0", "s1")) == 40
+        await c.stop()
+
+    sim.run(scenario())
