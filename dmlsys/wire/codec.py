@@ -21,7 +21,13 @@ Whatever goes wrong while decoding raises ``WireError``, whose message names wha
 (Nesting depth is bounded by msgpack's own unpacker stack, which raises on absurd depth.)
 Nothing a decoder builds is larger than a small multiple of the bytes it was given: dtypes of
 zero itemsize (``S0``, ``U0``, ``V0``), whose arrays would be allocated from a shape alone, are
-refused, as are the structured and subarray dtypes that ``encode`` never produces.
+refused, as are the structured and subarray dtypes that ``encode`` never produces. msgpack
+allocates every array and map at the size its header claims, before reading the elements: a
+few KiB of nested headers each claiming a million elements, never delivered, would allocate
+GiBs. A claim backed by elements is bounded by the bytes that hold them, so a header longer
+than ``CHECK_STRUCTURE_ABOVE`` is first walked without building anything (``Unpacker.skip``,
+a quarter of the cost of unpacking it) and refused when it is not one complete object; a
+shorter one cannot claim enough to matter (at most ~45 KB, transiently).
 
 ``encode`` holds itself to the same limits, so that what one node sends another accepts: a
 header, frame count or frame over them raises ``WireError`` at the sender, at once, instead of
@@ -168,6 +174,19 @@ def _header_too_large(msg: Message, size: int, limits: Limits) -> WireError:
                      "(Limits.max_header_bytes): send large bytes or arrays as arrays, which travel as frames")
 
 
+CHECK_STRUCTURE_ABOVE = 128  # header bytes; see the module docstring
+
+
+def _check_structure(buf: Any) -> None:
+    """Raise WireError unless ``buf`` is one complete msgpack object; builds nothing."""
+    try:
+        unpacker = msgpack.Unpacker(max_buffer_size=len(buf))
+        unpacker.feed(buf)
+        unpacker.skip()
+    except Exception as e:  # OutOfData, FormatError, StackError, ValueError: all mean malformed
+        raise WireError(f"malformed header: {type(e).__name__}: {e or 'incomplete'}") from None
+
+
 _KINDS = tuple(Kind)  # indexed by the wire value: cheaper than Kind(k), which goes through EnumMeta
 _NKINDS = len(_KINDS)
 _unpackb = msgpack.unpackb
@@ -197,6 +216,8 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
         if len(header_buf) > limits.max_header_bytes:
             raise WireError(f"header of {len(header_buf)} bytes exceeds the limit of {limits.max_header_bytes} "
                             "(Limits.max_header_bytes)")
+        if len(header_buf) > CHECK_STRUCTURE_ABOVE:
+            _check_structure(header_buf)
         try:  # _unpack() inlined: this is the path every small message takes
             header = _unpackb(header_buf, ext_hook=_no_array_frames, raw=False, strict_map_key=False)
         except WireError:
@@ -235,6 +256,9 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 
 PREFIX_BYTES = 4096  # how much of a refused header request_prefix() reads
+# msgpack type bytes that start an int (fixint, uint8-64, int8-64, negative fixint) or a str.
+_INT_LEADING = frozenset([*range(0x00, 0x80), *range(0xCC, 0xD4), *range(0xE0, 0x100)])
+_STR_LEADING = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
 
 
 def request_prefix(frames: Sequence) -> tuple[int, str, str] | None:
@@ -252,7 +276,13 @@ def request_prefix(frames: Sequence) -> tuple[int, str, str] | None:
         unpacker.feed(head)
         if unpacker.read_array_header() not in (6, 7):
             return None
-        version, kind, msg_id, method, sender = (unpacker.unpack() for _ in range(5))
+        fields = []
+        for leading in (_INT_LEADING, _INT_LEADING, _INT_LEADING, _STR_LEADING, _STR_LEADING):
+            # Scalars only: unpacking a container here could allocate what its header claims.
+            if head[unpacker.tell()] not in leading:
+                return None
+            fields.append(unpacker.unpack())
+        version, kind, msg_id, method, sender = fields
     except Exception:  # short, garbage, an ext in the wrong place: there is no one to answer
         return None
     if (type(version) is not int or version != PROTOCOL_VERSION or type(kind) is not int or kind != Kind.REQUEST
@@ -285,6 +315,8 @@ def _unpack_with_arrays(frames: Sequence, n: int, limits: Limits) -> Any:
             raise WireError(
                 f"frame {i} of {buf.nbytes} bytes exceeds the limit of {limits.max_frame_bytes} (Limits.max_frame_bytes)"
             )
+    if header_buf.nbytes > CHECK_STRUCTURE_ABOVE:
+        _check_structure(header_buf)
     used: set[int] = set()
 
     def ext_hook(code: int, payload: bytes) -> Any:
