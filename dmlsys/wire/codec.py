@@ -345,6 +345,8 @@ def _as_buffer(frame: Any, what: str) -> memoryview:
 
 
 def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> np.ndarray:
+    if len(payload) > CHECK_STRUCTURE_ABOVE:  # opaque to the header's walk: walk it too
+        _check_structure(payload)
     try:
         dtype_str, shape, index = msgpack.unpackb(payload, raw=False)
     except Exception as e:

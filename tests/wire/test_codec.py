@@ -398,3 +398,16 @@ def test_nested_containers_claiming_elements_never_sent_allocate_nothing_like_th
     finally:
         tracemalloc.stop()
     assert peak <= 64 * received + 65536, f"{received} bytes received, {peak} bytes allocated decoding them"
+
+
+def test_an_array_reference_holding_unbacked_claims_allocates_nothing_like_them():
+    claims = msgpack.ExtType(ARRAY_EXT, (b"\xdd" + struct.pack(">I", 2**32 - 1)) * 1000 + b"\0" * 20_000)
+    frames = [header(body=claims), b"\0" * 8]
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="malformed"):
+            decode(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 64 * sum(map(len, frames)) + 65536
