@@ -10,6 +10,7 @@
     cache_entries = 4096   # sub-results kept   call_timeout = 5.0   # seconds, shard to shard
     cache_ttl = 60.0       # seconds            fsync = true
     max_parts = 4096
+    balance_eps = 0.1      # stateless apps: at most ceil((1+eps)·parts/shards) parts per shard; -1: off
     vnodes = 2000          # both roles: points per shard on the ring (must agree)
 
 A shard's snapshot lives in ``<state_dir>/sharding/<node name>/``, where its restart finds it.
@@ -27,7 +28,7 @@ from dmlsys.sharding.app import load_app
 from dmlsys.sharding.errors import AppError
 from dmlsys.sharding.ring import DEFAULT_VNODES
 
-ROUTER_KEYS = {"app", "part_timeout", "deadline", "cache_entries", "cache_ttl", "max_parts", "vnodes"}
+ROUTER_KEYS = {"app", "part_timeout", "deadline", "cache_entries", "cache_ttl", "max_parts", "vnodes", "balance_eps"}
 SHARD_KEYS = {"app", "snapshot_every", "call_timeout", "fsync", "vnodes"}
 
 
@@ -68,10 +69,14 @@ def build_router(ctx) -> list[Service]:
     config = dict(ctx.config)
     _unknown(config, ROUTER_KEYS)
     target, app = _app(config)
+    eps = config.get("balance_eps", 0.1)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps == -1 or 0 <= eps <= 100):
+        raise ConfigError("balance_eps", f"a number in [0, 100], or -1 for no balancing, got {eps!r}")
     return [RouterService(RouterConfig(
         app=target, vnodes=_int(config, "vnodes", DEFAULT_VNODES), part_timeout=_seconds(config, "part_timeout", 2.0),
         deadline=_seconds(config, "deadline", 10.0), max_parts=_int(config, "max_parts", 4096),
         cache_entries=_int(config, "cache_entries", 4096, low=0), cache_ttl=_seconds(config, "cache_ttl", 60.0),
+        balance_eps=None if eps == -1 else float(eps),
     ), app=app)]
 
 

@@ -227,3 +227,16 @@ def test_a_part_delivered_twice_is_applied_once(tmp_path):
         await c.stop()
 
     sim.run(scenario())
+
+
+def test_a_stateless_requests_parts_spread_evenly_over_the_shards(tmp_path):
+    async def scenario():
+        c = Cluster(10, ["s0", "s1", "s2", "s3"], identity, tmp_path)
+        await c.start()
+        items = list(range(64))
+        assert await c.router.run({"items": items, "chunk": 1}) == items
+        handled = [c.shard(s).counters["handled"] for s in ("s0", "s1", "s2", "s3")]
+        assert sum(handled) == 64 and max(handled) <= 18  # ceil(1.1 * 64 / 4)
+        await c.stop()
+
+    sim.run(scenario())
