@@ -13,8 +13,8 @@ Two kinds of checksum are published for Fashion-MNIST, and we use both:
   recompresses the files (its ``.gz`` digests differ from the official ones), yet the IDX
   content inside is identical, so :func:`verify` checks content, not packaging.
 
-A :class:`Dataset` carries a content ``fingerprint`` (xxh3-128 over the arrays' raw bytes and
-shapes): cheap (a few ms for 55 MB) and stable across gzip packaging, so a model card can say
+A :class:`Dataset` carries a content ``fingerprint`` (:func:`dmlsys.arrays.fingerprint`: xxh3-128
+over the arrays' names, dtypes, shapes and raw bytes): cheap (a few ms for 55 MB) and stable across gzip packaging, so a model card can say
 exactly which data trained it. Run ``python -m dmlsys.train.data --help`` for the CLI.
 """
 
@@ -32,7 +32,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-import xxhash
+
+from dmlsys.arrays import fingerprint
 
 from .errors import ChecksumMismatch, DataError, DataNotFound
 from .idx import read_idx
@@ -177,16 +178,6 @@ def download(
 
 
 # -- the dataset -------------------------------------------------------------------------------
-
-
-def fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
-    """xxh3-128 over names, dtypes, shapes and raw bytes, in sorted name order."""
-    h = xxhash.xxh3_128()
-    for key in sorted(arrays):
-        a = np.ascontiguousarray(arrays[key])
-        h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.reshape(-1).view(np.uint8))
-    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

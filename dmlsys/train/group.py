@@ -18,9 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from .errors import TrainError
+from dmlsys.arrays import OPS
 
-OPS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+from .errors import TrainError
 
 
 @runtime_checkable
@@ -40,8 +40,8 @@ class LocalGroup:
     size = 1
 
     async def allreduce(self, tree: Any, op: str = "sum") -> Any:
-        if op not in OPS and op != "mean":
-            raise ValueError(f"unknown op {op!r}; known: {sorted(OPS) + ['mean']}")
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
         return tree
 
     async def broadcast(self, tree: Any, root: int = 0) -> Any:
@@ -118,9 +118,9 @@ class InProcessGroup:
         return jax.tree_util.tree_map(np.array, result)
 
     async def allreduce(self, tree: Any, op: str = "sum") -> Any:
-        if op not in OPS and op != "mean":
-            raise ValueError(f"unknown op {op!r}; known: {sorted(OPS) + ['mean']}")
-        fn = OPS.get(op, np.add)
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        fn = OPS[op]
         size = self.size
 
         def combine(trees: list[Any]) -> Any:

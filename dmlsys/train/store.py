@@ -22,8 +22,9 @@ version and log a warning naming the damaged one, ``models`` lists only models w
 version, and ``intact_version`` says which version would load (None: train it again). The
 ``.tmp-<pid>-*`` directories of saves that crashed are removed by the next save of that model.
 
-**Integrity.** ``params_sha`` (SHA-256 over keys, dtypes, shapes and bytes) is checked on
-every load, so a damaged file fails loudly instead of serving garbage predictions.
+**Integrity.** ``params_sha`` (:func:`dmlsys.arrays.fingerprint` over keys, dtypes, shapes and
+bytes; SHA-256 in cards saved before it, which still verify) is checked on every load, so a
+damaged file fails loudly instead of serving garbage predictions.
 ``np.load(..., allow_pickle=False)``: a parameter file is data, never code.
 
 Serving loads a model with::
@@ -50,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from dmlsys.arrays import fingerprint, flatten_with_paths
+
 from .errors import ModelNotFound, StoreError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -68,17 +71,23 @@ log = logging.getLogger("dmlsys.train")
 # -- pure core: pytree <-> flat dict ---------------------------------------------------------
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dicts of arrays -> ``{"a/b": array}``; keys must be non-empty and '/'-free."""
+def flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Nested dicts of arrays -> ``{"a/b": array}`` (the walk is :func:`dmlsys.arrays.flatten`'s);
+    keys must be non-empty and '/'-free.
+
+    Raises:
+        StoreError: a bad key, or a list or tuple in the tree (parameter files hold dicts only).
+    """
     flat: dict[str, np.ndarray] = {}
-    for key, value in tree.items():
-        if not isinstance(key, str) or not key or "/" in key:
-            raise StoreError(f"parameter key {key!r} under {prefix or '/'!r} must be a non-empty str without '/'")
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = np.asarray(value)
+    for path, leaf in flatten_with_paths(tree)[0]:
+        for i, key in enumerate(path):
+            if not isinstance(key, str):
+                raise StoreError(f"parameters under {'/'.join(map(str, path[:i])) or '/'!r} are a list or tuple: "
+                                 "a parameter tree is nested dicts of arrays")
+            if not key or "/" in key:
+                raise StoreError(f"parameter key {key!r} under {'/'.join(path[:i]) or '/'!r} "
+                                 "must be a non-empty str without '/'")
+        flat["/".join(path)] = leaf
     return flat
 
 
@@ -95,13 +104,29 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def params_sha(flat: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over sorted keys, dtypes, shapes and raw bytes: equal iff bitwise-equal params."""
+    """The params' fingerprint (:func:`dmlsys.arrays.fingerprint`, 32 hex digits): equal iff
+    bitwise-equal params. The card field keeps its old name, ``params_sha``."""
+    return fingerprint(flat)
+
+
+def _sha256_v0(flat: Mapping[str, np.ndarray]) -> str:
+    """What ``params_sha`` was before it became the shared fingerprint (64 hex digits): kept
+    only so that cards saved then still verify on load."""
     h = hashlib.sha256()
     for key in sorted(flat):
         a = np.ascontiguousarray(flat[key])
         h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
         h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
+
+
+def verify_params(flat: Mapping[str, np.ndarray], expected: str | None) -> str | None:
+    """The params' digest in the format of ``expected`` (a card's ``params_sha``) when it
+    differs from it; None when they match or there is nothing to check against."""
+    if expected is None:
+        return None
+    actual = _sha256_v0(flat) if len(expected) == 64 else params_sha(flat)
+    return None if actual == expected else actual
 
 
 def default_root() -> Path:
@@ -215,8 +240,8 @@ class ModelStore:
                 flat = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # empty, truncated, garbage
             raise StoreError(f"{path}: unreadable parameters ({type(exc).__name__}: {exc})") from exc
-        sha = params_sha(flat)
-        if card.get("params_sha") not in (None, sha):
+        sha = verify_params(flat, card.get("params_sha"))
+        if sha is not None:
             raise StoreError(
                 f"{path}: params_sha {sha} differs from the card's {card['params_sha']}; "
                 "the file is damaged: save the model again"

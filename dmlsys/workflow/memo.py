@@ -14,7 +14,8 @@ Encoding (each value is a one-byte tag, then its payload)::
     list  l<len>;<items>                 tuple t<len>;<items>
     dict  d<len>;<key,value ...>  sorted by the encoded key bytes, so insertion order is irrelevant
     set   S<len>;<items sorted by encoding>
-    array a<dtype.str>;<shape>;<raw C-order bytes>   (numpy, JAX and anything with __array__)
+    array a:<dtype.str>:<shape tuple>;<raw C-order bytes>   (numpy, JAX and anything with __array__;
+                                   ``dmlsys.arrays.hash_array``, the datasets' and params' encoding)
     numpy scalar g<dtype.str>;<raw bytes>
     dataclass D<module.qualname>;<fields as a dict>   enum E<module.qualname>;<value>
 
@@ -36,7 +37,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import xxhash
 
-KEY_SCHEMA = "dmlsys.workflow.key/1"  # bump when the encoding changes: old entries then miss
+from dmlsys.arrays import hash_array
+
+KEY_SCHEMA = "dmlsys.workflow.key/2"  # bump when the encoding changes: old entries then miss
 
 
 class NotCanonical(TypeError):
@@ -101,10 +104,8 @@ def _update(h: Any, value: Any) -> None:
             raise NotCanonical(f"a {type(value).__module__}.{type(value).__qualname__} has no canonical encoding")
         if arr.dtype.hasobject:
             raise NotCanonical("object-dtype array (its elements are arbitrary Python objects)")
-        # The shape is taken before ascontiguousarray, which turns a 0-d array into a 1-d one.
-        h.update(b"a" + arr.dtype.str.encode() + b";" + ",".join(map(str, arr.shape)).encode() + b";")
-        if arr.size:
-            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        h.update(b"a")
+        hash_array(h, arr)  # the one array encoding, shared with dataset and params fingerprints
 
 
 def _first(pair: tuple) -> Any:

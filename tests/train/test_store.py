@@ -225,3 +225,28 @@ def test_temporary_directories_of_crashed_saves_are_removed_by_the_next_save(tmp
     store.save("m", params(2.0))
     left = sorted(p.name for p in mdir.iterdir())
     assert left == sorted(["1", "2", running.name, new_unnamed.name])
+
+
+def test_a_card_saved_with_the_old_sha256_still_verifies_and_still_catches_damage(tmp_path):
+    """Cards written before params_sha became dmlsys.arrays.fingerprint carry SHA-256 (64 hex
+    digits): they load, and a damaged file under such a card still fails."""
+    from dmlsys.train.store import _sha256_v0, flatten as flat_of
+
+    store = ModelStore(tmp_path)
+    store.save("m", params(1))
+    card_path = tmp_path / "m" / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    assert len(card["params_sha"]) == 32  # new cards: the shared fingerprint
+    card["params_sha"] = _sha256_v0(flat_of(params(1)))
+    card_path.write_text(json.dumps(card))
+    loaded, _ = store.load("m")
+    assert_same_tree(loaded, params(1))
+    card["params_sha"] = _sha256_v0(flat_of(params(2)))
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(StoreError, match="params_sha .* differs"):
+        store.load("m")
+
+
+def test_a_list_in_a_parameter_tree_is_refused_naming_where(tmp_path):
+    with pytest.raises(StoreError, match="'dense0/w' are a list"):
+        ModelStore(tmp_path).save("m", {"dense0": {"w": [np.ones(2), np.ones(2)]}})
