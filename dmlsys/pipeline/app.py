@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dmlsys.assembly import Transports
+from dmlsys.wire.sim import to_thread
 from dmlsys.workflow import (CONTINUE, DEFAULT, AsCompleted, Latest, MemoStore, Probe, RunConfig, RunReport, Scheduler,
                              Step, Workflow, WorkflowError, file_stamp)
 
@@ -198,16 +199,18 @@ class _Steps:
         ds = load(data_dir, limit=limit, test_limit=test_limit)
         return {**ds.arrays(), "source": ds.source, "fingerprint": ds.fingerprint}
 
-    def train(self, data: Mapping[str, Any], name: str, arch: dict, hyperparams: dict) -> dict[str, Any]:
+    async def train(self, data: Mapping[str, Any], name: str, arch: dict, hyperparams: dict) -> dict[str, Any]:
+        """One model, in this process; the trainer computes its steps in threads (on the loop
+        itself when the pipeline runs on the simulated network's clock)."""
         from dmlsys.train.data import Dataset
         from dmlsys.train.store import ModelStore
-        from dmlsys.train.trainer import Hyperparams, train_model
+        from dmlsys.train.trainer import Hyperparams, Trainer
 
         ds = Dataset(data["train_images"], data["train_labels"], data["test_images"], data["test_labels"],
                      source=data["source"], fingerprint=data["fingerprint"])
         t = time.perf_counter()
-        res = train_model(arch, Hyperparams(**hyperparams), dataset=ds, store=ModelStore(self.config.store),
-                          model_name=self.config.model_prefix + name, progress=False)
+        trainer = Trainer(arch, Hyperparams(**hyperparams), store=ModelStore(self.config.store), progress=False)
+        res = await trainer.fit(ds, None, model_name=self.config.model_prefix + name)
         return {"name": name, "model": res.card["name"], "version": res.version,
                 "test_accuracy": float(res.test_accuracy), "test_loss": float(res.card["test_loss"]),
                 "train_seconds": time.perf_counter() - t, "params_sha": res.card["params_sha"],
@@ -227,7 +230,7 @@ class _Steps:
         if r["data_fingerprint"] != data["fingerprint"]:
             raise PipelineError(f"train_{name}: the workers read other data ({r['data_fingerprint']}) than ingest "
                                 f"({data['fingerprint']}): is {data['source']} the same on every worker?")
-        params, card = await asyncio.to_thread(ModelStore(self.config.store).load, model, r["version"])
+        params, card = await to_thread(ModelStore(self.config.store).load, model, r["version"])
         return {"name": name, "model": model, "version": r["version"], "test_accuracy": float(r["test_accuracy"]),
                 "test_loss": float(r["test_loss"]), "train_seconds": time.perf_counter() - t,
                 "params_sha": card["params_sha"], "arch": arch, "hyperparams": hyperparams,
@@ -258,7 +261,7 @@ class _Steps:
 
     async def serve(self, selected: Mapping[str, Any]) -> dict[str, Any]:
         chosen = selected["chosen"]
-        versions = [await asyncio.to_thread(self._publish, r) for r in chosen]
+        versions = [await to_thread(self._publish, r) for r in chosen]
         await self.fleet.ensure({r["model"]: v for r, v in zip(chosen, versions)})
         serving = [{"name": r["name"], "model": r["model"], "version": v, "test_accuracy": r["test_accuracy"]}
                    for r, v in zip(chosen, versions)]
@@ -418,3 +421,4 @@ async def run_pipeline_async(config: PipelineConfig = PipelineConfig(), *,
 def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Synchronous entry point: ``asyncio.run(run_pipeline_async(config))``."""
     return asyncio.run(run_pipeline_async(config))
+

@@ -36,6 +36,8 @@ import optax
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from dmlsys.wire.sim import to_thread
+
 from . import models
 from .batching import BatchConfig, BatchLoader, shard_bounds
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -255,14 +257,14 @@ class Trainer:
             for batch in loader.epoch(epoch):
                 # Compute off the event loop: it keeps the node responsive (liveness, RPCs)
                 # and lets in-process ranks compute in parallel.
-                (lsum, ncorrect), grads = await asyncio.to_thread(self._grads, params, batch.x, batch.y)
+                (lsum, ncorrect), grads = await to_thread(self._grads, params, batch.x, batch.y)
                 leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(grads))]
                 stats = np.array([float(lsum), float(ncorrect)], np.float64)
                 tc = time.perf_counter()
                 reduced = await g.allreduce(leaves + [stats], "sum")
                 comm += time.perf_counter() - tc
                 grad_sum = jax.tree_util.tree_unflatten(treedef, list(reduced[:-1]))
-                params, opt_state = await asyncio.to_thread(
+                params, opt_state = await to_thread(
                     update, params, opt_state, grad_sum, np.float32(1.0 / batch.global_size))
                 loss_sum += reduced[-1][0]
                 correct += reduced[-1][1]
@@ -288,7 +290,7 @@ class Trainer:
             x[: stop - start] = dataset.test_images[start:stop] * np.float32(1 / 255)
             y[: stop - start] = dataset.test_labels[start:stop]
             mask[: stop - start] = 1
-            loss, correct = await asyncio.to_thread(self._eval, params, x, y, mask)
+            loss, correct = await to_thread(self._eval, params, x, y, mask)
             totals += [float(loss), float(correct), stop - start]
         totals = (await g.allreduce([totals], "sum"))[0]
         if totals[2] == 0:

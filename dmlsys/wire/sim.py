@@ -218,6 +218,16 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._virtual.now
 
 
+async def to_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``asyncio.to_thread(fn, *args)``, except on a VirtualTimeLoop: there a thread would run
+    in wall time while the clock skips ahead (every deadline would pass while it computes), so
+    ``fn`` runs on the loop itself and a simulated run replays exactly. Code that offloads
+    blocking work and may also run on the simulated network calls this."""
+    if getattr(asyncio.get_running_loop(), "virtual_time", False):
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def run(main: Awaitable[T]) -> T:
     """Run a coroutine to completion on a fresh VirtualTimeLoop, then close the loop."""
     loop = VirtualTimeLoop()

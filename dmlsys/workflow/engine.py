@@ -52,8 +52,12 @@ class Executor:
         # Plain sync steps with nothing to await around them (no memo, timeout) go straight to
         # the thread pool, with a callback instead of a Task: half the overhead of a Task that
         # awaits run_in_executor. Retries after a failure take the Task path (they need sleep).
+        # On a virtual-time loop (the simulated network) a thread would race the clock: every
+        # sync step is called on the loop itself, so that a run replays exactly.
+        self.on_loop = getattr(asyncio.get_running_loop(), "virtual_time", False)
+        direct = TASK if self.on_loop else DIRECT
         self.lanes = [TASK if has_store and s.cache.enabled else INLINE if s.inline
-                      else TASK if s.is_async or s.timeout is not None else DIRECT for s in plan.steps]
+                      else TASK if s.is_async or s.timeout is not None else direct for s in plan.steps]
         self.task_q: deque[int] = deque()
         self.resume: dict[int, tuple[list[Any], dict[str, Any]]] = {}  # arguments of a step retried in a Task
         self.fps: dict[int, str] = {}  # value fingerprints of done steps, computed when first needed
@@ -246,7 +250,7 @@ class Executor:
 
     async def _call(self, i: int, args: list[Any], kwargs: dict[str, Any]) -> Any:
         step = self.steps[i]
-        if step.inline:
+        if step.inline or (self.on_loop and not step.is_async):
             return step.fn(*args, **kwargs)
         if step.is_async:
             aw: Awaitable[Any] = step.fn(*args, **kwargs)
