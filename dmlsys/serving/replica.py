@@ -43,6 +43,7 @@ from dmlsys.node import Service, State, rpc
 from dmlsys.serving import instances, messages
 from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady, QueueFull, ServingError
 from dmlsys.serving.runtime import BUCKETS, Runtime
+from dmlsys.wire.sim import to_thread
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,6 @@ class ModelService(Service):
         node.metrics.gauge("serving_model_version", "Model version this replica answers with",
                            lambda: (self.runtime.version or 0) if self.runtime else 0)
         loop = asyncio.get_running_loop()
-        if getattr(loop, "virtual_time", False):
-            # On the simulated network's virtual clock a thread would let the clock race ahead
-            # of it (every probe deadline passes while XLA compiles): load on the loop instead.
-            self.offload = False
         self._worker = loop.create_task(self._batch_loop())
         self._loader_task = loop.create_task(self._initial_load())
 
@@ -127,7 +124,7 @@ class ModelService(Service):
     async def _load(self, version: int | None) -> Runtime:
         args = (self.config.store, self.config.model, version)
         if self.offload:
-            return await asyncio.to_thread(self.loader, *args)
+            return await to_thread(self.loader, *args)  # on the loop under the simulation's clock
         return self.loader(*args)
 
     async def _initial_load(self) -> None:
