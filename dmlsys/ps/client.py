@@ -96,9 +96,11 @@ class PsClient:
     # -- pull --------------------------------------------------------------------------------------
 
     async def pull(self, clock: int, paths: Iterable[str] | None = None,
-                   rows: Mapping[str, np.ndarray] | None = None) -> Pulled:
+                   rows: Mapping[str, np.ndarray] | None = None, *, floor: int = 0) -> Pulled:
         """Dense values (``paths``, default all) and table rows for the step at ``clock``; waits
-        until the job's consistency model lets this worker read at ``clock``."""
+        until the job's consistency model lets this worker read at ``clock`` and, with
+        ``floor``, until every live worker has pushed its steps below ``floor`` (the final
+        parameters of a job of ``floor`` steps, whatever the consistency model)."""
         pmap = self._need_map()
         wanted = None if paths is None else set(paths)
         keys: list[list[str]] = [[] for _ in self.shards]
@@ -116,7 +118,7 @@ class PsClient:
 
         async def one(i: int) -> dict:
             body = {"job": self.job, "w": self.worker, "c": clock, "mv": pmap.version,
-                    "keys": keys[i], "rows": row_req[i]}
+                    "keys": keys[i], "rows": row_req[i], "floor": floor}
             return await self._call(i, "pull", body)
 
         replies = dict(zip(asked, await asyncio.gather(*(one(i) for i in asked))))

@@ -96,7 +96,7 @@ class Clock:
         self.clocks: dict[str, int] = {w: 0 for w in names}
         self.dropped: dict[str, int] = {}  # worker -> its clock when dropped
         self.last_heard: dict[str, float] = {w: now for w in names}
-        self._parked: dict[Hashable, tuple[str, int]] = {}
+        self._parked: dict[Hashable, tuple[str, int, int]] = {}  # token -> (worker, clock, at_least)
 
     # -- questions ---------------------------------------------------------------------------
 
@@ -106,13 +106,17 @@ class Clock:
         live = [c for w, c in self.clocks.items() if w not in self.dropped]
         return min(live) if live else max(self.clocks.values())
 
-    def may_read(self, worker: str, clock: int) -> bool:
-        """Whether ``worker`` may read at ``clock`` now (the module docstring's rule)."""
+    def may_read(self, worker: str, clock: int, at_least: int = 0) -> bool:
+        """Whether ``worker`` may read at ``clock`` now (the module docstring's rule), and, when
+        asked, with every live worker's steps below ``at_least`` in (the final read of a job)."""
         self._check(worker)
         if self.clocks[worker] < clock:
             return False
+        floor = self.floor
+        if floor < at_least:
+            return False
         bound = self.consistency.bound
-        return bound is None or self.floor >= clock - bound
+        return bound is None or floor >= clock - bound
 
     def laggards(self, now: float, timeout: float) -> list[str]:
         """Live workers at the floor that were last heard from more than ``timeout`` ago while a
@@ -129,15 +133,15 @@ class Clock:
 
     # -- events ------------------------------------------------------------------------------
 
-    def read(self, worker: str, clock: int, token: Hashable, now: float | None = None) -> bool:
+    def read(self, worker: str, clock: int, token: Hashable, now: float | None = None, at_least: int = 0) -> bool:
         """A read at ``clock``: True to answer it now, False when it is parked under ``token``
         until an event releases it (or ``cancel``)."""
         self._check(worker)
         if now is not None:
             self.last_heard[worker] = max(self.last_heard[worker], now)
-        if self.may_read(worker, clock):
+        if self.may_read(worker, clock, at_least):
             return True
-        self._parked[token] = (worker, clock)
+        self._parked[token] = (worker, clock, at_least)
         return False
 
     def cancel(self, token: Hashable) -> None:
@@ -166,7 +170,7 @@ class Clock:
             return Tick()
         before = self.floor
         self.dropped[worker] = self.clocks[worker]
-        released = [t for t, (w, _) in self._parked.items() if w == worker]
+        released = [t for t, (w, _, _) in self._parked.items() if w == worker]
         for t in released:
             del self._parked[t]  # its own reads are answered with WorkerDropped by the shell
         tick = self._after(before)
@@ -174,7 +178,7 @@ class Clock:
 
     def _after(self, before: int) -> Tick:
         after = self.floor
-        released = [t for t, (w, c) in self._parked.items() if self.may_read(w, c)]
+        released = [t for t, (w, c, least) in self._parked.items() if self.may_read(w, c, least)]
         for t in released:
             del self._parked[t]
         return Tick(tuple(range(before, after)), tuple(released))

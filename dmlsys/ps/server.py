@@ -6,8 +6,9 @@ partition map join it) and lives in ``<state_dir>/<job>/``.
 
 Requests (one fused message per shard per step, arrays as frames):
 
-* ``ps.pull {job, w, c, mv, keys, rows}`` -> ``{floor, v: {slice key: array}, r: {table: rows}}``:
-  parked until the clock lets worker ``w`` read at clock ``c`` (``dmlsys.ps.clock``);
+* ``ps.pull {job, w, c, mv, keys, rows, floor}`` -> ``{floor, v: {slice key: array}, r: {table: rows}}``:
+  parked until the clock lets worker ``w`` read at clock ``c`` (``dmlsys.ps.clock``), and until
+  every live worker has pushed the steps below ``floor`` when that is given (a job's final read);
 * ``ps.push {job, w, c, mv, n, g: {slice key: grad sum}, r: {table: {i: ids, g: row grads}}}`` ->
   ``{clock}``: worker ``w``'s step ``c`` over ``n`` samples. Every worker pushes every step to
   every shard, with no arrays when it has nothing for that shard, so that the clocks move.
@@ -468,8 +469,11 @@ class ShardService(Service):
         worker, clock = body.get("w"), body.get("c")
         if not isinstance(clock, int) or isinstance(clock, bool) or clock < 0:
             raise PsError(f"pull: c: the reader's clock, an integer >= 0, got {clock!r}")
+        at_least = body.get("floor") or 0
+        if not isinstance(at_least, int) or isinstance(at_least, bool) or at_least < 0:
+            raise PsError(f"pull: floor: an integer >= 0, got {at_least!r}")
         token = next(self._tokens)
-        if not job.clock.read(str(worker), clock, token, now=self._now()):
+        if not job.clock.read(str(worker), clock, token, now=self._now(), at_least=at_least):
             fut = asyncio.get_running_loop().create_future()
             self._waiting[token] = (job.name, fut)
             try:

@@ -164,3 +164,13 @@ def test_bad_consistency_is_refused_with_what_to_do():
         Consistency("bsp", 2)
     with pytest.raises(PsError, match="one of bsp, ssp, asp"):
         Consistency("eventual")
+
+
+def test_a_read_with_at_least_waits_for_every_live_worker_whatever_the_model():
+    clock = Clock(["a", "b"], ASP)
+    for t in range(3):
+        clock.push("a", t)
+    assert not clock.read("a", 3, token="final", at_least=3)
+    clock.push("b", 0)
+    clock.push("b", 1)
+    assert clock.push("b", 2).released == ("final",)

@@ -1,0 +1,198 @@
+"""Training a Fashion-MNIST model through parameter servers, behind the collective trainer's
+interface: the same ``Hyperparams``, progress bar, per-epoch ``EpochStats``, model store and
+card (with ``"via": "ps"`` and the consistency model recorded).
+
+Run one ``PsTrainer`` per worker node; the shards are ``ps`` nodes (``dmlsys.ps.roles``)::
+
+    trainer = PsTrainer({"kind": "mlp"}, Hyperparams(epochs=3), node=node, shards=["ps0", "ps1"],
+                        workers=["w0", "w1"], job="fmnist-mlp-1", consistency=ssp(2),
+                        store=ModelStore() if node.name == "w0" else None)
+    result = await trainer.fit(dataset)
+
+Each worker takes its shard of every global batch (``dmlsys.train.batching``, as in the
+collective trainer), and at global step ``t`` pulls the parameters at clock ``t``, computes the
+gradient *sum* of its samples' losses under one ``jax.jit``, and pushes it with its sample
+count; the shards divide and apply the optimizer. Under BSP a step's pushes are summed and
+divided by the global batch, so the run computes what the collective trainer computes (up to
+float summation order); under SSP and ASP each push is one optimizer step on a worker's shard of
+the batch. An optimizer schedule counts updates on the shards, so under SSP/ASP a cosine
+schedule decays ``workers`` times faster than under BSP.
+
+Stats: each worker reports the loss and accuracy of its own shard of the batches; rank 0
+evaluates the parameters it last pulled on the test set after each epoch, and after the last
+step it pulls the final parameters (every live worker's every step in: ``pull(floor=steps)``),
+evaluates and saves them. The shards' checkpoints and log are the run's durable state; a worker
+restarted mid-job does not resume yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dmlsys.node import Node
+from dmlsys.ps.client import PsClient
+from dmlsys.ps.clock import BSP, Consistency
+from dmlsys.ps.partition import leaves_by_path
+from dmlsys.train import models
+from dmlsys.train.batching import BatchConfig, BatchLoader
+from dmlsys.train.data import Dataset
+from dmlsys.train.errors import TrainError
+from dmlsys.train.store import ModelStore
+from dmlsys.train.trainer import EVAL_BATCH, EpochStats, Hyperparams, TrainResult
+
+log = logging.getLogger("dmlsys.ps.trainer")
+
+
+class PsTrainer:
+    """Trains through parameter servers as worker ``workers.index(node.name)``."""
+
+    def __init__(self, arch: dict[str, Any], hyperparams: Hyperparams = Hyperparams(), *, node: Node,
+                 shards: list[str], workers: list[str], job: str, consistency: Consistency = BSP,
+                 store: ModelStore | None = None, progress: bool | None = None, console: Console | None = None,
+                 on_epoch: Callable[[EpochStats], None] | None = None, offload: bool = True,
+                 client_options: dict[str, Any] | None = None) -> None:
+        if node.name not in workers:
+            raise TrainError(f"node {node.name!r} is not among the job's workers {workers}")
+        self.model = models.build(arch)
+        self.hp = hyperparams
+        self.node = node
+        self.workers = list(workers)
+        self.rank = self.workers.index(node.name)
+        self.consistency = consistency
+        self.client = PsClient(node, shards, job=job, **(client_options or {}))
+        self.store = store
+        self.console = console or Console(stderr=True)
+        show = self.console.is_terminal if progress is None else progress
+        self.show_progress = bool(show) and self.rank == 0
+        self.on_epoch = on_epoch
+        # Compute in a thread (the node keeps answering while XLA works) except under the
+        # simulation's virtual-time loop, which must not wait on threads.
+        self.offload = offload
+        self.comm_seconds = 0.0
+        apply = self.model.apply
+
+        def loss_sum(params, x, y):
+            logits = apply(params, x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+            return loss, (jnp.argmax(logits, -1) == y).sum()
+
+        self._grads = jax.jit(jax.value_and_grad(loss_sum, has_aux=True))
+
+        def evaluate(params, x, y, mask):
+            logits = apply(params, x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return (loss * mask).sum(), ((jnp.argmax(logits, -1) == y) * mask).sum()
+
+        self._eval = jax.jit(evaluate)
+
+    async def _run(self, fn, *args):
+        return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)
+
+    async def fit(self, dataset: Dataset, epochs: int | None = None, *, model_name: str | None = None) -> TrainResult:
+        """Train ``epochs`` epochs (default ``hyperparams.epochs``) through the shards."""
+        hp = self.hp
+        epochs = hp.epochs if epochs is None else epochs
+        size = len(self.workers)
+        if hp.batch_size < size:
+            raise TrainError(f"global batch {hp.batch_size} is smaller than the job ({size} workers)")
+        loader = BatchLoader(dataset.train_images, dataset.train_labels,
+                             BatchConfig(hp.batch_size, seed=hp.seed, augment=hp.augment), rank=self.rank, size=size)
+        if len(loader) == 0:
+            raise TrainError(f"{dataset.num_train} training samples make no batch of {hp.batch_size}")
+        init_key, _ = jax.random.split(jax.random.PRNGKey(hp.seed))
+        params = jax.tree_util.tree_map(np.asarray, jax.device_get(self.model.init(init_key)))
+        _, self._rebuild = leaves_by_path(params)
+        await self.client.open(params, workers=self.workers, consistency=self.consistency,
+                               optimizer={"hyperparams": dataclasses.asdict(hp), "steps_per_epoch": len(loader)})
+        history: list[EpochStats] = []
+        for epoch in range(epochs):
+            stats, params = await self._epoch(loader, epoch, epochs, dataset)
+            history.append(stats)
+            if self.rank == 0:
+                log.info("epoch %d/%d loss %.4f test_acc %.4f (%.1fs)", stats.epoch, epochs, stats.loss,
+                         stats.test_accuracy, stats.seconds)
+                if self.on_epoch:
+                    self.on_epoch(stats)
+        total = epochs * len(loader)
+        final = await self.client.pull(total, floor=total)
+        params = self._rebuild(final.values)
+        test_loss, test_acc = await self._evaluate(params, dataset) if self.rank == 0 else (float("nan"),) * 2
+        card = {
+            "arch": self.model.arch, "hyperparams": dataclasses.asdict(hp), "epochs": epochs,
+            "test_accuracy": test_acc, "test_loss": test_loss, "data_fingerprint": dataset.fingerprint,
+            "data_source": dataset.source, "world_size": size, "labels": models.LABELS, "input_shape": [28, 28],
+            "history": [dataclasses.asdict(h) for h in history],
+            "via": "ps", "consistency": self.consistency.model, "staleness": self.consistency.bound,
+            "shards": len(self.client.shards), "job": self.client.job,
+        }
+        version = None
+        if self.rank == 0 and self.store is not None:
+            name = model_name or f"fmnist-{self.model.arch['kind']}"
+            version = self.store.save(name, params, card)
+            card = self.store.card(name, version)
+        return TrainResult(params, history, card, version)
+
+    async def _epoch(self, loader: BatchLoader, epoch: int, epochs: int, dataset: Dataset):
+        loss_sum = correct = seen = 0.0
+        comm = 0.0
+        t0 = time.perf_counter()
+        params = None
+        progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs} (ps)"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                            console=self.console, disable=not self.show_progress, transient=False)
+        with progress:
+            task = progress.add_task("train", total=len(loader), loss=float("nan"))
+            for batch in loader.epoch(epoch):
+                clock = epoch * len(loader) + batch.step
+                tc = time.perf_counter()
+                pulled = await self.client.pull(clock)
+                comm += time.perf_counter() - tc
+                params = self._rebuild(pulled.values)
+                (lsum, ncorrect), grads = await self._run(self._grads, params, batch.x, batch.y)
+                flat, _ = leaves_by_path(jax.device_get(grads))
+                tc = time.perf_counter()
+                await self.client.push(clock, {p: np.asarray(g) for p, g in flat.items()}, n=len(batch.y))
+                comm += time.perf_counter() - tc
+                loss_sum += float(lsum)
+                correct += float(ncorrect)
+                seen += len(batch.y)
+                progress.update(task, advance=1, loss=loss_sum / max(seen, 1))
+        train_seconds = max(time.perf_counter() - t0, 1e-9)
+        self.comm_seconds += comm
+        if self.rank == 0:
+            test_loss, test_acc = await self._evaluate(params, dataset)
+        else:
+            test_loss, test_acc = float("nan"), float("nan")
+        seconds = time.perf_counter() - t0
+        stats = EpochStats(epoch + 1, float(loss_sum / max(seen, 1)), float(correct / max(seen, 1)), test_loss,
+                           test_acc, seconds, seen / train_seconds, comm / train_seconds)
+        return stats, params
+
+    async def _evaluate(self, params, dataset: Dataset) -> tuple[float, float]:
+        """Test loss and accuracy over the whole test set (rank 0 only: no collective here)."""
+        totals = np.zeros(3, np.float64)
+        for start in range(0, dataset.num_test, EVAL_BATCH):
+            stop = min(start + EVAL_BATCH, dataset.num_test)
+            x = np.zeros((EVAL_BATCH, 28, 28), np.float32)
+            y = np.zeros(EVAL_BATCH, np.int32)
+            mask = np.zeros(EVAL_BATCH, np.float32)
+            x[: stop - start] = dataset.test_images[start:stop] * np.float32(1 / 255)
+            y[: stop - start] = dataset.test_labels[start:stop]
+            mask[: stop - start] = 1
+            loss, correct = await self._run(self._eval, params, x, y, mask)
+            totals += [float(loss), float(correct), stop - start]
+        if totals[2] == 0:
+            return float("nan"), float("nan")
+        return float(totals[0] / totals[2]), float(totals[1] / totals[2])
