@@ -34,10 +34,12 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -47,6 +49,8 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from dmlsys.events.errors import Unauthorized
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dmk_"
 FORMAT, VERSION = "dmlsys-keys", 1
@@ -111,6 +115,7 @@ class KeyRing:
         return info
 
 
+@functools.lru_cache(maxsize=65536)  # parsing an address costs microseconds; the same ones repeat
 def anonymous_id(client: str | None) -> str:
     """"anon:ADDR" for IPv4, "anon:NET/64" for IPv6, "anon:unknown" when the address is missing."""
     if not client:
@@ -227,7 +232,7 @@ class KeyFile:
                 self._ring = KeyRing(self.load())
                 self._stamp = stamp
             except KeyFileError as e:
-                print(f"keys: keeping the previous keys: {e}", file=sys.stderr)
+                log.warning("keys: keeping the previous keys: %s", e)
         return self._ring
 
     # -- writing
