@@ -77,7 +77,7 @@ def drive(plan, data, fail_fast: bool, *, allow_close: bool = True) -> Trace:
             done_order.append(name)
 
     m = StepMachine(plan, fail_fast=fail_fast, on_result=on_result)
-    nodes, index = m.nodes, plan.index
+    nodes = m.nodes
     trace = Trace(m, fail_fast, {}, set(), False, None, 0, finals, done_order)
     running: dict[int, tuple[list, dict]] = {}
     tries: dict[int, int] = {}
@@ -195,7 +195,7 @@ def can_get_inputs(m: StepMachine, step: Step) -> bool:
 
 # ----------------------------------------------------------------------------- properties
 @given(plans(), st.data(), st.booleans())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 def test_every_step_ends_in_exactly_one_final_state(plan, data, fail_fast):
     t = drive(plan, data, fail_fast)
     for node in t.machine.nodes:
@@ -206,7 +206,7 @@ def test_every_step_ends_in_exactly_one_final_state(plan, data, fail_fast):
 
 
 @given(plans(), st.data(), st.booleans())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 def test_nothing_runs_twice_unless_retried_or_an_async_edge_brought_more(plan, data, fail_fast):
     t = drive(plan, data, fail_fast)
     for node in t.machine.nodes:
@@ -235,7 +235,7 @@ def seen_by(step: Step, args: list, kwargs: dict) -> frozenset:
 
 
 @given(plans(), st.data())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 def test_continue_skips_exactly_what_can_no_longer_get_its_inputs(plan, data):
     t = drive(plan, data, fail_fast=False, allow_close=False)
     m = t.machine
@@ -248,7 +248,7 @@ def test_continue_skips_exactly_what_can_no_longer_get_its_inputs(plan, data):
 
 
 @given(plans(), st.data())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 def test_a_done_step_has_one_final_result_from_a_run_that_saw_everything(plan, data):
     t = drive(plan, data, fail_fast=False, allow_close=False)
     m, index = t.machine, plan.index
@@ -269,7 +269,7 @@ def test_a_done_step_has_one_final_result_from_a_run_that_saw_everything(plan, d
 
 
 @given(plans(), st.data())
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 def test_fail_fast_starts_nothing_after_the_first_failure_and_cancels_the_rest(plan, data):
     t = drive(plan, data, fail_fast=True)
     states = t.machine.states()
