@@ -10,7 +10,8 @@ is full; the oldest entry goes first when it is over ``max_entries``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 _MISSING = object()
 

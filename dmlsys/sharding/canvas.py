@@ -36,7 +36,8 @@ its 28 × 28 frame), and the 28 × 28 crop around it is what the classifier sees
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -204,7 +205,7 @@ class SoftmaxTagger:
 
     @classmethod
     def fit(cls, images: np.ndarray, labels: np.ndarray, *, epochs: int = 5, batch: int = 1000, lr: float = 1.0,
-            seed: int = 0) -> "SoftmaxTagger":
+            seed: int = 0) -> SoftmaxTagger:
         rng = np.random.default_rng(seed)
         x = images.reshape(len(images), -1).astype(np.float32) / 255.0
         y = np.eye(10, dtype=np.float32)[labels]
@@ -228,7 +229,7 @@ class SoftmaxTagger:
         np.savez(path, w=self.w, b=self.b)
 
     @classmethod
-    def load(cls, path) -> "SoftmaxTagger":
+    def load(cls, path) -> SoftmaxTagger:
         with np.load(path, allow_pickle=False) as f:
             return cls(f["w"], f["b"])
 

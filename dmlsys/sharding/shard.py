@@ -254,7 +254,7 @@ class ShardService(Service):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), 0.05)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if key in self.state:
                 return
