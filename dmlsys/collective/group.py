@@ -34,15 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from dmlsys.collective import ring, schedule
+from dmlsys.arrays import OPS
+from dmlsys.collective import direct, ring, schedule
 from dmlsys.collective import shm as shm_mod
-from dmlsys.collective.errors import CollectiveError
-from dmlsys.collective.tree import Bucket, flatten, fuse, unfuse
+from dmlsys.collective.errors import CollectiveError, InvalidArgument
+from dmlsys.collective.link import SERVICE, Link
+from dmlsys.collective.mailbox import Mailbox
+from dmlsys.collective.tree import Bucket, fuse, numeric_leaves, unfuse
 from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
 
 log = logging.getLogger(__name__)
 
-OPS = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 # Bounds on what peers can make us hold: messages for a group this node has not created yet,
 # and messages of a group that arrived before the pass that waits for them.
 MAX_EARLY_BYTES = 256 << 20
@@ -56,14 +58,16 @@ def _nbytes(body: Any) -> int:
     return data.nbytes if isinstance(data, np.ndarray) else len(data) if isinstance(data, bytes) else 0
 
 
-class _Expired(Exception):
-    """Internal: the op's deadline passed while waiting for a chunk."""
+class _Expired(CollectiveError):
+    """Internal: the op's deadline passed while waiting for a chunk (the group turns it into
+    the CollectiveError that names who is missing)."""
 
 
 class CollectiveService(Service):
-    """The receiving end of every process group on this node."""
+    """The receiving end of every process group on this node: it hands each message to its
+    group (``deliver_chunk``, ``deliver_abort``) and tells every group of a lost peer."""
 
-    name = "collective"
+    name = SERVICE
 
     def __init__(self) -> None:
         self.groups: dict[str, ProcessGroup] = {}
@@ -75,23 +79,18 @@ class CollectiveService(Service):
         node.on_peer_lost(self._peer_lost)
 
     def _peer_lost(self, peer: str, reason: str) -> None:
-        """The supervisor saw ``peer``'s process exit: a pass it takes part in cannot finish, so
-        it fails now, naming that rank, rather than at the group's timeout."""
         for group in list(self.groups.values()):
-            seq = group._current[0]
-            if peer in group.members and peer != self.node.name and seq >= 0:
-                rank = group.members.index(peer)
-                group._fail(seq, CollectiveError(f"{group._who()}: rank {rank} ({peer}) {reason}", missing=[rank]))
+            group.peer_lost(peer, reason)
 
-    def register(self, group: "ProcessGroup") -> None:
+    def register(self, group: ProcessGroup) -> None:
         if group.name in self.groups:
-            raise ValueError(f"node {self.node.name!r} already has a process group named {group.name!r}")
+            raise InvalidArgument(f"node {self.node.name!r} already has a process group named {group.name!r}")
         self.groups[group.name] = group
         for body, sender in self._early.pop(group.name, []):
             self._early_bytes -= _nbytes(body)
-            group._deliver(body, sender)
+            group.deliver_chunk(body, sender)
 
-    def unregister(self, group: "ProcessGroup") -> None:
+    def unregister(self, group: ProcessGroup) -> None:
         self.groups.pop(group.name, None)
 
     @oneway
@@ -99,7 +98,7 @@ class CollectiveService(Service):
         name = body.get("g") if isinstance(body, dict) else None
         group = self.groups.get(name) if isinstance(name, str) else None
         if group is not None:
-            group._deliver(body, ctx.sender)
+            group.deliver_chunk(body, ctx.sender)
             return
         size = _nbytes(body)
         if self._early_bytes + size <= MAX_EARLY_BYTES and (
@@ -112,28 +111,32 @@ class CollectiveService(Service):
     @oneway
     def abort(self, body, ctx) -> None:
         if isinstance(body, dict) and (group := self.groups.get(body.get("g"))) is not None:
-            group._remote_abort(body, ctx.sender)
+            group.deliver_abort(body, ctx.sender)
 
     def status(self) -> dict[str, Any]:
         return {name: {"rank": g.rank, "size": g.size, "ops": g.ops} for name, g in self.groups.items()}
 
 
 class ProcessGroup:
-    """Rank ``members.index(node.name)`` of a group of ``len(members)`` nodes."""
+    """Rank ``members.index(node.name)`` of a group of ``len(members)`` nodes.
+
+    Besides the collectives, three methods form the receiving side, called by this node's
+    ``CollectiveService``: ``deliver_chunk`` and ``deliver_abort`` (a peer's message) and
+    ``peer_lost`` (the supervisor saw a member's process exit)."""
 
     def __init__(self, node: Node, members: list[str], *, name: str = "default", timeout: float = 30.0,
                  chunk_bytes: int = 2 << 20, bucket_bytes: int = 25 << 20, direct_bytes: int = 64 << 10,
                  shm: bool | None = None) -> None:
         if node.name not in members:
-            raise ValueError(f"node {node.name!r} is not among the group's members {members}")
+            raise InvalidArgument(f"node {node.name!r} is not among the group's members {members}")
         if len(set(members)) != len(members):
-            raise ValueError(f"group members must be distinct, got {members}")
+            raise InvalidArgument(f"group members must be distinct, got {members}")
         if timeout <= 0 or chunk_bytes < 1 or bucket_bytes < 1:
-            raise ValueError("timeout, chunk_bytes and bucket_bytes must be positive")
+            raise InvalidArgument("timeout, chunk_bytes and bucket_bytes must be positive")
         try:
             service = node.service(CollectiveService.name)
         except KeyError:
-            raise ValueError(f"node {node.name!r} hosts no CollectiveService; add one before start()") from None
+            raise InvalidArgument(f"node {node.name!r} hosts no CollectiveService; add one before start()") from None
         self.node = node
         self.members = list(members)
         self.name = name
@@ -147,21 +150,18 @@ class ProcessGroup:
         # 2(N-1)); above it, shared memory when every member is on this host (shm=None decides
         # from the members' addresses), else the ring.
         self.direct_bytes = direct_bytes
+        self.ops = 0  # completed collective passes, for status
         self._use_shm = shm
         self._shm = shm_mod.ShmState(f"{node.name}-{name}")
         self._pool = ring.BufferPool()  # results and private send copies of large passes, reused
-        self.ops = 0  # completed collective passes, for status
+        self._ranks = {m: i for i, m in enumerate(self.members)}
+        self._who = f"group {name!r} rank {self.rank} ({node.name})"
         self._service: CollectiveService = service  # type: ignore[assignment]
         self._seq = 0  # the next pass's sequence number; every rank counts the same
-        self._done_below = 0  # passes below this number are finished: their late chunks are dropped
-        self._mail: dict[tuple[int, int, int], dict] = {}
-        self._mail_bytes = 0
+        self._mailbox = Mailbox(max_messages=MAX_MAIL, max_bytes=MAX_MAIL_BYTES, size=_nbytes)
         self._closed = False
-        self._waiters: dict[tuple[int, int, int], asyncio.Future] = {}
-        self._failed: dict[int, Exception] = {}
         self._lock = asyncio.Lock()
-        self._current: tuple[int, str] = (-1, "")  # the pass in progress: (seq, signature)
-        self._waiting_on = 0  # the rank whose message the pass in progress awaits
+        self._link: Link | None = None  # the pass in progress
         service.register(self)
 
     @property
@@ -171,8 +171,8 @@ class ProcessGroup:
     def close(self) -> None:
         """Leave the group: a pass in progress raises ``CollectiveError``, later calls too."""
         self._closed = True
-        if self._current[0] >= 0:
-            self._fail(self._current[0], CollectiveError(f"{self._who()}: the group was closed"))
+        if self._link is not None:
+            self._mailbox.fail(self._link.seq, CollectiveError(f"{self._who}: the group was closed"))
         self._service.unregister(self)
         self._shm.close()
         self._pool.clear()
@@ -191,8 +191,8 @@ class ProcessGroup:
     async def allreduce(self, tree: Any, op: str = "sum") -> Any:
         """Reduce every leaf elementwise across ranks; every rank gets the same bits."""
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-        leaves, rebuild = flatten(tree)
+            raise InvalidArgument(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        leaves, rebuild = numeric_leaves(tree)
         out = list(leaves)
         for bucket in _buckets(leaves, self.bucket_bytes):
             reduced = await self._pass("allreduce", op, bucket.flat, layout=_layout(bucket.shapes))
@@ -208,7 +208,7 @@ class ProcessGroup:
         """This rank's segment ``schedule.segments(array.size, size)[rank]`` of the reduced,
         flattened array."""
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+            raise InvalidArgument(f"unknown op {op!r}; known: {', '.join(OPS)}")
         flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
         reduced = await self._pass("reduce_scatter", op, flat, layout=_layout([np.shape(array)]))
         a, b = schedule.segments(flat.size, self.size)[self.rank]
@@ -219,7 +219,7 @@ class ProcessGroup:
 
     async def allgather(self, tree: Any) -> Any:
         """Every rank's leaves stacked along a new first axis of length ``size``."""
-        leaves, rebuild = flatten(tree)
+        leaves, rebuild = numeric_leaves(tree)
         out = list(leaves)
         for bucket in fuse(leaves, self.bucket_bytes):
             gathered = await self._pass("allgather", "gather", bucket.flat, layout=_layout(bucket.shapes))
@@ -229,8 +229,8 @@ class ProcessGroup:
     async def broadcast(self, tree: Any, root: int = 0) -> Any:
         """Rank ``root``'s values, in the structure every rank passes in."""
         if not 0 <= root < self.size:
-            raise ValueError(f"broadcast root {root} out of range for group size {self.size}")
-        leaves, rebuild = flatten(tree)
+            raise InvalidArgument(f"broadcast root {root} out of range for group size {self.size}")
+        leaves, rebuild = numeric_leaves(tree)
         out = list(leaves)
         for bucket in fuse(leaves, self.bucket_bytes):
             got = await self._pass("broadcast", f"root{root}", bucket.flat, root=root, layout=_layout(bucket.shapes))
@@ -241,40 +241,42 @@ class ProcessGroup:
         """Return only when every rank has called barrier."""
         await self._pass("barrier", "sum", np.zeros(1, np.uint8))
 
-    # -- one pass of the ring ---------------------------------------------------------------
+    # -- one pass ---------------------------------------------------------------------------
 
     async def _pass(self, kind: str, op: str, flat: np.ndarray, root: int = 0, layout: str = "") -> np.ndarray:
         async with self._lock:
             if self._closed:
-                raise CollectiveError(f"{self._who()}: the group is closed")
+                raise CollectiveError(f"{self._who}: the group is closed")
             seq = self._seq
             self._seq += 1
             # The leaves' shapes are in the signature too: same-size buffers of different shapes
             # would otherwise be reduced elementwise into garbage without a word.
             sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}:{layout}"
-            self._current = (seq, sig)
+            link = self._link = Link(node=self.node, group=self.name, members=self.members, rank=self.rank,
+                                     seq=seq, sig=sig, mailbox=self._mailbox, chunk_bytes=self.chunk_bytes,
+                                     pool=self._pool, shm=self._shm, who=self._who)
             ok = False
             loop = asyncio.get_running_loop()
             # Keep a quarter of the timeout (at most 2 s) for finding out who is missing, so
             # that the error is raised within the timeout, not after it.
             timer = loop.call_at(loop.time() + self.timeout - self._probe_budget, self._expire, seq)
             try:
-                self._check_early(seq, sig)
+                self._check_early(link)
                 if self.size == 1:
                     result = flat.copy()
                 elif kind == "broadcast":
-                    result = await ring.broadcast(self, seq, sig, flat, root)
+                    result = await ring.broadcast(link, flat, root)
                 elif kind == "allgather":
-                    result = await ring.allgather(self, seq, sig, flat)
+                    result = await ring.allgather(link, flat)
                 elif kind != "reduce_scatter" and flat.nbytes <= self.direct_bytes:
-                    result = await self._direct(seq, sig, OPS[op], flat)
+                    result = await direct.allreduce(link, OPS[op], flat)
                 elif kind != "reduce_scatter" and self.uses_shm:
-                    result = await shm_mod.allreduce(self, seq, sig, OPS[op], flat)
+                    result = await shm_mod.allreduce(link, OPS[op], flat)
                 else:
-                    result = await ring.allreduce(self, seq, sig, OPS[op], flat, gather=kind != "reduce_scatter")
+                    result = await ring.allreduce(link, OPS[op], flat, gather=kind != "reduce_scatter")
                 ok = True
             except _Expired:
-                raise await self._diagnose(kind, seq) from None
+                raise await self._diagnose(kind, link) from None
             except CollectiveError as e:
                 self._tell_others(seq, str(e), e.missing)
                 raise
@@ -282,131 +284,44 @@ class ProcessGroup:
                 if not ok:
                     self._shm.drop()  # peers of a failed pass may never have mapped our segment
                 timer.cancel()
-                self._current = (-1, "")
-                self._finish(seq)
+                self._link = None
+                self._mailbox.finish(seq)
             self.ops += 1
             return result
 
-    async def _direct(self, seq: int, sig: str, ufunc, flat: np.ndarray) -> np.ndarray:
-        """Small buffers: all-to-all in one hop, then every rank folds the N buffers in rank
-        order, the same operations on the same bits everywhere."""
-        n, r = self.size, self.rank
-        # As msgpack bytes, not an array frame: the codec's fast path, a third of the CPU of a
-        # small allreduce. tobytes() is also the copy that frees the caller's buffer at once.
-        mine = flat.tobytes()
-        for j in range(n):
-            if j != r:
-                self._send(j, seq, 0, r, sig, None, b=mine)
-        parts = [flat] * n
-        for j in range(n):
-            if j != r:
-                body = await self._recv_body(seq, 0, j, sig, src=j)
-                data = body.get("b")
-                if type(data) is not bytes or len(data) != flat.nbytes:
-                    raise CollectiveError(f"{self._who()}: malformed chunk from {self.members[j]}: expected "
-                                          f"{flat.nbytes} bytes of {flat.dtype}")
-                parts[j] = np.frombuffer(data, flat.dtype)
-        acc = np.empty_like(flat)
-        schedule.fold_in_rank_order(ufunc, parts, acc)
-        return acc
-
-    # -- messages ---------------------------------------------------------------------------
-
-    def _send(self, rank: int, seq: int, step: int, ci: int, sig: str, data: np.ndarray | None,
-                 **extra: Any) -> None:
-        peer = self.members[rank]
-        body = {"g": self.name, "q": seq, "t": step, "c": ci, "sig": sig, "d": data}
-        if extra:
-            body.update(extra)
-        try:
-            self.node.send(peer, CollectiveService.name, "chunk", body)
-        except PeerUnreachable as e:
-            raise CollectiveError(f"{self._who()}: cannot send to rank {rank} ({peer}): {e}",
-                                  missing=[rank]) from None
-
-    async def _recv_body(self, seq: int, step: int, ci: int, sig: str, src: int | None = None) -> dict:
-        """The message keyed (seq, step, ci), once its signature matched ours."""
-        key = (seq, step, ci)
-        body = self._mail.pop(key, None)
-        if body is not None:
-            self._mail_bytes -= _nbytes(body)
-        else:
-            if seq in self._failed:
-                raise self._failed[seq]
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters[key] = fut
-            self._waiting_on = (self.rank - 1) % self.size if src is None else src  # whom a timeout blames
-            try:
-                body = await fut
-            finally:
-                self._waiters.pop(key, None)
-        if body["sig"] != sig:
-            raise self._disagreement(body["sig"], sig, self._rank_of(body))
-        return body
-
-    async def _recv(self, seq: int, step: int, ci: int, sig: str, length: int, dtype: np.dtype,
-                    src: int | None = None) -> np.ndarray:
-        body = await self._recv_body(seq, step, ci, sig, src)
-        data = body["d"]
-        if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
-            raise CollectiveError(f"{self._who()}: malformed chunk from {self.members[self._rank_of(body)]}: "
-                                  f"expected {length} x {dtype}")
-        return data
-
-    def _disagreement(self, theirs: str, ours: str, src: int) -> CollectiveError:
-        return CollectiveError(
-            f"{self._who()}: ranks disagree: rank {src} ({self.members[src]}) called "
-            f"{_describe(theirs)} but rank {self.rank} called {_describe(ours)}; every rank must make "
-            f"the same collective calls with the same op, dtype and shapes")
-
-    def _check_early(self, seq: int, sig: str) -> None:
+    def _check_early(self, link: Link) -> None:
         """A message of this pass that came before we started it may already disagree."""
-        for key, body in self._mail.items():
-            if key[0] == seq and body["sig"] != sig:
-                raise self._disagreement(body["sig"], sig, self._rank_of(body))
+        for _tag, src, body in self._mailbox.held(link.seq):
+            if body["sig"] != link.sig:
+                raise link.disagreement(body["sig"], src)
 
-    def _rank_of(self, body: dict) -> int:
-        sender = body.get("_from")
-        return self.members.index(sender) if sender in self.members else (self.rank - 1) % self.size
+    # -- the receiving side (called by CollectiveService) -------------------------------------
 
-    def _deliver(self, body: dict, sender: str) -> None:
+    def deliver_chunk(self, body: dict, sender: str) -> None:
+        """File a peer's message in the mailbox under ``(pass, (step, chunk), sender's rank)``."""
+        src = self._ranks.get(sender)
         try:
-            key = (int(body["q"]), int(body["t"]), int(body["c"]))
-            if not isinstance(body["sig"], str):
-                raise TypeError("sig")
+            seq, step, ci = int(body["q"]), int(body["t"]), int(body["c"])
+            sig = body["sig"]
         except (KeyError, TypeError, ValueError):
+            sig = None
+        if type(sig) is not str or src is None:
             self.node.metrics.error("collective_malformed")
             return
-        if key[0] < self._done_below:
+        box = self._mailbox
+        if seq < box.done_below:
             return  # a duplicate or a straggler from a finished pass
-        body["_from"] = sender
-        if key[0] == self._current[0] and body["sig"] != self._current[1]:
+        link = self._link
+        if link is not None and seq == link.seq and sig != link.sig:
             # Disagreeing ranks may run different algorithms whose messages we would never
             # wait for: fail the pass now rather than at the timeout.
-            self._fail(key[0], self._disagreement(body["sig"], self._current[1], self._rank_of(body)))
+            box.fail(seq, link.disagreement(sig, src))
             return
-        fut = self._waiters.get(key)
-        if fut is not None and not fut.done():
-            fut.set_result(body)
-        elif len(self._mail) < MAX_MAIL and self._mail_bytes + _nbytes(body) <= MAX_MAIL_BYTES:
-            self._mail[key] = body
-            self._mail_bytes += _nbytes(body)
-        else:
+        if not box.put(seq, (step, ci), src, body):
             self.node.metrics.error("collective_dropped")
 
-    # -- failure ----------------------------------------------------------------------------
-
-    def _fail(self, seq: int, error: Exception) -> None:
-        self._failed[seq] = error
-        for key, fut in list(self._waiters.items()):
-            if key[0] == seq and not fut.done():
-                fut.set_exception(error)
-
-    def _expire(self, seq: int) -> None:
-        if seq not in self._failed:
-            self._fail(seq, _Expired())
-
-    def _remote_abort(self, body: dict, sender: str) -> None:
+    def deliver_abort(self, body: dict, sender: str) -> None:
+        """A peer gave up on a pass (it timed out, or saw a disagreement): so do we."""
         try:
             seq = int(body["q"])
             missing = [int(m) for m in body.get("missing", [])]
@@ -414,12 +329,26 @@ class ProcessGroup:
         except (KeyError, TypeError, ValueError):
             self.node.metrics.error("collective_malformed")
             return
-        if seq < self._done_below or seq in self._failed:
+        if seq < self._mailbox.done_below or self._mailbox.failure(seq) is not None:
             return
-        self._fail(seq, CollectiveError(f"{self._who()}: aborted by {sender}: {reason}", missing=missing))
+        self._mailbox.fail(seq, CollectiveError(f"{self._who}: aborted by {sender}: {reason}", missing=missing))
 
-    async def _diagnose(self, kind: str, seq: int) -> CollectiveError:
-        """Who is missing? Ask everyone; name those that do not answer (else our predecessor)."""
+    def peer_lost(self, peer: str, reason: str) -> None:
+        """``peer``'s process exited (the supervisor saw it): a pass it takes part in cannot
+        finish, so it fails now, naming that rank, rather than at the group's timeout."""
+        link = self._link
+        rank = self._ranks.get(peer)
+        if link is not None and rank is not None and rank != self.rank:
+            self._mailbox.fail(link.seq, CollectiveError(f"{self._who}: rank {rank} ({peer}) {reason}", missing=[rank]))
+
+    # -- failure ----------------------------------------------------------------------------
+
+    def _expire(self, seq: int) -> None:
+        if self._mailbox.failure(seq) is None:
+            self._mailbox.fail(seq, _Expired(f"{self._who}: pass {seq} timed out"))
+
+    async def _diagnose(self, kind: str, link: Link) -> CollectiveError:
+        """Who is missing? Ask everyone; name those that do not answer (else the rank we wait for)."""
         others = [m for m in self.members if m != self.node.name]
         probe_timeout = self._probe_budget
 
@@ -432,12 +361,12 @@ class ProcessGroup:
 
         answers = await asyncio.gather(*(alive(p) for p in others))
         dead = [self.members.index(p) for p, ok in zip(others, answers) if not ok]
-        missing = dead or [self._waiting_on]
+        missing = dead or [link.waiting_on]
         names = ", ".join(f"rank {i} ({self.members[i]})" for i in missing)
         verdict = "not answering" if dead else "alive but never sent its part"
-        error = CollectiveError(f"{kind} #{seq} on group {self.name!r}: rank {self.rank} timed out after "
+        error = CollectiveError(f"{kind} #{link.seq} on group {self.name!r}: rank {self.rank} timed out after "
                                 f"{self.timeout:g}s; missing: {names} ({verdict})", missing=missing)
-        self._tell_others(seq, str(error), missing)
+        self._tell_others(link.seq, str(error), missing)
         return error
 
     def _tell_others(self, seq: int, reason: str, missing: list[int]) -> None:
@@ -449,15 +378,6 @@ class ProcessGroup:
                                {"g": self.name, "q": seq, "missing": missing, "reason": reason})
             except PeerUnreachable:
                 pass
-
-    def _finish(self, seq: int) -> None:
-        self._done_below = seq + 1
-        self._failed.pop(seq, None)
-        for key in [k for k in self._mail if k[0] <= seq]:
-            self._mail_bytes -= _nbytes(self._mail.pop(key))
-
-    def _who(self) -> str:
-        return f"group {self.name!r} rank {self.rank} ({self.node.name})"
 
 
 def _buckets(leaves: list[np.ndarray], bucket_bytes: int) -> list[Bucket]:
@@ -472,11 +392,3 @@ def _layout(shapes: list[tuple[int, ...]]) -> str:
     """The shapes of a bucket's leaves, spelled out when short, else counted and hashed."""
     text = ",".join("x".join(map(str, s)) or "()" for s in shapes)
     return text if len(text) <= 40 else f"{len(shapes)} leaves #{zlib.crc32(text.encode()):08x}"
-
-
-def _describe(sig: str) -> str:
-    try:
-        kind, op, dtype, size, layout = sig.split(":")
-        return f"{kind}({op}, {np.dtype(dtype).name}[{size}]{' as ' + layout if layout else ''})"
-    except (ValueError, TypeError):
-        return repr(sig)[:80]

@@ -21,8 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+from dmlsys.collective.errors import (  # noqa: F401 (re-exported)
+    InvalidArgument,
+    JobCancelled,
+    JobError,
+    JobRejected,
+)
 from dmlsys.node import Node, NodeError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -30,24 +37,6 @@ log = logging.getLogger(__name__)
 SERVICE = "train"
 CANCEL_GRACE = 10.0  # seconds the other workers get to report after a failure
 DEFAULT_TIMEOUT = 7200.0  # a whole training run; the collectives inside have their own, shorter timeout
-
-
-class JobError(RuntimeError):
-    """A training job failed. ``worker`` is the node blamed, ``job`` the job's name."""
-
-    def __init__(self, message: str, *, job: str = "", worker: str | None = None) -> None:
-        super().__init__(message)
-        self.job = job
-        self.worker = worker
-
-
-class JobRejected(JobError):
-    """A worker refused a run request: busy with another job, not among the members, or bad
-    arguments. Nothing was trained."""
-
-
-class JobCancelled(JobError):
-    """The job was cancelled on this worker (another worker failed, or the caller gave up)."""
 
 
 # What a failure says about its worker, best culprit first: its own error, a broken collective
@@ -73,13 +62,13 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
     the result when it ends.
 
     Raises:
-        ValueError: no workers, or the same worker twice.
+        InvalidArgument: no workers, or the same worker twice (a ValueError).
         JobError: a worker failed or could not be reached; names it and says why.
     """
     if not workers:
-        raise ValueError("train_on_workers needs at least one worker node")
+        raise InvalidArgument("train_on_workers needs at least one worker node")
     if len(set(workers)) != len(workers):
-        raise ValueError(f"workers must be distinct, got {workers}")
+        raise InvalidArgument(f"workers must be distinct, got {workers}")
     job = job or f"{model}-{uuid.uuid4().hex[:8]}"
     body = {"job": job, "members": list(workers), "model": model, "arch": dict(arch),
             "hyperparams": dict(hyperparams), "epochs": epochs, "limit": limit, "test_limit": test_limit}

@@ -2,8 +2,8 @@
 each pipelined in ``chunk_bytes`` pieces so that sending, receiving and folding overlap.
 
 The path between hosts, and the one the simulated network tests. The schedule is
-``dmlsys.collective.schedule``'s; the group's ``_send`` and ``_recv`` carry the chunks with their
-signature and deadline checks.
+``dmlsys.collective.schedule``'s; the pass's :class:`~dmlsys.collective.link.Link` carries the
+chunks (``send``, and ``recv`` with its signature and deadline checks) and lends the buffers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from dmlsys.collective import schedule
 
 if TYPE_CHECKING:
-    from dmlsys.collective.group import ProcessGroup
+    from dmlsys.collective.link import Link
 
 
 class BufferPool:
@@ -69,12 +69,12 @@ class BufferPool:
         self.buffers.clear()
 
 
-async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
-    n, r = group.size, group.rank
+async def allreduce(link: Link, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
+    n, r = link.size, link.rank
     nxt = (r + 1) % n
     segs = schedule.segments(flat.size, n)
-    step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
-    out = group._pool.take(flat.size, flat.dtype)
+    step = max(1, link.chunk_bytes // max(flat.itemsize, 1))
+    out = link.pool.take(flat.size, flat.dtype)
     # Reduce-scatter touches each segment once per rank: a chunk arrives, our values are folded
     # into it and it moves on. So the fold goes into the received frame itself (a private
     # buffer that only this pass holds), which is then forwarded zero-copy: no private copy of
@@ -83,15 +83,15 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
     # caller's buffer, which must be reusable when we return.
     sent, _ = schedule.reduce_scatter_step(r, n, 0)
     lo, hi = segs[sent]
-    src = group._pool.take(hi - lo, flat.dtype)
+    src = link.pool.take(hi - lo, flat.dtype)
     src[:] = flat[lo:hi]
     for ci, (a, b) in enumerate(schedule.chunks(lo, hi, step)):
-        group._send(nxt, seq, 0, ci, sig, src[a - lo:b - lo])
+        link.send(nxt, 0, ci, src[a - lo:b - lo])
     del src  # its in-flight chunks hold it; the pool sees when they are gone
     for k in range(n - 1):
         _, got = schedule.reduce_scatter_step(r, n, k)
         for ci, (a, b) in enumerate(schedule.chunks(*segs[got], step)):
-            data = await group._recv(seq, k, ci, sig, b - a, flat.dtype)
+            data = await link.recv(k, ci, b - a, flat.dtype)
             # (earlier ranks' partial) op (ours): the fixed order of additions
             if data.flags.writeable:
                 ufunc(data, flat[a:b], out=data)
@@ -100,65 +100,65 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
             # Forward before copying out: the copy only reads the frame, so the next rank's
             # work starts a copy's time sooner at every hop of the ring.
             if k < n - 2:
-                group._send(nxt, seq, k + 1, ci, sig, data)
+                link.send(nxt, k + 1, ci, data)
             else:
                 if gather:  # segment r is final: all-gather step 0 sends it
-                    group._send(nxt, seq, n - 1, ci, sig, data)
+                    link.send(nxt, n - 1, ci, data)
                 out[a:b] = data
     if not gather:
         return out
     for j in range(n - 1):
         _, got = schedule.allgather_step(r, n, j)
         for ci, (a, b) in enumerate(schedule.chunks(*segs[got], step)):
-            data = await group._recv(seq, n - 1 + j, ci, sig, b - a, flat.dtype)
+            data = await link.recv(n - 1 + j, ci, b - a, flat.dtype)
             if j < n - 2:
-                group._send(nxt, seq, n + j, ci, sig, data)  # forward the received frame as is
+                link.send(nxt, n + j, ci, data)  # forward the received frame as is
             out[a:b] = data
     return out
 
 
-async def allgather(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray) -> np.ndarray:
-    n, r = group.size, group.rank
+async def allgather(link: Link, flat: np.ndarray) -> np.ndarray:
+    n, r = link.size, link.rank
     nxt = (r + 1) % n
     m = flat.size
-    step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
-    out = group._pool.take(n * m, flat.dtype)
+    step = max(1, link.chunk_bytes // max(flat.itemsize, 1))
+    out = link.pool.take(n * m, flat.dtype)
     out[r * m:(r + 1) * m] = flat
-    src = group._pool.take(m, flat.dtype)  # our chunks leave zero-copy: not from the result
+    src = link.pool.take(m, flat.dtype)  # our chunks leave zero-copy: not from the result
     src[:] = flat
     for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
-        group._send(nxt, seq, 0, ci, sig, src[a:b])
+        link.send(nxt, 0, ci, src[a:b])
     del src
     for j in range(n - 1):
         _, got = schedule.allgather_step(r, n, j)
         for ci, (a, b) in enumerate(schedule.chunks(0, m, step)):
-            data = await group._recv(seq, j, ci, sig, b - a, flat.dtype)
+            data = await link.recv(j, ci, b - a, flat.dtype)
             if j < n - 2:
-                group._send(nxt, seq, j + 1, ci, sig, data)
+                link.send(nxt, j + 1, ci, data)
             out[got * m + a:got * m + b] = data
     return out
 
 
-async def broadcast(group: "ProcessGroup", seq: int, sig: str, flat: np.ndarray, root: int) -> np.ndarray:
-    n, r = group.size, group.rank
+async def broadcast(link: Link, flat: np.ndarray, root: int) -> np.ndarray:
+    n, r = link.size, link.rank
     nxt = (r + 1) % n
-    step = max(1, group.chunk_bytes // max(flat.itemsize, 1))
+    step = max(1, link.chunk_bytes // max(flat.itemsize, 1))
     pieces = schedule.chunks(0, flat.size, step)
     if r == root:
         # Chunks leave zero-copy and may still be queued when we return, so they go from a
         # private copy: neither the caller's buffer nor the result we hand back.
-        src = group._pool.take(flat.size, flat.dtype)
+        src = link.pool.take(flat.size, flat.dtype)
         src[:] = flat
         for ci, (a, b) in enumerate(pieces):
-            group._send(nxt, seq, 0, ci, sig, src[a:b])
+            link.send(nxt, 0, ci, src[a:b])
         del src
-        out = group._pool.take(flat.size, flat.dtype)
+        out = link.pool.take(flat.size, flat.dtype)
         out[:] = flat
         return out
-    out = group._pool.take(flat.size, flat.dtype)
+    out = link.pool.take(flat.size, flat.dtype)
     for ci, (a, b) in enumerate(pieces):
-        data = await group._recv(seq, 0, ci, sig, b - a, flat.dtype)
+        data = await link.recv(0, ci, b - a, flat.dtype)
         if nxt != root:
-            group._send(nxt, seq, 0, ci, sig, data)
+            link.send(nxt, 0, ci, data)
         out[a:b] = data
     return out

@@ -21,7 +21,7 @@ a time per worker; ``train.cancel`` stops one; ``train.progress`` returns the ep
 job has finished so far (the caller polls it to report progress).
 
 Every bad config value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the
-file and node name. Every bad run request raises :class:`~dmlsys.collective.job.JobRejected`.
+file and node name. Every bad run request raises :class:`~dmlsys.collective.errors.JobRejected`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dmlsys.collective.errors import JobCancelled, JobRejected
 from dmlsys.collective.group import CollectiveService, ProcessGroup
-from dmlsys.collective.job import JobCancelled, JobRejected
-from dmlsys.node import ConfigError, Service, oneway, rpc
+from dmlsys.node import ADMIN, ConfigError, Service, oneway, rpc
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class TrainingService(Service):
         self._cancel_reason = ""
         self._data: tuple[tuple[int | None, int | None], Any] | None = None  # (limits, Dataset)
 
-    @rpc
+    @rpc(allow=ADMIN)
     async def run(self, body, ctx) -> dict[str, Any]:
         req = _run_request(body, self.node.name)
         if self._task is not None:

@@ -17,11 +17,13 @@ bytes to all: every rank ends with bitwise-identical results, floats included.
 
 from __future__ import annotations
 
+from dmlsys.collective.errors import InvalidArgument
+
 
 def segments(length: int, n: int) -> list[tuple[int, int]]:
     """[start, stop) of N contiguous segments covering ``length``; sizes differ by at most one."""
     if n < 1 or length < 0:
-        raise ValueError(f"need n >= 1 and length >= 0, got n={n}, length={length}")
+        raise InvalidArgument(f"need n >= 1 and length >= 0, got n={n}, length={length}")
     base, extra = divmod(length, n)
     bounds, start = [], 0
     for j in range(n):
@@ -36,7 +38,7 @@ def chunks(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
     range still yields one (empty) piece, so every step sends a message that carries the
     signature check."""
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 element, got {chunk}")
+        raise InvalidArgument(f"chunk must be >= 1 element, got {chunk}")
     if stop <= start:
         return [(start, start)]
     return [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]

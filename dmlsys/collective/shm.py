@@ -38,7 +38,7 @@ from dmlsys.collective import schedule
 from dmlsys.collective.errors import CollectiveError
 
 if TYPE_CHECKING:
-    from dmlsys.collective.group import ProcessGroup
+    from dmlsys.collective.link import Link
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^dmlsys-[A-Za-z0-9_.-]{1,200}$")
@@ -107,11 +107,11 @@ class PeerSegment(_Regions):
 
     def __init__(self, name: str, capacity: int) -> None:
         if not _NAME.match(name):
-            raise ValueError(f"not a dmlsys segment name: {name!r:.80}")
+            raise CollectiveError(f"not a dmlsys segment name: {name!r:.80}")
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY)
         try:
             if os.fstat(fd).st_size < 2 * capacity:
-                raise ValueError(f"segment {name} is smaller than the {2 * capacity} bytes announced")
+                raise CollectiveError(f"segment {name} is smaller than the {2 * capacity} bytes announced")
             self._map = mmap.mmap(fd, 2 * capacity, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
@@ -151,41 +151,41 @@ class ShmState:
         self.peers.clear()
 
 
-async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.ndarray) -> np.ndarray:
-    """One allreduce pass over shared memory (see the module docstring); the group's ``_send``
-    and ``_recv_body`` carry the two notices, with their signature and deadline checks.
+async def allreduce(link: Link, ufunc, flat: np.ndarray) -> np.ndarray:
+    """One allreduce pass over shared memory (see the module docstring); the link's ``send``
+    and ``recv_message`` carry the two notices, with their signature and deadline checks.
 
     ``flat`` is only read, and never after we return: the caller may reuse it at once."""
-    state: ShmState = group._shm
-    n, r, dtype = group.size, group.rank, flat.dtype
-    parity = seq % 2
+    state: ShmState = link.shm
+    n, r, dtype = link.size, link.rank, flat.dtype
+    parity = link.seq % 2
     segs = schedule.segments(flat.size, n)
     a, b = segs[r]
     try:
         own = state.segment_for(flat.nbytes)
     except OSError as e:
-        raise CollectiveError(f"{group._who()}: cannot create a shared-memory segment in {SHM_DIR}: {e}; "
+        raise CollectiveError(f"{link.who}: cannot create a shared-memory segment in {SHM_DIR}: {e}; "
                               "create the group with shm=False to use sockets only") from None
     mine = own.region(parity, dtype, flat.size)
     # Peers read every segment of our input but ours (r): that one we fold from flat itself.
     mine[:a] = flat[:a]
     mine[b:] = flat[b:]
-    out = group._pool.take(flat.size, dtype)  # no fresh pages to fault in for every pass
+    out = link.pool.take(flat.size, dtype)  # no fresh pages to fault in for every pass
     for j in range(n):
         if j != r:
-            group._send(j, seq, 0, r, sig, None, shm=own.name, cap=own.capacity)
+            link.send(j, 0, r, None, shm=own.name, cap=own.capacity)
     inputs: list[np.ndarray] = [mine] * n
     for j in range(n):
         if j == r:
             continue
-        body = await group._recv_body(seq, 0, j, sig, src=j)
+        body = await link.recv_message(0, j, src=j)
         name, cap = body.get("shm"), body.get("cap")
         if not isinstance(name, str) or type(cap) is not int or cap < flat.nbytes:
-            raise CollectiveError(f"{group._who()}: malformed shared-memory notice from rank {j}")
+            raise CollectiveError(f"{link.who}: malformed shared-memory notice from rank {j}")
         try:
             inputs[j] = state.peer(j, name, cap).region(parity, dtype, flat.size)
-        except (OSError, ValueError) as e:
-            raise CollectiveError(f"{group._who()}: cannot map rank {j}'s shared-memory segment {name!r}: {e}; "
+        except (OSError, ValueError, CollectiveError) as e:  # mmap raises ValueError too
+            raise CollectiveError(f"{link.who}: cannot map rank {j}'s shared-memory segment {name!r}: {e}; "
                                   "are all members on one host? If not, create the group with shm=False") from None
     if b > a:
         # Segment r, folded in rank order ((x0 op x1) op x2) ..., into the output; x_r is read
@@ -195,10 +195,10 @@ async def allreduce(group: "ProcessGroup", seq: int, sig: str, ufunc, flat: np.n
         mine[a:b] = acc  # published for the peers' copy-out
     for j in range(n):
         if j != r:
-            group._send(j, seq, 1, r, sig, None)
+            link.send(j, 1, r, None)
     for j in range(n):
         if j != r:
-            await group._recv_body(seq, 1, j, sig, src=j)
+            await link.recv_message(1, j, src=j)
     for j, (lo, hi) in enumerate(segs):
         if j != r:
             out[lo:hi] = inputs[j][lo:hi]

@@ -9,36 +9,28 @@ per leaf (PyTorch DDP's gradient buckets, Horovod's tensor fusion).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from dmlsys.arrays import flatten
+from dmlsys.collective.errors import NotNumeric
 
-def flatten(tree: Any) -> tuple[list[np.ndarray], Callable[[list[np.ndarray]], Any]]:
-    """Leaves as numpy arrays (in a fixed order), and a function that rebuilds the structure."""
-    leaves: list[np.ndarray] = []
 
-    def walk(node: Any) -> Callable[[list], Any]:
-        if isinstance(node, dict):
-            keys = list(node)
-            parts = [walk(node[k]) for k in keys]
-            return lambda it: {k: p(it) for k, p in zip(keys, parts)}
-        if isinstance(node, (list, tuple)):
-            parts = [walk(v) for v in node]
-            if isinstance(node, list):
-                return lambda it: [p(it) for p in parts]
-            if hasattr(node, "_fields"):  # a named tuple
-                cls = type(node)
-                return lambda it: cls(*(p(it) for p in parts))
-            return lambda it: tuple(p(it) for p in parts)
-        array = np.asarray(node)
-        if array.dtype.kind not in "biufc":
-            raise TypeError(f"collectives take numeric arrays; got a leaf of dtype {array.dtype} ({type(node).__name__})")
-        leaves.append(array)
-        return lambda it: next(it)
+def numeric_leaves(tree: Any) -> tuple[list[np.ndarray], Callable[[list[np.ndarray]], Any]]:
+    """:func:`dmlsys.arrays.flatten` (leaves in a fixed order, and a function that rebuilds the
+    structure), refusing leaves that are not numbers.
 
-    build = walk(tree)
-    return leaves, lambda new: build(iter(new))
+    Raises:
+        NotNumeric: a leaf of another dtype (strings, objects), named with its type.
+    """
+    leaves, rebuild = flatten(tree)
+    for leaf in leaves:
+        if leaf.dtype.kind not in "biufc":
+            raise NotNumeric(f"collectives take numeric arrays; got a leaf of dtype {leaf.dtype} "
+                             f"({type(leaf.item() if leaf.ndim == 0 else leaf).__name__})")
+    return leaves, rebuild
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmlsys.collective.tree import flatten, fuse, unfuse
+from dmlsys.arrays import flatten
+from dmlsys.collective.tree import fuse, numeric_leaves, unfuse
 from tests.collective.helpers import run_groups
 
 
@@ -105,4 +106,4 @@ def test_fuse_then_unfuse_gives_back_every_leaf(sizes, kinds, cap):
 
 def test_a_non_numeric_leaf_is_refused_naming_its_type():
     with pytest.raises(TypeError, match="str"):
-        flatten({"a": np.ones(2), "b": "text"})
+        numeric_leaves({"a": np.ones(2), "b": "text"})
