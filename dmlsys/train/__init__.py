@@ -20,7 +20,7 @@ import importlib
 from typing import Any
 
 from .errors import (
-    CheckpointError, ChecksumMismatch, DataError, DataNotFound, ModelNotFound, StoreError,
+    CheckpointError, ChecksumMismatch, DataError, DataNotFound, InvalidArgument, ModelNotFound, StoreError,
     TrainError, UnknownArchitecture,
 )
 
@@ -34,7 +34,7 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + [
-    "CheckpointError", "ChecksumMismatch", "DataError", "DataNotFound", "ModelNotFound",
+    "CheckpointError", "ChecksumMismatch", "DataError", "DataNotFound", "InvalidArgument", "ModelNotFound",
     "StoreError", "TrainError", "UnknownArchitecture",
 ]
 

@@ -1,7 +1,17 @@
 """What can go wrong while ingesting data, building models, storing them and training.
 
 Every error names the thing involved (file, model, version, key, step) and, where there
-is one, the fix. Catch :class:`TrainError` to handle them all.
+is one, the fix. Catch :class:`TrainError` to handle them all::
+
+    TrainError                  the root
+    ├── InvalidArgument         a bad argument (group size, op, root): a bug in the caller
+    ├── DataError               a data file is missing, malformed, truncated or corrupt
+    │   ├── DataNotFound        no place we look holds Fashion-MNIST
+    │   └── ChecksumMismatch    a file's digest differs from the published one
+    ├── UnknownArchitecture     an architecture dict we cannot build
+    ├── ModelNotFound           no such model or version in the store (also a KeyError)
+    ├── StoreError              the store's files are invalid
+    └── CheckpointError         a checkpoint cannot be read or does not fit the model
 """
 
 from __future__ import annotations
@@ -9,6 +19,10 @@ from __future__ import annotations
 
 class TrainError(Exception):
     """Base of every error raised by :mod:`dmlsys.train`."""
+
+
+class InvalidArgument(TrainError, ValueError):
+    """A function was called with a bad argument (a group size, an op, a root rank)."""
 
 
 class DataError(TrainError):

@@ -20,7 +20,7 @@ import numpy as np
 
 from dmlsys.arrays import OPS
 
-from .errors import TrainError
+from .errors import InvalidArgument, TrainError
 
 
 @runtime_checkable
@@ -41,12 +41,12 @@ class LocalGroup:
 
     async def allreduce(self, tree: Any, op: str = "sum") -> Any:
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+            raise InvalidArgument(f"unknown op {op!r}; known: {', '.join(OPS)}")
         return tree
 
     async def broadcast(self, tree: Any, root: int = 0) -> Any:
         if root != 0:
-            raise ValueError(f"broadcast root {root} out of range for group size 1")
+            raise InvalidArgument(f"broadcast root {root} out of range for group size 1")
         return tree
 
 
@@ -96,7 +96,7 @@ class InProcessGroup:
     def create(cls, size: int, *, timeout: float = 30.0) -> list[InProcessGroup]:
         """All ``size`` ranks; a collective waits at most ``timeout`` seconds for the others."""
         if size < 1:
-            raise ValueError(f"group size must be >= 1, got {size}")
+            raise InvalidArgument(f"group size must be >= 1, got {size}")
         rv = _Rendezvous(size)
         return [cls(r, size, rv, timeout) for r in range(size)]
 
@@ -119,7 +119,7 @@ class InProcessGroup:
 
     async def allreduce(self, tree: Any, op: str = "sum") -> Any:
         if op not in OPS:
-            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+            raise InvalidArgument(f"unknown op {op!r}; known: {', '.join(OPS)}")
         fn = OPS[op]
         size = self.size
 
@@ -135,5 +135,5 @@ class InProcessGroup:
 
     async def broadcast(self, tree: Any, root: int = 0) -> Any:
         if not 0 <= root < self.size:
-            raise ValueError(f"broadcast root {root} out of range for group size {self.size}")
+            raise InvalidArgument(f"broadcast root {root} out of range for group size {self.size}")
         return await self._collective(tree, lambda trees: trees[root])
