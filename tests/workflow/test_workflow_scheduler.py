@@ -243,6 +243,32 @@ def test_continue_finishes_what_does_not_depend_on_the_failure():
     assert "missing column" in r.report["bad"].error
 
 
+@given(dags(), st.data())
+@settings(max_examples=30, deadline=None)
+def test_continue_skips_exactly_the_descendants_of_failed_steps(dag, data):
+    """Through the real executor (inline, thread and coroutine steps): the steps downstream of a
+    failure skipped (planned to fail or not), the other planned failures failed, the rest done."""
+    n, deps, order, kinds = dag
+    failing = data.draw(st.sets(st.integers(0, n - 1), max_size=3), label="failing")
+    rec = Recorder()
+
+    def boom(*args, salt=0):
+        raise RuntimeError("planned")
+
+    async def aboom(*args, salt=0):
+        raise RuntimeError("planned")
+
+    wf = build(n, deps, order, kinds, rec)
+    for i in failing:
+        wf = wf.replace(f"s{i}", fn=aboom if kinds[i] == "async" else boom)
+    r = run(wf, cfg(on_failure=CONTINUE, raise_on_failure=False))
+    plan = wf.validate()
+    below = set().union(*[plan.descendants(f"s{i}") for i in failing]) if failing else set()
+    expected = {f"s{i}": "skipped" if f"s{i}" in below else "failed" if i in failing else "done" for i in range(n)}
+    assert r.report.states() == expected
+    assert sorted(rec.calls()) == sorted(name for name, state in expected.items() if state == "done")
+
+
 def test_cancelling_the_run_cancels_every_step_it_started():
     cleaned = []
 
