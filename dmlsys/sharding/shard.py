@@ -29,6 +29,7 @@ another shard starting them afresh would fork their state).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -117,7 +118,7 @@ class ShardService(Service):
         self.applied: dict[str, list[list]] = {}
         self.moved_to: dict[str, str] = {}  # tombstones: key -> the shard it was pushed or handed to
         self._moving: set[str] = set()
-        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks: dict[str, list] = {}  # key -> [lock, users]; dropped when nobody uses it
         self._arrived = asyncio.Event()  # set whenever accept() brings keys in
         self.ring = HashRing(vnodes=config.vnodes)
         self._dirty = 0
@@ -159,9 +160,28 @@ class ShardService(Service):
             self.ring.remove(gone)
         for new in sorted(names - known):
             self.ring.add(new)
+        # A tombstone matters only while our ring still calls the key ours; keep no others.
+        if len(self.ring):
+            self.moved_to = {k: v for k, v in self.moved_to.items() if self.ring.lookup(k) == self.node.name}
         self._push_again = True  # a running push goes round once more, with the ring as it is then
         if self._rebalance is None or self._rebalance.done():
             self._rebalance = asyncio.get_running_loop().create_task(self._push_moved())
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str):
+        """One request, handoff or push at a time per key; the lock lives only while in use, so
+        a shard that has seen millions of keys does not keep millions of locks."""
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
     def _snapshot(self, force: bool = True) -> None:
         if force or self._dirty >= self.config.snapshot_every:
@@ -193,7 +213,7 @@ class ShardService(Service):
             self.counters["handled"] += 1
             return self.app.handle(key, body.get("part"), None)[0]
         self._check_owner(key)
-        async with self._locks[key]:
+        async with self._exclusive(key):
             self._check_owner(key)  # the ring may have moved while we waited
             if key not in self.state:
                 await self._pull(key)
@@ -267,7 +287,7 @@ class ShardService(Service):
         key, to = body["key"], body["to"]
         if key in self._moving:
             return {"found": False, "moving": True}
-        async with self._locks[key]:
+        async with self._exclusive(key):
             if key not in self.state:
                 return {"found": False, "moving": key in self._moving, "moved_to": self.moved_to.get(key)}
             value, applied = self.state.pop(key), self.applied.pop(key, [])
@@ -312,7 +332,7 @@ class ShardService(Service):
             self._moving.update(keys)
             try:
                 for key in keys:  # let requests already running on these keys finish
-                    async with self._locks[key]:
+                    async with self._exclusive(key):
                         pass
                 items = [[k, self.state[k], self.applied.get(k, [])] for k in keys if k in self.state]
                 await self.node.call(owner, "shard", "accept", {"items": items}, timeout=self.config.call_timeout)

@@ -150,6 +150,7 @@ def test_adding_a_shard_moves_only_the_keys_it_now_owns_with_their_state(tmp_pat
         assert all(c.shard("s2").ring.lookup(k) == after[k][0] for k in keys)  # each on its owner
         total = await c.router.run({"add": {k: 4.0 for k in keys}})
         assert total == {k: 7.0 for k in keys}  # the state moved with the keys
+        assert all(not c.shard(s)._locks for s in c.shards)  # per-key locks live only while used
         await c.stop()
 
     sim.run(scenario())
