@@ -130,7 +130,7 @@ def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 async def up_foreground(spec, state_dir: Path, host: str | None) -> int:
-    from dmlsys.cluster.jobs import before_phase
+    from dmlsys.cluster.recipes import before_phase
     from dmlsys.cluster.supervisor import Supervisor
 
     sup = Supervisor(spec, state_dir, host=host, before_phase=before_phase)

@@ -111,7 +111,7 @@ class ClusterService(Service):
 
     @rpc
     async def train(self, body):
-        from dmlsys.cluster.jobs import train
+        from dmlsys.cluster.recipes import train
 
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise ValueError('train takes {"model": name}')
