@@ -11,6 +11,12 @@ Modules, one idea each:
 * :mod:`~dmlsys.ps.roles`      the ``ps`` role factory
 """
 
-from dmlsys.ps.errors import JobUnknown, PartitionError, PsError, ShardUnavailable, WorkerDropped
+from dmlsys.ps.errors import (
+    JobUnknown,
+    PartitionError,
+    PsError,
+    ShardUnavailable,
+    WorkerDropped,
+)
 
-__all__ = ["PsError", "PartitionError", "WorkerDropped", "JobUnknown", "ShardUnavailable"]
+__all__ = ["JobUnknown", "PartitionError", "PsError", "ShardUnavailable", "WorkerDropped"]

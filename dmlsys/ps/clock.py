@@ -31,7 +31,7 @@ applied without it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 from dmlsys.ps.errors import PsError, WorkerDropped
 
@@ -86,7 +86,7 @@ class Tick:
 class Clock:
     """The clocks of one job's workers on one shard, and the reads waiting on them."""
 
-    __slots__ = ("consistency", "clocks", "dropped", "last_heard", "_parked")
+    __slots__ = ("_parked", "clocks", "consistency", "dropped", "last_heard")
 
     def __init__(self, workers: Iterable[str], consistency: Consistency = BSP, *, now: float = 0.0) -> None:
         names = list(workers)
@@ -196,7 +196,7 @@ class Clock:
                 "clocks": dict(self.clocks), "dropped": dict(self.dropped)}
 
     @classmethod
-    def from_dict(cls, d: dict, *, now: float = 0.0) -> "Clock":
+    def from_dict(cls, d: dict, *, now: float = 0.0) -> Clock:
         clock = cls(list(d["clocks"]), Consistency(d["model"], int(d["staleness"])), now=now)
         clock.clocks = {str(w): int(c) for w, c in d["clocks"].items()}
         clock.dropped = {str(w): int(c) for w, c in d["dropped"].items()}

@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -235,7 +236,7 @@ class PartitionMap:
                 "tables": [[t.path, t.rows, list(t.row_shape), t.dtype] for t in self.tables]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PartitionMap":
+    def from_dict(cls, d: Mapping[str, Any]) -> PartitionMap:
         try:
             return cls(int(d["shards"]),
                        tuple(LeafSpec(str(p), tuple(int(x) for x in shape), str(dt)) for p, shape, dt in d["leaves"]),

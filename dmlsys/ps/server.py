@@ -36,7 +36,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -88,15 +87,16 @@ def make_optimizer(spec: dict[str, Any]):
 _UPDATES: dict[str, Any] = {}
 
 
-def _dense_update_for(spec: dict[str, Any], opt) -> Any:
+def _dense_update_for(spec: dict[str, Any], opt, *, scaled: bool = True) -> Any:
     """One jitted update per optimizer spec in this process: jobs and shards with the same
-    optimizer share its compilations (a compilation costs far more than a small update)."""
+    optimizer share its compilations (a compilation costs far more than a small update).
+    ``scaled``: (params, state, grads, scale); else (params, state, grads) for grads already scaled."""
     import json
 
     import jax
     import optax
 
-    key = json.dumps(spec, sort_keys=True)
+    key = json.dumps([spec, scaled], sort_keys=True)
     fn = _UPDATES.get(key)
     if fn is None:
         def dense_update(params, state, grads, scale):
@@ -104,7 +104,11 @@ def _dense_update_for(spec: dict[str, Any], opt) -> Any:
             updates, state = opt.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
-        fn = _UPDATES[key] = jax.jit(dense_update)
+        def row_update(params, state, grads):
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        fn = _UPDATES[key] = jax.jit(dense_update if scaled else row_update)
     return fn
 
 
@@ -143,6 +147,7 @@ class ShardJob:
         self.applied_pushes = 0  # pushes whose gradients are in the values
         self.wal = WriteAheadLog(directory / WAL, fsync=fsync)
         self._dense_update = _dense_update_for(optimizer, self.opt)
+        self._row_update = _dense_update_for(optimizer, self.opt, scaled=False)
 
     # -- creation and recovery ---------------------------------------------------------------
 
@@ -157,8 +162,11 @@ class ShardJob:
                               f"expected {np.dtype(leaf.dtype)}{shape}")
             self.dense[key] = np.array(got)
         for path, t in self.tables.items():
-            self.rows[path] = _init_table(self.name, path, self.shard, t.local_rows(self.shard, self.map.shards),
-                                          t.row_shape, t.dtype, dict(table_init.get(path) or {}))
+            rows = _init_table(self.name, path, self.shard, t.local_rows(self.shard, self.map.shards),
+                               t.row_shape, t.dtype, dict(table_init.get(path) or {}))
+            # One scratch row at the end: lazy updates pad their rows to a power of two with it,
+            # so that a handful of shapes (and compilations) serve every batch.
+            self.rows[path] = np.concatenate([rows, np.zeros((1, *t.row_shape), rows.dtype)])
         self.dense_state = self.opt.init(self.dense)
         self.row_state = {p: _numpy_tree(self.opt.init(r)) for p, r in self.rows.items()}
 
@@ -191,7 +199,7 @@ class ShardJob:
         self.wal.truncate()
 
     @classmethod
-    def recover(cls, name: str, directory: Path, *, fsync: bool = True) -> "ShardJob":
+    def recover(cls, name: str, directory: Path, *, fsync: bool = True) -> ShardJob:
         """The job as its checkpoint left it, with the log replayed on top."""
         import jax
 
@@ -326,21 +334,29 @@ class ShardJob:
         self.updates += touched
 
     def _apply_rows(self, path: str, local: np.ndarray, grads: np.ndarray, scale: np.float32) -> None:
-        """Lazy update: only rows ``local`` and their optimizer state move."""
+        """Lazy update: only rows ``local`` and their optimizer state move. The rows are padded
+        to a power of two with the scratch row (zero gradient; whatever it becomes is unused)."""
         import jax
-        import optax
 
         table = self.rows[path]
         shape = table.shape
+        scratch = shape[0] - 1
+        k = local.size
+        size = max(8, 1 << (k - 1).bit_length())
+        idx = np.full(size, scratch, np.int64)
+        idx[:k] = local
+        g = np.zeros((size, *grads.shape[1:]), grads.dtype)
+        np.multiply(grads, scale, out=g[:k])
         state = self.row_state[path]
-        sub_state = jax.tree_util.tree_map(lambda s: s[local] if np.shape(s) == shape else s, state)
-        sub = table[local]
-        updates, new_sub_state = self.opt.update(grads * scale, sub_state, sub)
-        table[local] = np.asarray(optax.apply_updates(sub, updates))
+        per_row = lambda s: np.shape(s) == shape
+        sub_state = jax.tree_util.tree_map(lambda s: s[idx] if per_row(s) else s, state)
+        new_rows, new_sub_state = self._row_update(table[idx], sub_state, g)
+        new_rows = np.asarray(new_rows)
+        table[local] = new_rows[:k]
 
         def put(old, new):
-            if np.shape(old) == shape:
-                old[local] = np.asarray(new)
+            if per_row(old):
+                old[local] = np.asarray(new)[:k]
                 return old
             return np.array(new)
 

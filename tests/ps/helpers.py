@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from dmlsys.node import Node
 from dmlsys.ps.client import PsClient

@@ -77,7 +77,7 @@ def simulate(consistency: Consistency, workers: int, steps: int, seed: int, drop
 @given(consistency=MODELS, workers=st.integers(1, 6), steps=st.integers(1, 12), seed=st.integers(0, 2**32),
        drops=st.integers(0, 2))
 def test_no_read_at_clock_c_misses_an_update_older_than_c_minus_s(consistency, workers, steps, seed, drops):
-    names, dead, step, reads = simulate(consistency, workers, steps, seed, drops)
+    names, dead, _, reads = simulate(consistency, workers, steps, seed, drops)
     s = consistency.bound
     for w, c, seen in reads:
         if s is None:

@@ -176,7 +176,7 @@ def test_asp_makes_progress_with_a_stalled_worker_where_bsp_and_ssp_wait():
             tasks = [asyncio.ensure_future(marker_worker(clients[r], r, steps, workers, lambda r: 0.01, log,
                                                          stall_after=2 if r == 2 else None))
                      for r in range(workers)]
-            done, pending = await asyncio.wait(tasks[:2], timeout=60.0)  # virtual seconds
+            done, _ = await asyncio.wait(tasks[:2], timeout=60.0)  # virtual seconds
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

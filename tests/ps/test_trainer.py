@@ -48,7 +48,7 @@ def test_an_mlp_learns_through_two_shards_and_its_card_says_how(small_ds, tmp_pa
     assert card["test_accuracy"] > 0.65, card["test_accuracy"]  # chance is 0.1; 48 small steps
     assert card["via"] == "ps" and card["consistency"] == consistency.model and card["shards"] == 2
     assert card["world_size"] == 2 and card["version"] == results[0].version
-    params, saved = ModelStore(tmp_path).load("fmnist-mlp")
+    _, saved = ModelStore(tmp_path).load("fmnist-mlp")
     assert saved["test_accuracy"] == card["test_accuracy"]
 
 
