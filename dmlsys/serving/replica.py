@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dmlsys.node import Service, State, rpc
+from dmlsys.node import ADMIN, Service, State, allow, rpc
 from dmlsys.serving import instances, messages
 from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady, QueueFull, ServingError
 from dmlsys.serving.runtime import BUCKETS, Runtime
@@ -205,7 +205,7 @@ class ModelService(Service):
         self._queue.append((request, fut))
         return fut
 
-    @rpc
+    @rpc(allow=ADMIN | allow(roles=("gateway",)))  # rollouts come from the gateway
     async def reload(self, body: Any) -> dict[str, Any]:
         """Load ``{"version": v}`` (None: latest) beside the current one, then swap. Answers
         keep coming from the old version until the swap."""
