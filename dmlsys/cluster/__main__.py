@@ -8,10 +8,12 @@
     python -m dmlsys.cluster rollout fashion-mlp [--version 2]
     python -m dmlsys.cluster pipeline --limit 5000 # the end-to-end workflow (see its --help)
     python -m dmlsys.cluster cache ls              # the workflow memo cache
+    python -m dmlsys.cluster keys export key.txt   # the cluster key, for `keys import` on another host
     python -m dmlsys.cluster down
 
 State lives under ``.dmlsys/`` in the working directory (``--state-dir`` to change it): the
-supervisor's ``state.json``, each node's log under ``logs/``, and the resolved member list.
+supervisor's ``state.json``, each node's log under ``logs/``, the resolved member list, and the
+cluster key under ``keys/`` that every node and this CLI authenticate with (docs/security.md).
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, what in PASSTHROUGH.items():
         sub.add_parser(name, help=what, add_help=False)  # the rest of the line goes to its own CLI
 
+    keys = sub.add_parser("keys", help="the cluster key: export it for another host, import it there")
+    actions = keys.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write the cluster key to FILE (0600) for `keys import` elsewhere")
+    export.add_argument("file")
+    export.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    imp = actions.add_parser("import", help="make the key in FILE this state directory's cluster key")
+    imp.add_argument("file")
+    imp.add_argument("--force", action="store_true", help="replace a different key already here")
+    actions.add_parser("show", help="where the cluster key is and its fingerprint (compare hosts with it)")
+
     node = sub.add_parser("node")  # what the supervisor runs per member; no help: not listed
     node.add_argument("--name", required=True)
 
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command != "up":
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
-               "rollout": cmd_rollout, "train": cmd_train}[args.command]
+               "rollout": cmd_rollout, "train": cmd_train, "keys": cmd_keys}[args.command]
     try:
         code = handler(args, state_dir)
     except CliError as e:
@@ -122,6 +134,13 @@ def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
               f"{running['supervisor']['pid']}); run `python -m dmlsys.cluster down` first", file=sys.stderr)
         return 1
     (state_dir / "state.json").unlink(missing_ok=True)
+    from dmlsys.cluster import keys
+
+    keys.secure_state_dir(state_dir)  # umask 077 from here on: what the cluster writes is its user's alone
+    key, made = keys.ensure(state_dir)
+    if made:
+        print(f"made the cluster key {keys.key_path(state_dir)} (fingerprint {key.fingerprint}); "
+              f"other hosts need it: `python -m dmlsys.cluster keys export FILE`", file=sys.stderr)
     if args.detach:
         return up_detached(args, state_dir)
     import uvloop
@@ -231,7 +250,8 @@ def cmd_status(args: argparse.Namespace, state_dir: Path) -> int:
     live = None
     if pid_alive(doc.get("supervisor", {}).get("pid")):
         with contextlib.suppress(Exception):
-            live = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "status", None, timeout=3.0))
+            live = asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], "status", None, timeout=3.0,
+                                              keys=cluster_key(state_dir)))
     if live is not None:
         doc = live
     else:
@@ -299,7 +319,7 @@ def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
     from dmlsys.node import RemoteError
 
     try:
-        result = asyncio.run(train_with_progress(doc, args.model))
+        result = asyncio.run(train_with_progress(doc, args.model, cluster_key(state_dir)))
     except RemoteError as e:
         raise CliError(e.message) from None
     print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
@@ -308,7 +328,7 @@ def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
     return 0
 
 
-async def train_with_progress(doc: dict, model: str) -> dict:
+async def train_with_progress(doc: dict, model: str, keys=None) -> dict:
     """Ask the supervisor to train ``model``; meanwhile show rank 0's epochs as a progress bar."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -316,7 +336,8 @@ async def train_with_progress(doc: dict, model: str) -> dict:
     from dmlsys.collective.job import follow_progress
 
     workers = [n for n in doc["nodes"] if n["role"] == "worker" and pid_alive(n.get("pid"))]
-    async with client_node({"supervisor": doc["supervisor"]["zmq"], **{n["name"]: n["zmq"] for n in workers}}) as node:
+    async with client_node({"supervisor": doc["supervisor"]["zmq"], **{n["name"]: n["zmq"] for n in workers}},
+                           keys=keys) as node:
         job = asyncio.ensure_future(node.call("supervisor", "cluster", "train", {"model": model}, timeout=7200.0))
         if not workers:  # trained in the supervisor's process: its log has the epochs
             return await job
@@ -353,7 +374,8 @@ def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
     gateway = gateways[0]
     try:
         result = asyncio.run(ask(gateway["name"], gateway["zmq"], "serving", "rollout",
-                                 {"model": args.model, "version": args.version}, timeout=600.0))
+                                 {"model": args.model, "version": args.version}, timeout=600.0,
+                                 keys=cluster_key(state_dir)))
     except RemoteError as e:
         raise CliError(e.message) from None
     except NodeError as e:
@@ -365,20 +387,21 @@ def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-async def ask(peer: str, address: str, service: str, method: str, body: Any, *, timeout: float) -> Any:
+async def ask(peer: str, address: str, service: str, method: str, body: Any, *, timeout: float, keys=None) -> Any:
     """One RPC from a short-lived client node named after this process."""
-    async with client_node({peer: address}) as node:
+    async with client_node({peer: address}, keys=keys) as node:
         return await node.call(peer, service, method, body, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
-async def client_node(peers: dict[str, str]):
-    """A short-lived node named after this process that knows ``peers`` (name -> address)."""
+async def client_node(peers: dict[str, str], *, keys=None):
+    """A short-lived node named after this process that knows ``peers`` (name -> address); with
+    the cluster's ``keys`` it authenticates as the CLI (every ``cli-*`` node is principal "cli")."""
     from dmlsys.assembly import ZmqTransports, build_node
     from dmlsys.node import Member
 
     name = f"cli-{os.getpid()}"
-    node = build_node(Member(name, "client", "tcp://127.0.0.1:0"), ZmqTransports())
+    node = build_node(Member(name, "client", "tcp://127.0.0.1:0"), ZmqTransports(keys=keys))
     await node.start()
     try:
         for peer, address in peers.items():
@@ -388,8 +411,8 @@ async def client_node(peers: dict[str, str]):
         await node.stop(drain_timeout=0)
 
 
-async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float) -> Any:
-    return await ask("supervisor", address, "cluster", method, body, timeout=timeout)
+async def ask_supervisor(address: str, method: str, body: Any, *, timeout: float, keys=None) -> Any:
+    return await ask("supervisor", address, "cluster", method, body, timeout=timeout, keys=keys)
 
 
 def running_state(state_dir: Path) -> dict:
@@ -406,9 +429,67 @@ def tell_supervisor(state_dir: Path, method: str, body: Any, *, timeout: float) 
 
     doc = running_state(state_dir)
     try:
-        return doc, asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], method, body, timeout=timeout))
+        return doc, asyncio.run(ask_supervisor(doc["supervisor"]["zmq"], method, body, timeout=timeout,
+                                               keys=cluster_key(state_dir)))
     except RemoteError as e:
         raise CliError(e.message) from None
+
+
+def cluster_key(state_dir: Path):
+    """The key this CLI authenticates to the cluster of ``state_dir`` with (None: no key made)."""
+    from dmlsys.cluster import keys
+
+    try:
+        return keys.load(state_dir)
+    except keys.KeyFileError as e:
+        raise CliError(str(e)) from None
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+KEY_ACTIONS = {}  # action name -> function(args, state_dir); `keys add/ls/revoke` (client API keys) join here
+
+
+def cmd_keys(args: argparse.Namespace, state_dir: Path) -> int:
+    from dmlsys.cluster import keys
+
+    try:
+        return KEY_ACTIONS[args.keys_action](args, state_dir)
+    except keys.KeyFileError as e:
+        raise CliError(str(e)) from None
+
+
+def keys_export(args: argparse.Namespace, state_dir: Path) -> int:
+    from dmlsys.cluster import keys
+
+    key = keys.export(state_dir, Path(args.file), force=args.force)
+    print(f"wrote the cluster key (fingerprint {key.fingerprint}) to {args.file}, mode 0600; copy it to the other "
+          f"host privately (scp), run `python -m dmlsys.cluster keys import {Path(args.file).name}` there, "
+          f"then delete the copy")
+    return 0
+
+
+def keys_import(args: argparse.Namespace, state_dir: Path) -> int:
+    from dmlsys.cluster import keys
+
+    key = keys.import_(state_dir, Path(args.file), force=args.force)
+    print(f"{keys.key_path(state_dir)} now holds the cluster key (fingerprint {key.fingerprint})")
+    return 0
+
+
+def keys_show(args: argparse.Namespace, state_dir: Path) -> int:
+    from dmlsys.cluster import keys
+
+    key = keys.load(state_dir)
+    if key is None:
+        print(f"no cluster key under {state_dir}/keys (`up` makes one)")
+        return 1
+    print(f"{keys.key_path(state_dir)}: fingerprint {key.fingerprint}")
+    return 0
+
+
+KEY_ACTIONS.update(export=keys_export, show=keys_show)
+KEY_ACTIONS["import"] = keys_import
 
 
 def read_state(state_dir: Path) -> dict | None:

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from dmlsys.assembly import ZmqTransports, build_node as assemble
+from dmlsys.cluster import keys
 from dmlsys.cluster.spec import ResolvedCluster
 from dmlsys.node import ConfigError, Directory, Member, Node
 from dmlsys.wire import TransportError
@@ -115,7 +116,11 @@ def build_node(cluster: ResolvedCluster, name: str, state_dir: Path) -> Node:
     supervisor = Member("supervisor", "supervisor", cluster.supervisor)
     directory = Directory([supervisor, *cluster.members], supervisor="supervisor")
     try:
-        return assemble(member, ZmqTransports(), store=cluster.store, state_dir=state_dir, http=cluster.http,
+        key = keys.load(state_dir)  # the cluster's: this node authenticates with it, and admits only its holders
+    except keys.KeyFileError as e:
+        raise ConfigError("keys", str(e)) from None
+    try:
+        return assemble(member, ZmqTransports(keys=key), store=cluster.store, state_dir=state_dir, http=cluster.http,
                         directory=directory)
     except ConfigError as e:
         raise ConfigError(f"nodes.{name}.{e.key}", e.expected) from None
@@ -159,6 +164,7 @@ async def serve(state_dir: Path, name: str) -> int:
 
 def main(state_dir: str, name: str) -> None:
     die_with_parent()  # first: a supervisor dying during our start must not leave us running
+    os.umask(keys.PRIVATE_UMASK)  # its ipc socket, logs and model files: this user's alone
     logging.basicConfig(
         level=os.environ.get("DMLSYS_LOG", "INFO"),
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",

@@ -35,7 +35,8 @@ from dmlsys.cluster.errors import SpecError
 from dmlsys.node.directory import Member
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
-KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train"}
+KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train", "tls_cert", "tls_key"}
+RESERVED_NAMES = ("supervisor", "cli")  # the supervisor's and the command line's principals (docs/security.md)
 KNOWN_NODE_KEYS = {"name", "role", "host", "zmq", "admin", "replicas", "config"}
 
 
@@ -119,6 +120,10 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
     if http is not None:
         _host_port(_str(http, "cluster.http", err), "cluster.http", err)
     train = _table(cluster.get("train", {}), "cluster.train", err)
+    # The front door's certificate: every gateway serves HTTPS with it unless its config names its own.
+    tls = {k: _str(cluster[k], f"cluster.{k}", err) for k in ("tls_cert", "tls_key") if k in cluster}
+    if len(tls) == 1:
+        raise err(f"cluster.{({'tls_cert', 'tls_key'} - set(tls)).pop()}", "a PEM file path: tls_cert and tls_key go together")
 
     hosts_table = _table(data.get("hosts", {}), "hosts", err)
     hosts: dict[str, str] = {}
@@ -144,6 +149,9 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         node_name = _str(raw.get("name"), f"{where}.name", err)
         if not NAME_RE.match(node_name):
             raise err(f"{where}.name", f"{node_name!r} is not a valid node name (letters, digits, _ . -; starts with a letter)")
+        if node_name in RESERVED_NAMES or node_name.startswith("cli-"):
+            raise err(f"{where}.name", f"{node_name!r} is reserved (supervisor, cli and cli-* name the supervisor and "
+                      f"the command line, whose keys are theirs)")
         where = f"nodes.{node_name}"
         role = _str(raw.get("role"), f"{where}.role", err)
         host = _str(raw.get("host", "local"), f"{where}.host", err)
@@ -159,6 +167,8 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         if admin is not None:
             _host_port(_str(admin, f"{where}.admin", err), f"{where}.admin", err)
         config = _table(raw.get("config", {}), f"{where}.config", err)
+        if role == "gateway" and tls and not ({"tls_cert", "tls_key"} & set(config)):
+            config = {**config, **tls}
         spec = NodeSpec(node_name, role, host, zmq, admin, replicas, config, zmq_auto)
         for member in spec.member_names():
             if member in seen:

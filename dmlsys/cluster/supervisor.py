@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dmlsys.assembly import ZmqTransports, build_node
+from dmlsys.cluster import keys as cluster_keys
 from dmlsys.cluster.errors import ClusterError
 from dmlsys.cluster.nodeproc import EXIT_BIND, node_command, process_start_ticks
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
-from dmlsys.node import Directory, Member, Node, NodeError, Service, rpc
+from dmlsys.node import ADMIN, Directory, Member, Node, NodeError, Service, rpc
 from dmlsys.wire import TransportError
 
 log = logging.getLogger("dmlsys.supervisor")
@@ -101,15 +102,15 @@ class ClusterService(Service):
     def members(self, body):
         return [m.to_dict() for m in self.sup.members()]
 
-    @rpc
+    @rpc(allow=ADMIN)
     def status(self, body=None):
         return self.sup.status_document()
 
-    @rpc
+    @rpc(allow=ADMIN)
     async def scale(self, body):
         return await self.sup.scale(str(body["group"]), int(body["replicas"]))
 
-    @rpc
+    @rpc(allow=ADMIN)
     async def train(self, body):
         from dmlsys.cluster.recipes import train
 
@@ -117,7 +118,7 @@ class ClusterService(Service):
             raise ValueError('train takes {"model": name}')
         return await train(self.sup, body["model"])
 
-    @rpc
+    @rpc(allow=ADMIN)
     def shutdown(self, body):
         self.sup.request_stop()
         return "stopping"
@@ -129,6 +130,7 @@ class Supervisor:
         self.spec = spec
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
+        self.keys = cluster_keys.load(state_dir)  # None: no key made (tests); else CURVE/PLAIN everywhere
         # Nodes of a single-host cluster talk over Unix sockets here (see spec.resolve_member).
         self.ipc_dir = None if spec.multi_host else state_dir / "sock"
         self.host = host
@@ -181,10 +183,9 @@ class Supervisor:
 
     async def up(self) -> None:
         """Start everything and wait until it is ready; on failure, leave nothing running."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(exist_ok=True)
-        if self.ipc_dir is not None:
-            self.ipc_dir.mkdir(exist_ok=True)
+        for private in (self.state_dir, self.log_dir, self.ipc_dir):  # 0700: sockets, state, logs
+            if private is not None:
+                cluster_keys.private_dir(private)
         for node_spec in self.spec.nodes:
             for name in node_spec.member_names():
                 self.procs[name] = Proc(resolve_member(node_spec, name, ipc_dir=self.ipc_dir),
@@ -229,7 +230,7 @@ class Supervisor:
             primary = address.removeprefix("tcp://").rsplit(":", 1)[0]
             if primary != self.spec.hosts[self.host]:
                 address = f"tcp://{self.spec.hosts[self.host]}:0"  # a secondary host's supervisor
-        node = build_node(Member("supervisor", "supervisor", address), ZmqTransports(),
+        node = build_node(Member("supervisor", "supervisor", address), ZmqTransports(keys=self.keys),
                           store=self.spec.store, state_dir=self.state_dir, http=self.spec.http,
                           directory=Directory([p.member for p in self.procs.values()]),
                           services=[ClusterService(self)])
@@ -462,7 +463,9 @@ class Supervisor:
 
 def _write_json(path: Path, doc: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # pids and addresses: the user's alone
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(doc, indent=2))
     os.replace(tmp, path)
 
 

@@ -1,11 +1,14 @@
 """The node's admin HTTP server: liveness, readiness, Prometheus metrics and a status document.
 
 It listens on loopback unless configured otherwise: these endpoints are for the operator and
-the supervisor, not for the world.
+the supervisor, not for the world. Bound anywhere else, ``/status`` answers only what a load
+balancer's probe needs (``PUBLIC_STATUS``), not pids, addresses, metrics or service internals:
+they tell whoever can reach the port where to aim (docs/security.md).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -13,6 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from dmlsys.node.node import Node
+
+
+PUBLIC_STATUS = ("name", "role", "state", "uptime_s", "failing_gates")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AdminServer:
@@ -67,4 +82,7 @@ class AdminServer:
         return web.Response(body=generate_latest(self.node.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.node.status())
+        status = self.node.status()
+        if not is_loopback(self.host):
+            status = {k: status[k] for k in PUBLIC_STATUS if k in status}
+        return web.json_response(status)

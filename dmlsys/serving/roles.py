@@ -25,6 +25,8 @@
                                            models = ["fashion-mlp"]  # optional: serve only these
                                            http = "127.0.0.1:8000"   # optional: else [cluster] http;
                                                                      # "off": reached by RPC only
+                                           tls_cert = "door.pem"     # optional, with tls_key: HTTPS
+                                           tls_key = "door.key"      # (else [cluster] tls_cert/tls_key)
 
 Every bad value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the file
 and node name.
@@ -42,7 +44,7 @@ from dmlsys.wire.codec import DEFAULT_LIMITS
 REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets"}
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
-                "models", "consecutive_failures", "base_ejection", "max_ejection"}
+                "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key"}
 
 
 def _unknown(config: dict[str, Any], known: set[str]) -> None:
@@ -130,5 +132,17 @@ def build_gateway(ctx) -> list[Service]:
         http=None if http == "off" else f"{host}:{port}", deadline=_seconds(config, "deadline", 10.0),
         max_body_bytes=max_body, max_instances=_int(config, "max_instances", 64),
         max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
-        idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer,
+        idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer, **_tls(config),
     ))]
+
+
+def _tls(config: dict[str, Any]) -> dict[str, str]:
+    """``tls_cert`` and ``tls_key``: both (PEM file paths; the door serves HTTPS), or neither."""
+    given = {k: config[k] for k in ("tls_cert", "tls_key") if config.get(k) is not None}
+    for k, v in given.items():
+        if not isinstance(v, str) or not v:
+            raise ConfigError(k, f"a PEM file path, got {v!r}")
+    if len(given) == 1:
+        missing = ({"tls_cert", "tls_key"} - set(given)).pop()
+        raise ConfigError(missing, "a PEM file path too: tls_cert and tls_key go together")
+    return given

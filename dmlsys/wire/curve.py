@@ -45,6 +45,11 @@ KEY_BYTES = 32
 CLI = "cli"  # the principal of every command-line client
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks here
 ZAP_DOMAIN = b"dmlsys"
+# A key or name not known yet is held this long before it is refused: a node learns its peers
+# from the supervisor's member list a moment after it binds (and a new member's name up to a
+# directory refresh later), and libzmq never retries a connection that ZAP refused.
+ZAP_PARK_SECONDS = 5.0
+ZAP_MAX_PARKED = 256
 _HKDF_SALT = b"dmlsys cluster key v1"
 
 
@@ -132,6 +137,9 @@ class ZapHandler:
     connection goes on, and an event loop busy compiling a model must not hold every peer's
     handshake up. Admission reads ``admitted`` (public key -> principal), which the loop's
     side only ever adds to; a dict read and a dict store are atomic under the GIL.
+
+    A well-formed request for a key or name not (yet) known is parked, not refused: it is
+    answered as soon as ``admit`` learns the name, or refused after ``ZAP_PARK_SECONDS``.
     """
 
     def __init__(self, ctx: zmq.Context, keys: ClusterKey, on_refused: Callable[[str, str], None]) -> None:
@@ -150,6 +158,7 @@ class ZapHandler:
         self._monitor_addr: str | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._parked: list[tuple[float, list[bytes]]] = []  # (refuse at, request): the thread's alone
 
     def admit(self, name: str) -> None:
         principal = principal_of(name)
@@ -195,9 +204,12 @@ class ZapHandler:
         self._ready.set()
         try:
             while True:
-                events = dict(poller.poll())
+                # With requests parked, look again every 50 ms: admit() may have learnt their names.
+                events = dict(poller.poll(50 if self._parked else None))
                 if self._wake in events:
                     return
+                if self._parked:
+                    self._retry_parked()
                 if self._zap in events:
                     self._answer(self._zap.recv_multipart())
                 if monitor is not None and monitor in events:
@@ -209,21 +221,32 @@ class ZapHandler:
             if monitor is not None:
                 monitor.close(linger=0)
 
-    def _answer(self, frames: list[bytes]) -> None:
+    def _retry_parked(self) -> None:
+        now = time.monotonic()
+        parked, self._parked = self._parked, []
+        for refuse_at, frames in parked:
+            self._answer(frames, final=now >= refuse_at, refuse_at=refuse_at)
+
+    def _answer(self, frames: list[bytes], *, final: bool = False, refuse_at: float | None = None) -> None:
         # [route, b"", version, request_id, domain, address, identity, mechanism, *credentials]
         if len(frames) < 8:
             return  # not a ZAP request; nobody else talks to this socket
         route, _, version, request_id, _domain, address, _identity, mechanism, *creds = frames
         principal = None
+        unknown = False  # a name or key we may yet learn, as opposed to a wrong one
         what = f"mechanism {mechanism.decode(errors='replace')[:20]}"
         if mechanism == b"CURVE" and len(creds) == 1 and len(creds[0]) == KEY_BYTES:
             principal = self.admitted.get(creds[0])
-            what = "an unknown CURVE key"
+            what, unknown = "an unknown CURVE key", True
         elif mechanism == b"PLAIN" and len(creds) == 2:
             name = creds[0].decode(errors="replace")
             if name in self.names and hmac.compare_digest(creds[1], self.keys.token(name)):
                 principal = name
-            what = f"a wrong token for {name[:100]!r}" if name in self.names else f"unknown name {name[:100]!r}"
+            unknown = name not in self.names
+            what = f"unknown name {name[:100]!r}" if unknown else f"a wrong token for {name[:100]!r}"
+        if principal is None and unknown and not final and len(self._parked) < ZAP_MAX_PARKED:
+            self._parked.append((refuse_at or time.monotonic() + ZAP_PARK_SECONDS, frames))
+            return
         if principal is None:
             status, text, user = b"400", b"not a member of this cluster", b""
             self.on_refused(address.decode(errors="replace"), what)

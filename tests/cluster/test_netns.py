@@ -82,23 +82,39 @@ def test_rpc_crosses_between_two_hosts(two_hosts, tmp_path):
 
     try:
         cluster("alpha", "up", str(spec), "--host", "alpha", "--detach")
+        # The second host joins with the first one's cluster key (docs/security.md).
+        cluster("alpha", "keys", "export", str(tmp_path / "key.txt"))
+        cluster("beta", "keys", "import", str(tmp_path / "key.txt"))
         cluster("beta", "up", str(spec), "--host", "beta", "--detach")
-        client = textwrap.dedent(f"""
-            import asyncio
-            from dmlsys.node import Node
-            from dmlsys.wire.zmq_transport import ZmqTransport
-            async def main():
-                node = Node("probe", ZmqTransport("probe", "tcp://{SUBNET}.1:0"))
-                await node.start()
-                node.transport.add_peer("right", "tcp://{SUBNET}.2:7102")
-                print(await node.call("right", "echo", "echo", "across", timeout=10))
-                await node.stop()
-            asyncio.run(main())
-        """)
-        out = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c", client], env=env,
-                             capture_output=True, text=True, timeout=60)
+
+        def probe(state_dir: str | None) -> subprocess.CompletedProcess:
+            client = textwrap.dedent(f"""
+                import asyncio
+                from pathlib import Path
+                from dmlsys.cluster.keys import load
+                from dmlsys.node import Node
+                from dmlsys.wire.zmq_transport import ZmqTransport
+                async def main():
+                    keys = load(Path({state_dir!r})) if {state_dir!r} else None
+                    node = Node("cli-probe", ZmqTransport("cli-probe", "tcp://{SUBNET}.1:0", keys=keys))
+                    await node.start()
+                    node.transport.add_peer("right", "tcp://{SUBNET}.2:7102")
+                    try:
+                        print(await node.call("right", "echo", "echo", "across", timeout=3))
+                    finally:
+                        await node.stop(drain_timeout=0)
+                asyncio.run(main())
+            """)
+            return subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c", client], env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        out = probe(str(hosts["alpha"][1]))
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "across"
+        # Without the key, across the network too: no answer, and the refusal is in beta's node log.
+        out = probe(None)
+        assert out.returncode != 0 and "across" not in out.stdout
+        assert "refused a connection" in (hosts["beta"][1] / "logs" / "right.log").read_text()
         # A node on beta reaches alpha's node through its own directory, too.
         left = wait_for(lambda: "left" in cluster("beta", "status", "--json").stdout, 10, "beta's status")
         assert left

@@ -13,6 +13,7 @@ import zmq
 
 from dmlsys.node import PeerUnreachable, RemoteError, RpcTimeout
 from dmlsys.wire.codec import Kind
+from dmlsys.wire import curve
 from dmlsys.wire.curve import ClusterKey
 
 from tests.security.helpers import Guarded, cluster, eventually, forged, private_dir, raw_dealer
@@ -23,6 +24,12 @@ KINDS = ["tcp", "ipc"]
 @pytest.fixture
 def key():
     return ClusterKey.generate()
+
+
+@pytest.fixture(autouse=True)
+def short_park(monkeypatch):
+    """Unknown keys wait ZAP_PARK_SECONDS for their name to be learnt before they are refused."""
+    monkeypatch.setattr(curve, "ZAP_PARK_SECONDS", 0.3)
 
 
 @pytest.fixture
@@ -238,3 +245,32 @@ def test_every_admin_rpc_declares_who_may_call_it():
             assert allowed is not None, f"{method} has no allow="
             assert not allowed.admits("replica-0", "replica") and not allowed.admits("worker-0", "worker"), method
             assert allowed.admits("supervisor", "supervisor"), method
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_member_that_connects_before_its_name_is_known_gets_in_once_it_is(kind, key, sock_dir, monkeypatch):
+    """A node learns its peers a moment after it binds, and new members a directory refresh after
+    they start; libzmq never retries a refused connection, so an unknown name waits, not fails."""
+    monkeypatch.setattr(curve, "ZAP_PARK_SECONDS", 5.0)
+
+    async def main():
+        async with cluster(key, kind, sock_dir) as c:
+            guarded = Guarded()
+            b = await c.add("b", "", guarded)
+            from dmlsys.node import Directory, Node
+            from dmlsys.wire.zmq_transport import ZmqTransport
+
+            late = Node("late", ZmqTransport("late", "tcp://127.0.0.1:0", keys=key), directory=Directory())
+            await late.start()
+            try:
+                late.transport.add_peer("b", b.transport.address)
+                call = asyncio.ensure_future(late.call("b", "guarded", "echo", "hi", timeout=5))
+                await asyncio.sleep(0.3)
+                assert not call.done() and guarded.ran == []
+                b.transport.add_peer("late", late.transport.address)  # as a directory refresh does
+                assert await call == "hi"
+                assert b.metrics.errors["connection_refused"] == 0
+            finally:
+                await late.stop(drain_timeout=0)
+
+    asyncio.run(main())
