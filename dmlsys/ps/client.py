@@ -191,7 +191,13 @@ class PsClient:
             except (RpcTimeout, PeerUnreachable) as e:
                 error = e
             except RemoteError as e:
-                # The shard answered: asking again would get the same answer.
+                if e.type == "TimeoutError":
+                    error = e  # a pull parked past our deadline (others are slow): ask again
+                    if loop.time() >= give_up:
+                        raise ShardUnavailable(f"job {self.job!r}: shard {shard} ({peer}) did not answer "
+                                               f"{method} within {self.deadline:g}s ({error})") from None
+                    continue
+                # Otherwise the shard answered: asking again would get the same answer.
                 if e.type == "WorkerDropped":
                     raise WorkerDropped(e.message) from None
                 if e.type == "JobUnknown":
