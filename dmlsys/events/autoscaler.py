@@ -158,6 +158,22 @@ class Autoscaler:
                                + ", ".join(f"{f.spec.name} min={f.spec.min}x{f.spec.slots}" for f in self._fns.values()))
         self._now = -math.inf
 
+    def add(self, spec: FunctionSpec) -> None:
+        """Deploy a function while running, or change one's spec (its windows are kept).
+
+        Raises:
+            ScalingError: the mins would no longer fit the pool (nothing changes then).
+        """
+        specs = {n: f.spec for n, f in self._fns.items()} | {spec.name: spec}
+        floor = sum(s.min * s.slots for s in specs.values())
+        if floor > self.pool_slots:
+            raise ScalingError(f"function {spec.name!r}: the functions' mins would need {floor} slots but the pool "
+                               f"has {self.pool_slots}")
+        if spec.name in self._fns:
+            self._fns[spec.name].spec = spec
+        else:
+            self._fns[spec.name] = _Function(spec, self.config)
+
     def _fn(self, name: str) -> _Function:
         try:
             return self._fns[name]

@@ -88,6 +88,14 @@ class Pool:
         self.cold_starts: dict[str, list[float]] = {s.name: [] for s in specs}
         self._ids = itertools.count(1)
 
+    def add(self, spec: FunctionSpec) -> None:
+        """A function deployed while the pool runs (or a new spec for one: slots must not change)."""
+        old = self.specs.get(spec.name)
+        if old is not None and old.slots != spec.slots:
+            raise ScalingError(f"function {spec.name!r} has instances of {old.slots} slot(s); cannot change to {spec.slots}")
+        self.specs[spec.name] = spec
+        self.cold_starts.setdefault(spec.name, [])
+
     # ------------------------------------------------------------------------- views
     def used(self) -> int:
         return sum(i.slots for i in self.instances.values())
