@@ -12,6 +12,17 @@
 The node hosts one :class:`~dmlsys.ps.server.ShardService`; its jobs live under
 ``<state_dir>/ps/<node name>/<job>/`` (checkpoint and write-ahead log), where a restarted node
 finds them. Every bad config value raises ``ConfigError(key, what was expected)``.
+
+Cluster role ``ps-worker``: a node that trains through parameter servers (``train.run`` with
+``shards`` and ``consistency``, see :mod:`dmlsys.ps.worker`)::
+
+    [[nodes]]
+    name = "psworker"
+    role = "ps-worker"
+    replicas = 2
+    [nodes.config]
+    data_dir = "/usr/share/datasets/fashion-mnist"   # optional
+    single_thread = false                            # true: XLA on one core (several workers per host)
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from dmlsys.node import ConfigError, Service
 from dmlsys.ps.server import ShardConfig, ShardService
 
 PS_KEYS = {"checkpoint_every", "drop_timeout", "fsync"}
+PS_WORKER_KEYS = {"data_dir", "single_thread"}
 
 
 def ps_config(config: dict[str, Any], state_dir: str | Path) -> ShardConfig:
@@ -45,3 +57,23 @@ def ps_config(config: dict[str, Any], state_dir: str | Path) -> ShardConfig:
 def build_ps(ctx) -> list[Service]:
     """Role factory (``ROLES["ps"] = "dmlsys.ps.roles:build_ps"``): one parameter-server shard."""
     return [ShardService(ps_config(dict(ctx.config), Path(ctx.state_dir) / "ps" / ctx.name))]
+
+
+def build_ps_worker(ctx) -> list[Service]:
+    """Role factory (``ROLES["ps-worker"] = "dmlsys.ps.roles:build_ps_worker"``)."""
+    import os
+
+    from dmlsys.ps.worker import PsTrainingService
+
+    config = dict(ctx.config)
+    extra = sorted(set(config) - PS_WORKER_KEYS)
+    if extra:
+        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(PS_WORKER_KEYS))})")
+    data_dir = config.get("data_dir")
+    if data_dir is not None and (not isinstance(data_dir, str) or not data_dir):
+        raise ConfigError("data_dir", f"a directory holding the Fashion-MNIST IDX files, got {data_dir!r}")
+    if not isinstance(config.get("single_thread", False), bool):
+        raise ConfigError("single_thread", f"true or false, got {config['single_thread']!r}")
+    if config.get("single_thread"):
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    return [PsTrainingService(str(ctx.store), data_dir=data_dir)]

@@ -61,6 +61,32 @@ from dmlsys.train.trainer import EVAL_BATCH, EpochStats, Hyperparams, TrainResul
 log = logging.getLogger("dmlsys.ps.trainer")
 
 
+_COMPILED: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _compiled(model: models.Model) -> tuple[Callable, Callable]:
+    """The jitted gradient and evaluation functions of an architecture, shared by every trainer
+    in this process (workers simulated in one process would otherwise compile once each)."""
+    import json
+
+    key = json.dumps(model.arch, sort_keys=True)
+    if key not in _COMPILED:
+        apply = model.apply
+
+        def loss_sum(params, x, y):
+            logits = apply(params, x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+            return loss, (jnp.argmax(logits, -1) == y).sum()
+
+        def evaluate(params, x, y, mask):
+            logits = apply(params, x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            return (loss * mask).sum(), ((jnp.argmax(logits, -1) == y) * mask).sum()
+
+        _COMPILED[key] = (jax.jit(jax.value_and_grad(loss_sum, has_aux=True)), jax.jit(evaluate))
+    return _COMPILED[key]
+
+
 class PsTrainer:
     """Trains through parameter servers as worker ``workers.index(node.name)``."""
 
@@ -87,21 +113,7 @@ class PsTrainer:
         # simulation's virtual-time loop, which must not wait on threads.
         self.offload = offload
         self.comm_seconds = 0.0
-        apply = self.model.apply
-
-        def loss_sum(params, x, y):
-            logits = apply(params, x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
-            return loss, (jnp.argmax(logits, -1) == y).sum()
-
-        self._grads = jax.jit(jax.value_and_grad(loss_sum, has_aux=True))
-
-        def evaluate(params, x, y, mask):
-            logits = apply(params, x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            return (loss * mask).sum(), ((jnp.argmax(logits, -1) == y) * mask).sum()
-
-        self._eval = jax.jit(evaluate)
+        self._grads, self._eval = _compiled(self.model)
 
     async def _run(self, fn, *args):
         return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, as a plain script
 
-from dmlsys.node import Node  # noqa: E402
-from dmlsys.ps.server import ShardConfig, ShardService  # noqa: E402
-from dmlsys.wire.zmq_transport import ZmqTransport  # noqa: E402
+from dmlsys.node import Node
+from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.wire.zmq_transport import ZmqTransport
 
 
 async def main(args: argparse.Namespace) -> None:
