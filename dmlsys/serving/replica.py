@@ -78,10 +78,12 @@ class ModelService(Service):
 
     name = "model"
 
-    def __init__(self, config: ReplicaConfig, *, loader: Loader | None = None, offload: bool = True) -> None:
+    def __init__(self, config: ReplicaConfig, *, loader: Loader | None = None, offload: bool = True,
+                 fetch: bool = True) -> None:
         self.config = config
         self.loader = loader or default_loader(config.buckets)
         self.offload = offload
+        self.fetch = fetch
         self.runtime: Runtime | None = None
         self.phase = "loading"
         self.last_error: str | None = None
@@ -122,6 +124,11 @@ class ModelService(Service):
                 fut.set_exception(NotReady(f"replica {self.node.name} stopped"))
 
     async def _load(self, version: int | None) -> Runtime:
+        if self.fetch:  # on another host than the cluster's store: fetch the version first (serving/fetch.py)
+            from dmlsys.serving.fetch import ensure_model
+
+            version = await ensure_model(self.node, self.config.store, self.config.model, version,
+                                         on_wait=lambda why: self.gate.close(why))
         args = (self.config.store, self.config.model, version)
         if self.offload:
             return await to_thread(self.loader, *args)  # on the loop under the simulation's clock
