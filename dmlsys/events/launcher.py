@@ -47,10 +47,18 @@ class SupervisorLauncher:
         self.on_died: Callable[[str], None] | None = None
         self.load_seconds: list[float] = []  # the spare's part of each cold start
         self._tasks: set[asyncio.Task] = set()
+        self._adopted = False
         node.on_peer_lost(self._peer_lost)
 
     async def start_spares(self) -> None:
-        """Top the spares up to ``spares`` (in the background)."""
+        """Top the spares up to ``spares`` (in the background). Members of the group the spec
+        started at ``up`` and nobody uses yet are adopted as spares first."""
+        if not self._adopted:
+            self._adopted = True
+            used = set(self.members.values())
+            for m in self.node.directory.members():
+                if m.name.startswith(self.group + "-") and m.name not in used and m.name not in self.idle:
+                    self.idle.append(m.name)
         while len(self.idle) + self.starting_spares < self.spares:
             self.starting_spares += 1
             self._spawn(self._new_spare())

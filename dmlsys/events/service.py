@@ -199,13 +199,13 @@ class EventsService(Service):
         name = request.match_info["name"]
         try:
             principal = self.gate.identify(request.headers.get("Authorization"), request.remote)
-            try:
-                body = await request.json()
-            except Exception:
-                return web.json_response({"error": "the body must be JSON: {\"instances\": [...]}"}, status=400)
-            if not isinstance(body, dict) or "instances" not in body:
-                return web.json_response({"error": 'the body must be {"instances": [...]}'}, status=400)
-            async with self.gate.admission(principal):
+            async with self.gate.admission(principal):  # before the body: a refusal costs no parsing
+                try:
+                    body = await request.json()
+                except Exception:
+                    return web.json_response({"error": "the body must be JSON: {\"instances\": [...]}"}, status=400)
+                if not isinstance(body, dict) or "instances" not in body:
+                    return web.json_response({"error": 'the body must be {"instances": [...]}'}, status=400)
                 loop = asyncio.get_running_loop()
                 result = await self.functions.invoke(name, body, deadline=loop.time() + self.config.deadline)
             self.answered += 1
