@@ -11,11 +11,24 @@
     name = "replica"
     role = "replica"
     replicas = 2                      # a group: nodes replica-0 and replica-1, scalable at run time
-    zmq = "tcp://127.0.0.1:0"         # 0: a free port is picked at `up` (single-host specs only);
+    zmq = "tcp://127.0.0.1:0"         # 0: a free port is picked at `up`, on the host that runs it;
                                       # left out on a single-host spec: ipc:// under .dmlsys/sock
     admin = "127.0.0.1:0"
     [nodes.config]                    # role-specific; the role's factory validates it
     model = "fashion-mlp"
+
+Several hosts: ``[hosts.NAME]`` with an ``address`` (and optionally ``capacity``, how many nodes
+it may run); ``cluster.supervisor`` names the primary host's supervisor at an explicit port (the
+one address every host must know in advance). A single node goes on its ``host``; a group's
+members are placed on its ``hosts`` by ``placement`` (``"spread"``, the default, or ``"pack"``:
+see :mod:`dmlsys.cluster.placement`). Every other port is picked on the host that runs the node.
+
+    [[nodes]]
+    name = "replica"
+    role = "replica"
+    replicas = 4
+    hosts = ["alpha", "beta"]         # placed on these, in this order of preference
+    placement = "spread"
 
 The spec is validated once, here, at the edge: every error names the file, the key and what was
 expected. Inside, the resolved spec is trusted.
@@ -31,13 +44,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from dmlsys.cluster.errors import SpecError
+from dmlsys.cluster.errors import ClusterError, SpecError
 from dmlsys.node.directory import Member
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train", "tls_cert", "tls_key"}
 RESERVED_NAMES = ("supervisor", "cli")  # the supervisor's and the command line's principals (docs/security.md)
-KNOWN_NODE_KEYS = {"name", "role", "host", "zmq", "admin", "replicas", "config"}
+KNOWN_NODE_KEYS = {"name", "role", "host", "hosts", "placement", "zmq", "admin", "replicas", "config"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,12 @@ class NodeSpec:
     replicas: int | None  # None: a single node; N: a group named name-0 .. name-(N-1)
     config: dict[str, Any]
     zmq_auto: bool = False  # zmq was left out: ipc:// on a single-host cluster, else zmq's tcp default
+    hosts: tuple[str, ...] = ()  # a group's allowed hosts (placement order); () means (host,)
+    placement: str = "spread"
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        return self.hosts or (self.host,)
 
     def member_names(self, count: int | None = None) -> list[str]:
         if self.replicas is None:
@@ -69,10 +88,31 @@ class ClusterSpec:
     train: dict[str, Any]
     hosts: dict[str, str]  # host name -> address
     nodes: tuple[NodeSpec, ...]
+    capacity: dict[str, int] = dataclasses.field(default_factory=dict)  # host -> nodes it may run (absent: any)
+
+    @property
+    def primary(self) -> str | None:
+        """The host whose address the supervisor's is: it runs the primary supervisor (None:
+        the supervisor's address is no host's, as on a single-host spec with the default)."""
+        address = self.supervisor.removeprefix("tcp://").rsplit(":", 1)[0]
+        named = [h for h, a in self.hosts.items() if a == address and h != "local"]
+        return named[0] if named else ("local" if self.hosts.get("local") == address else None)
+
+    def placement(self) -> dict[str, str]:
+        """Every member's host at ``up``: single nodes on their ``host``, groups placed on
+        their ``hosts`` (:func:`dmlsys.cluster.placement.place_all`). The same on every host."""
+        from dmlsys.cluster.placement import Group, place_all
+
+        fixed = {n.name: n.host for n in self.nodes if n.replicas is None}
+        used: dict[str, int] = {}
+        for host in fixed.values():
+            used[host] = used.get(host, 0) + 1
+        groups = [(Group(n.name, n.allowed_hosts, n.placement), n.replicas) for n in self.nodes if n.replicas is not None]
+        return {**fixed, **place_all(groups, capacity=self.capacity, used=used)}
 
     @property
     def multi_host(self) -> bool:
-        return len(self.hosts) > 1 or any(n.host != "local" for n in self.nodes)
+        return len(self.hosts) > 1 or any(h != "local" for n in self.nodes for h in n.allowed_hosts)
 
     def node_spec(self, name: str) -> NodeSpec:
         for n in self.nodes:
@@ -127,9 +167,18 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
 
     hosts_table = _table(data.get("hosts", {}), "hosts", err)
     hosts: dict[str, str] = {}
+    capacity: dict[str, int] = {}
     for host_name, host in hosts_table.items():
         host = _table(host, f"hosts.{host_name}", err)
+        unknown = set(host) - {"address", "capacity"}
+        if unknown:
+            raise err(f"hosts.{host_name}.{sorted(unknown)[0]}", "unknown key (known: address, capacity)")
         hosts[host_name] = _str(host.get("address", ""), f"hosts.{host_name}.address", err)
+        if "capacity" in host:
+            cap = host["capacity"]
+            if not isinstance(cap, int) or isinstance(cap, bool) or not 0 <= cap <= 1024:
+                raise err(f"hosts.{host_name}.capacity", f"how many nodes the host may run, 0 to 1024, got {cap!r}")
+            capacity[host_name] = cap
     hosts.setdefault("local", "127.0.0.1")
 
     supervisor = _str(cluster.get("supervisor", f"tcp://{hosts['local']}:0"), "cluster.supervisor", err)
@@ -160,6 +209,22 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         replicas = raw.get("replicas")
         if replicas is not None and (not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 64):
             raise err(f"{where}.replicas", f"an integer from 0 to 64, got {replicas!r}")
+        allowed: tuple[str, ...] = ()
+        if "hosts" in raw:
+            value = raw["hosts"]
+            if replicas is None:
+                raise err(f"{where}.hosts", "a group's key (with `replicas = N`); a single node names its `host`")
+            if "host" in raw:
+                raise err(f"{where}.hosts", "either host (all members there) or hosts (placed on these), not both")
+            if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+                raise err(f"{where}.hosts", f"a non-empty list of host names without repeats, got {value!r}")
+            for h in value:
+                if h not in hosts:
+                    raise err(f"{where}.hosts", f"unknown host {h!r} (define it under [hosts.{h}] with an address)")
+            allowed = tuple(value)
+        placement = raw.get("placement", "spread")
+        if placement not in ("spread", "pack"):
+            raise err(f"{where}.placement", f'"spread" or "pack", got {placement!r}')
         zmq_auto = "zmq" not in raw
         zmq = _str(raw.get("zmq", f"tcp://{hosts[host]}:0"), f"{where}.zmq", err)
         _zmq_address(zmq, f"{where}.zmq", err)
@@ -169,31 +234,39 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         config = _table(raw.get("config", {}), f"{where}.config", err)
         if role == "gateway" and tls and not ({"tls_cert", "tls_key"} & set(config)):
             config = {**config, **tls}
-        spec = NodeSpec(node_name, role, host, zmq, admin, replicas, config, zmq_auto)
+        if len(allowed) > 1 and not zmq_auto and not zmq.startswith("ipc://"):
+            raise err(f"{where}.zmq", "left out for a group placed on several hosts: each member binds its own "
+                      "host's address, on a port picked there")
+        spec = NodeSpec(node_name, role, host, zmq, admin, replicas, config, zmq_auto, allowed, placement)
         for member in spec.member_names():
             if member in seen:
                 raise err(f"{where}.name", f"duplicate node name {member!r}")
             seen.add(member)
         nodes.append(spec)
 
-    if len(hosts) > 1 or any(n.host != "local" for n in nodes):
-        for n in nodes:
-            if n.replicas is not None and n.replicas > 1 and not n.zmq.startswith("ipc://"):
-                raise err(f"nodes.{n.name}.replicas", "groups on multi-host specs need one [[nodes]] entry per member "
-                          "with explicit ports")
-            if n.zmq.endswith(":0"):
-                raise err(f"nodes.{n.name}.zmq", "an explicit port: a multi-host spec cannot pick free ports, since "
-                          "other hosts must know the address in advance")
-        if supervisor.endswith(":0"):
-            raise err("cluster.supervisor", "an explicit address on a multi-host spec")
-    return ClusterSpec(str(path), name, store, supervisor, http, train, hosts, tuple(nodes))
+    result = ClusterSpec(str(path), name, store, supervisor, http, train, hosts, tuple(nodes), capacity)
+    if result.multi_host:
+        # Ports are picked on the host that runs each node and reported to the primary when its host
+        # joins; only the primary's supervisor must be where every host can find it without asking.
+        if supervisor.endswith(":0") or supervisor.startswith("ipc://"):
+            raise err("cluster.supervisor", "an explicit tcp://ADDRESS:PORT on a multi-host spec: the primary "
+                      "host's supervisor, where every other host joins")
+        if result.primary is None:
+            raise err("cluster.supervisor", f"the address of one of the hosts ({', '.join(f'{h} {a}' for h, a in hosts.items() if h != 'local')}): "
+                      "the host that runs the primary supervisor")
+    try:
+        result.placement()
+    except ClusterError as e:
+        raise err("hosts", str(e)) from None
+    return result
 
 
 # AF_UNIX paths hold 107 bytes; a longer socket path falls back to a TCP port.
 MAX_IPC_PATH = 100
 
 
-def resolve_member(node: NodeSpec, name: str, *, ipc_dir: str | Path | None = None) -> Member:
+def resolve_member(node: NodeSpec, name: str, *, ipc_dir: str | Path | None = None, host: str | None = None,
+                   host_address: str | None = None) -> Member:
     """Fix a member's addresses: ``:0`` becomes a free port now, so peers can be told in advance.
 
     With ``ipc_dir`` (single-host clusters), a node whose spec leaves ``zmq`` out binds
@@ -201,18 +274,20 @@ def resolve_member(node: NodeSpec, name: str, *, ipc_dir: str | Path | None = No
     pyzmq's throughput over ipc against 0.49x over TCP loopback, serving +10 % at 4 replicas).
     """
     zmq = node.zmq
+    if node.zmq_auto and host_address is not None:  # a group member placed on `host`: bind its address
+        zmq = f"tcp://{host_address}:0"
     if node.zmq_auto and ipc_dir is not None and len(f"{Path(ipc_dir).resolve()}/{name}") <= MAX_IPC_PATH:
         zmq = f"ipc://{Path(ipc_dir).resolve()}/{name}"
     elif zmq.endswith(":0"):
-        host = zmq[len("tcp://"):].rsplit(":", 1)[0]
-        zmq = f"tcp://{host}:{free_port(host)}"
+        bind = zmq[len("tcp://"):].rsplit(":", 1)[0]
+        zmq = f"tcp://{bind}:{free_port(bind)}"
     elif zmq.startswith("ipc://") and node.replicas is not None:
         zmq = f"{zmq}.{name}"
     admin = node.admin
     if admin is not None and admin.endswith(":0"):
-        host = admin.rsplit(":", 1)[0]
-        admin = f"{host}:{free_port(host)}"
-    return Member(name, node.role, zmq, admin, node.host, dict(node.config))
+        bind = admin.rsplit(":", 1)[0]
+        admin = f"{bind}:{free_port(bind)}"
+    return Member(name, node.role, zmq, admin, host or node.host, dict(node.config))
 
 
 _handed_out: set[int] = set()  # ports this process picked: never picked twice

@@ -43,7 +43,18 @@ def spec(**changes):
     (spec(nodes=[{"name": "a", "role": "echo", "replicas": 2}, {"name": "a-1", "role": "echo"}]),
      "nodes.a-1.name", "duplicate node name 'a-1'"),
     (spec(hosts={"h1": {"address": "10.0.0.1"}}, nodes=[{"name": "a", "role": "echo", "host": "h1"}]),
-     "nodes.a.zmq", "explicit port"),
+     "cluster.supervisor", "explicit tcp://ADDRESS:PORT"),
+    (spec(hosts={"h1": {"address": "10.0.0.1"}}, cluster_supervisor="tcp://10.0.0.9:7000",
+          nodes=[{"name": "a", "role": "echo", "host": "h1"}]), "cluster.supervisor", "the address of one of the hosts"),
+    (spec(hosts={"h1": {"address": "10.0.0.1", "capacity": 1}, "h2": {"address": "10.0.0.2", "capacity": 1}},
+          cluster_supervisor="tcp://10.0.0.1:7000",
+          nodes=[{"name": "a", "role": "echo", "replicas": 3, "hosts": ["h1", "h2"]}]), "hosts", "no room"),
+    (spec(node_hosts=["local"]), "nodes.gw.hosts", "a group's key"),
+    (spec(node_replicas=2, node_hosts=["mars"]), "nodes.gw.hosts", "unknown host 'mars'"),
+    (spec(node_replicas=2, node_placement="random"), "nodes.gw.placement", '"spread" or "pack"'),
+    (spec(hosts={"h1": {"address": "10.0.0.1"}, "h2": {"address": "10.0.0.2"}}, cluster_supervisor="tcp://10.0.0.1:7000",
+          nodes=[{"name": "a", "role": "echo", "replicas": 2, "hosts": ["h1", "h2"], "zmq": "tcp://10.0.0.1:7001"}]),
+     "nodes.a.zmq", "left out for a group placed on several hosts"),
 ])
 def test_a_bad_spec_names_the_file_the_key_and_what_was_expected(data, key, words):
     with pytest.raises(SpecError) as info:
@@ -114,3 +125,15 @@ def test_multi_host_specs_are_recognised():
                     "cluster": {"supervisor": "tcp://127.0.0.1:5000"},
                     "nodes": [{"name": "a", "role": "echo", "host": "h1", "zmq": "tcp://10.0.0.1:5001"}]})
     assert parsed.multi_host
+
+
+def test_a_group_spans_hosts_and_every_host_computes_the_same_placement():
+    data = {"cluster": {"name": "t", "supervisor": "tcp://10.0.0.1:7000"},
+            "hosts": {"alpha": {"address": "10.0.0.1", "capacity": 2}, "beta": {"address": "10.0.0.2"}},
+            "nodes": [{"name": "gateway", "role": "gateway", "host": "alpha"},
+                      {"name": "replica", "role": "replica", "replicas": 3, "hosts": ["alpha", "beta"]}]}
+    s = parse(data)
+    assert s.primary == "alpha" and s.multi_host
+    assert s.placement() == {"gateway": "alpha", "replica-0": "alpha", "replica-1": "beta", "replica-2": "beta"}
+    member = resolve_member(s.node_spec("replica"), "replica-1", host="beta", host_address="127.0.0.1")  # picked there
+    assert member.host == "beta" and member.address.startswith("tcp://127.0.0.1:")
