@@ -14,6 +14,10 @@ parts with the same key go to the same shard (where that key's state lives). Eve
 the wire (parts, results, states) must be what dmlsys.wire encodes: msgpack values and numpy
 arrays. Apps are named in configs as ``"module:function"``, a function returning a ``ShardedApp``.
 
+An app may also be reachable over HTTP (``http``, an ``HttpDoor``): ``POST /v1/models/{name}:{verb}``
+on the router's door, its body turned into a request by ``parse(body, content_type)`` and the
+answer into JSON by ``render(answer)``. The canvas app (:mod:`dmlsys.sharding.canvas`) is ``:tag``.
+
 Two apps come with the package: ``identity`` (the split -> merge round trip, for tests and as
 the template) and ``counter`` (a running sum per key: the smallest stateful app).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +35,18 @@ from dmlsys.sharding.errors import AppError
 
 def _keep(merged: Any) -> Any:
     return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpDoor:
+    """How an app is reached over HTTP: ``POST /v1/models/{app name}:{verb}``.
+
+    ``parse(body, content_type) -> request`` raises ``BadRequest`` (400, or its ``status``) for
+    a body it cannot read; ``render(answer) -> JSON-able`` shapes the reply."""
+
+    verb: str
+    parse: Callable[[bytes, str], Any]
+    render: Callable[[Any], Any] = _keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +59,12 @@ class ShardedApp:
     # Stateful apps keep per-key state on the key's owner, and only the owner serves the key.
     # Stateless ones (tiles of an image) may be served by any shard: the ring only spreads them.
     stateful: bool = False
+    http: HttpDoor | None = None
 
 
-def load_app(target: str) -> ShardedApp:
-    """The app a config names as ``"module:function"``. Raises AppError saying what is wrong."""
+def load_app(target: str, options: dict[str, Any] | None = None) -> ShardedApp:
+    """The app a config names as ``"module:function"``, called with ``options`` as keyword
+    arguments (a config's ``app_options`` table). Raises AppError saying what is wrong."""
     module, sep, function = target.partition(":")
     if not sep or not module or not function:
         raise AppError(f"a sharded app is named \"module:function\", got {target!r}")
@@ -53,7 +72,11 @@ def load_app(target: str) -> ShardedApp:
         fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
         raise AppError(f"cannot load sharded app {target!r}: {e}") from None
-    app = fn()
+    try:
+        inspect.signature(fn).bind(**(options or {}))
+    except TypeError as e:
+        raise AppError(f"sharded app {target!r} does not take the options {sorted(options or {})}: {e}") from None
+    app = fn(**(options or {}))
     if not isinstance(app, ShardedApp):
         raise AppError(f"{target} returned {type(app).__name__}, not a ShardedApp")
     return app

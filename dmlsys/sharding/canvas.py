@@ -237,10 +237,71 @@ class SoftmaxTagger:
 # -- the sharded app ------------------------------------------------------------------------------
 
 
+LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+          "Ankle boot")  # dmlsys.train.models.LABELS, copied: that module imports JAX (a test keeps them equal)
+MAX_SIDE = 16384  # pixels, either side of a canvas sent over HTTP
+
+
+def parse_http(body: bytes, content_type: str, params: dict[str, str] | None = None) -> dict:
+    """A ``:tag`` request body -> the app's request. ``image/png``: an 8-bit greyscale PNG (see
+    :mod:`dmlsys.sharding.png`); ``application/json``: the canvas as an array of rows of 0-255
+    integers, or ``{"canvas": rows, "cell": n, "margin": m}``. ``params`` (the query) may set
+    ``cell`` and ``margin`` too. Raises ``BadRequest`` naming what is wrong."""
+    from dmlsys.sharding import png
+    from dmlsys.sharding.errors import BadRequest
+
+    options: dict[str, Any] = {}
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind == "image/png":
+        img = png.decode(body, max_pixels=MAX_SIDE * MAX_SIDE)
+    elif kind in ("application/json", ""):
+        import orjson
+
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"the body is not JSON: {e}") from None
+        if isinstance(doc, dict):
+            options = {k: doc[k] for k in ("cell", "margin") if k in doc}
+            doc = doc.get("canvas")
+        try:
+            img = np.asarray(doc)
+        except (ValueError, TypeError):
+            img = None
+        if img is None or img.ndim != 2 or img.dtype.kind not in "iu" or not img.size:
+            raise BadRequest("a JSON canvas is a non-empty array of equally long rows of integers 0-255 (or "
+                             "{\"canvas\": rows, \"cell\": n})")
+        if img.min() < 0 or img.max() > 255:
+            raise BadRequest(f"canvas pixels are 0-255, found {img.min()}..{img.max()}")
+        if max(img.shape) > MAX_SIDE:
+            raise BadRequest(f"a {img.shape[0]}x{img.shape[1]} canvas is over {MAX_SIDE} pixels a side", status=413)
+        img = img.astype(np.uint8)
+    else:
+        raise BadRequest(f"a canvas is sent as image/png or application/json, not {content_type!r}", status=415)
+    options.update({k: v for k, v in (params or {}).items() if k in ("cell", "margin")})
+    request: dict[str, Any] = {"canvas": img}
+    for key, low in (("cell", 1), ("margin", 0)):
+        if key in options:
+            try:
+                request[key] = int(options[key])
+            except (TypeError, ValueError):
+                raise BadRequest(f"{key} is an integer number of pixels, got {options[key]!r}") from None
+            if request[key] < low:
+                raise BadRequest(f"{key} must be >= {low}, got {request[key]}")
+    return request
+
+
+def render_http(rows: list[list[int]]) -> dict:
+    """The answer as JSON: every garment once, its centre and class."""
+    return {"count": len(rows), "garments": [{"y": y, "x": x, "class": k, "label": LABELS[k] if 0 <= k < 10 else None}
+                                             for y, x, k in rows]}
+
+
 def canvas_app(classify: Callable[[np.ndarray], np.ndarray]):
     """The ``ShardedApp`` that tags a canvas: request ``{"canvas": uint8 (H, W), "cell": int,
-    "margin": int}``; answer rows of [centre_y, centre_x, class], each garment once."""
-    from dmlsys.sharding.app import ShardedApp
+    "margin": int}``; answer rows of [centre_y, centre_x, class], each garment once. Over HTTP:
+    ``POST /v1/models/canvas:tag`` (``parse_http``, ``render_http``)."""
+    from dmlsys.sharding.app import HttpDoor, ShardedApp
 
     def split(request: dict) -> list[tuple[str, Any]]:
         img = request["canvas"]
@@ -257,21 +318,54 @@ def canvas_app(classify: Callable[[np.ndarray], np.ndarray]):
     def merge(results: list) -> list:
         return [row for rows in results for row in rows]
 
-    return ShardedApp("canvas", split, handle, merge, cleanup)
+    return ShardedApp("canvas", split, handle, merge, cleanup, http=HttpDoor("tag", parse_http, render_http))
 
 
-def canvas():
-    """The app for configs (``app = "dmlsys.sharding.canvas:canvas"``): the classifier is read
-    from ``$DMLSYS_CANVAS_MODEL`` (an .npz that ``SoftmaxTagger.save`` wrote)."""
+class _LazyTagger:
+    """The classifier a shard loads on its first tile (the router, which only splits and merges,
+    never does); trained on Fashion-MNIST and saved to ``path`` if the file does not exist yet."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tagger: SoftmaxTagger | None = None
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        if self._tagger is None:
+            self._tagger = load_or_fit(self.path)
+        return self._tagger(crops)
+
+
+def load_or_fit(path: str) -> SoftmaxTagger:
+    """The tagger saved at ``path``; if there is none, fit one on the Fashion-MNIST training set
+    (seconds) and save it there atomically, so shards starting together agree on it."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if not target.exists():
+        from dmlsys.train import data
+
+        ds = data.load()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.npz")
+        SoftmaxTagger.fit(ds.train_images, ds.train_labels).save(tmp)
+        os.replace(tmp, target)
+    return SoftmaxTagger.load(target)
+
+
+def canvas(model: str | None = None):
+    """The app for configs (``app = "dmlsys.sharding.canvas:canvas"``, ``app_options = {model =
+    "PATH.npz"}``): the classifier is the ``SoftmaxTagger`` saved at ``model`` (default
+    ``$DMLSYS_CANVAS_MODEL``), fitted and saved there on first use when the file is missing."""
     import os
 
-    path = os.environ.get("DMLSYS_CANVAS_MODEL")
+    path = model or os.environ.get("DMLSYS_CANVAS_MODEL")
     if not path:
         from dmlsys.sharding.errors import AppError
 
-        raise AppError("the canvas app needs $DMLSYS_CANVAS_MODEL: the .npz of a SoftmaxTagger (SoftmaxTagger.fit(...)"
-                       ".save(path))")
-    return canvas_app(SoftmaxTagger.load(path))
+        raise AppError("the canvas app needs a classifier file: app_options = {model = \"PATH.npz\"} (fitted and "
+                       "saved there on first use) or $DMLSYS_CANVAS_MODEL")
+    return canvas_app(_LazyTagger(path))
 
 
 # -- scoring --------------------------------------------------------------------------------------

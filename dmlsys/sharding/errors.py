@@ -32,3 +32,29 @@ class NotOwner(ShardingError):
 
 class AppError(ShardingError, ValueError):
     """A sharded app named in a config could not be loaded, or broke its contract."""
+
+
+class ShardLeft(NotOwner):
+    """The shard asked has left the ring (scale-down): it serves and takes nothing any more, and
+    every key it held is with the shard that now owns it. Routers drop it from their rings."""
+
+
+class InputTooLarge(ShardingError, ValueError):
+    """A request's input is over a configured cap (``limit`` bytes): HTTP 413. The message names
+    the cap and where it is set, and says where a request that large can go (the router)."""
+
+    status = 413
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class BadRequest(ShardingError, ValueError):
+    """A request the app cannot read (a malformed PNG, a JSON array that is not a 2-D canvas): HTTP
+    400 (or ``status``, e.g. 415 for a media type the door does not take)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status

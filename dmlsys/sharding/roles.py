@@ -12,6 +12,10 @@
     max_parts = 4096
     balance_eps = 0.1      # stateless apps: at most ceil((1+eps)·parts/shards) parts per shard; -1: off
     vnodes = 2000          # both roles: points per shard on the ring (must agree)
+    http = "127.0.0.1:8100"  # router: its HTTP door (POST /v1/models/{app}:{verb}); port 0 picks one;
+                           # loopback unless you bind another address; left out: RPC only
+    max_body_bytes = 268435456  # router: the door's cap on a body (413 over it)
+    app_options = { model = ".dmlsys/canvas-tagger.npz" }   # both roles: keyword arguments of the app
 
 A shard's snapshot lives in ``<state_dir>/sharding/<node name>/``, where its restart finds it.
 Every bad value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the file and
@@ -28,8 +32,9 @@ from dmlsys.sharding.app import load_app
 from dmlsys.sharding.errors import AppError
 from dmlsys.sharding.ring import DEFAULT_VNODES
 
-ROUTER_KEYS = {"app", "part_timeout", "deadline", "cache_entries", "cache_ttl", "max_parts", "vnodes", "balance_eps"}
-SHARD_KEYS = {"app", "snapshot_every", "call_timeout", "fsync", "vnodes"}
+ROUTER_KEYS = {"app", "app_options", "part_timeout", "deadline", "cache_entries", "cache_ttl", "max_parts", "vnodes",
+               "balance_eps", "http", "max_body_bytes"}
+SHARD_KEYS = {"app", "app_options", "snapshot_every", "call_timeout", "fsync", "vnodes"}
 
 
 def _unknown(config: dict[str, Any], known: set[str]) -> None:
@@ -56,10 +61,23 @@ def _app(config: dict):
     target = config.get("app", "dmlsys.sharding.app:identity")
     if not isinstance(target, str):
         raise ConfigError("app", f"\"module:function\" returning a ShardedApp, got {target!r}")
+    options = config.get("app_options", {})
+    if not isinstance(options, dict):
+        raise ConfigError("app_options", f"a table of the app function's keyword arguments, got {options!r}")
     try:
-        return target, load_app(target)
+        return target, options, load_app(target, options)
     except AppError as e:
-        raise ConfigError("app", str(e)) from None
+        raise ConfigError("app_options" if options and "options" in str(e) else "app", str(e)) from None
+
+
+def _address(config: dict, key: str) -> str | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"HOST:PORT (port 0 picks a free one), got {value!r}")
+    return value
 
 
 def build_router(ctx) -> list[Service]:
@@ -68,7 +86,7 @@ def build_router(ctx) -> list[Service]:
 
     config = dict(ctx.config)
     _unknown(config, ROUTER_KEYS)
-    target, app = _app(config)
+    target, options, app = _app(config)
     eps = config.get("balance_eps", 0.1)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps == -1 or 0 <= eps <= 100):
         raise ConfigError("balance_eps", f"a number in [0, 100], or -1 for no balancing, got {eps!r}")
@@ -76,7 +94,8 @@ def build_router(ctx) -> list[Service]:
         app=target, vnodes=_int(config, "vnodes", DEFAULT_VNODES), part_timeout=_seconds(config, "part_timeout", 2.0),
         deadline=_seconds(config, "deadline", 10.0), max_parts=_int(config, "max_parts", 4096),
         cache_entries=_int(config, "cache_entries", 4096, low=0), cache_ttl=_seconds(config, "cache_ttl", 60.0),
-        balance_eps=None if eps == -1 else float(eps),
+        balance_eps=None if eps == -1 else float(eps), app_options=options, http=_address(config, "http"),
+        max_body_bytes=_int(config, "max_body_bytes", 256 << 20),
     ), app=app)]
 
 
@@ -86,12 +105,12 @@ def build_shard(ctx) -> list[Service]:
 
     config = dict(ctx.config)
     _unknown(config, SHARD_KEYS)
-    target, app = _app(config)
+    target, options, app = _app(config)
     fsync = config.get("fsync", True)
     if not isinstance(fsync, bool):
         raise ConfigError("fsync", f"true or false, got {fsync!r}")
     return [ShardService(ShardConfig(
         state_dir=str(Path(ctx.state_dir) / "sharding" / ctx.name), app=target,
         vnodes=_int(config, "vnodes", DEFAULT_VNODES), snapshot_every=_int(config, "snapshot_every", 1),
-        call_timeout=_seconds(config, "call_timeout", 5.0), fsync=fsync,
+        call_timeout=_seconds(config, "call_timeout", 5.0), fsync=fsync, app_options=options,
     ), app=app)]

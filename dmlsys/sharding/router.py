@@ -17,6 +17,13 @@ A part that cannot be served fails the whole request with ``PartFailed``, whose 
 the part, its key and every shard tried with what went wrong; the other parts are cancelled.
 Never a partial answer: merge runs only when every part has a result.
 
+A shard that answers ``ShardLeft`` (it was scaled away and handed its keys over) leaves this
+router's ring at once, and the part goes on along its walk without spending its retry.
+
+Over HTTP: with ``http`` set (``HOST:PORT``, loopback unless configured), the node also serves
+``POST /v1/models/{app}:{verb}`` for apps that have an ``HttpDoor`` (see :mod:`dmlsys.sharding.door`);
+``router.http`` is the same over RPC, for a gateway forwarding what a replica cannot take.
+
 Sub-results are kept in a ``ResultCache`` (bounded, with a TTL) under the caller's request id,
 so a request retried with the same id after a failure sends only the parts still missing.
 """
@@ -53,6 +60,9 @@ class RouterConfig:
     # Stateless apps: no shard gets more than ceil((1 + eps) * parts / shards) of a request's parts
     # (bounded loads over the ring); None sends every part to its key's owner.
     balance_eps: float | None = 0.1
+    app_options: dict = dataclasses.field(default_factory=dict)  # keyword arguments of the app's function
+    http: str | None = None  # HOST:PORT of the HTTP door (port 0: a free one); None: RPC only
+    max_body_bytes: int = 256 << 20  # the door's cap on a request body; over it: 413
 
 
 class RouterService(Service):
@@ -60,18 +70,34 @@ class RouterService(Service):
 
     def __init__(self, config: RouterConfig = RouterConfig(), app: ShardedApp | None = None) -> None:
         self.config = config
-        self.app = app or load_app(config.app)
+        self.app = app or load_app(config.app, config.app_options)
         self.ring = HashRing(vnodes=config.vnodes)
         self.cache = ResultCache(config.cache_entries, config.cache_ttl)
-        self.counters = {"requests": 0, "failed": 0, "parts": 0, "retries": 0, "resumed_parts": 0}
+        self.counters = {"requests": 0, "failed": 0, "parts": 0, "retries": 0, "resumed_parts": 0, "left": 0}
+        self.last_parts = 0  # parts of the last request split
+        self._left: set[str] = set()  # shards that said ShardLeft, off the ring until the directory drops them
+        self.door = None
 
     async def start(self, node) -> None:
         await super().start(node)
         self._on_members(node.directory.members())
         node.directory.watch(self._on_members)
+        if self.config.http is not None:
+            from dmlsys.sharding.door import RouterDoor
+
+            door = RouterDoor(self, self.config.http)
+            await door.start()
+            self.door = door
+
+    async def stop(self) -> None:
+        if self.door is not None:
+            await self.door.stop()
+            self.door = None
 
     def _on_members(self, members: list[Member]) -> None:
         names = {m.name for m in members if m.role == self.config.role}
+        self._left &= names
+        names -= self._left
         known = set(self.ring.names)
         for gone in known - names:
             self.ring.remove(gone)
@@ -79,8 +105,8 @@ class RouterService(Service):
             self.ring.add(new)
 
     def status(self) -> dict[str, Any]:
-        return {"router": {"app": self.app.name, "shards": list(self.ring.names), "cached_parts": len(self.cache),
-                           **self.counters}}
+        return {"app": self.app.name, "shards": list(self.ring.names), "cached_parts": len(self.cache),
+                "http": self.door.url if self.door else None, **self.counters}
 
     @rpc
     async def request(self, body: dict, ctx) -> Any:
@@ -90,12 +116,27 @@ class RouterService(Service):
             timeout = min(timeout, max(0.0, ctx.deadline - asyncio.get_running_loop().time()))
         return await self.run(body["request"], request_id=body.get("id"), timeout=timeout)
 
+    @rpc
+    async def http(self, body: dict, ctx) -> dict:
+        """An HTTP request handed over by a gateway: ``{"model", "verb", "body": bytes or uint8
+        array, "content_type", "params": {}}`` -> ``{"status": int, "json": {...}}``, exactly what
+        the router's own door would answer (see :mod:`dmlsys.sharding.door`)."""
+        from dmlsys.sharding.door import answer, as_bytes
+
+        timeout = self.config.deadline
+        if ctx.deadline is not None:
+            timeout = min(timeout, max(0.0, ctx.deadline - asyncio.get_running_loop().time()))
+        status, doc = await answer(self, str(body.get("model")), str(body.get("verb")), as_bytes(body.get("body")),
+                                   str(body.get("content_type") or ""), body.get("params") or {}, timeout)
+        return {"status": status, "json": doc}
+
     async def run(self, request: Any, *, request_id: str | None = None, timeout: float | None = None) -> Any:
         """Split, scatter, gather, merge and clean up one request (see the module docstring)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.deadline if timeout is None else timeout)
         self.counters["requests"] += 1
         parts = self.app.split(request)
+        self.last_parts = len(parts)
         if len(parts) > self.config.max_parts:
             raise ShardingError(f"the request splits into {len(parts)} parts, over max_parts={self.config.max_parts}")
         results: list[Any] = [_MISSING] * len(parts)
@@ -154,18 +195,25 @@ class RouterService(Service):
         if first is not None:
             order.remove(first)
             order.insert(0, first)
-        walk, tried = iter(order), []
-        for attempt in range(2):
+        walk, tried, attempt = iter(order), [], 0
+        while attempt < 2:
             shard = next(walk, None)
+            while shard is not None and shard in self._left:  # learnt of while this part waited
+                shard = next(walk, None)
             remaining = deadline - loop.time()
             if shard is None or remaining <= 0:
                 break
             if attempt:
                 self.counters["retries"] += 1
+            attempt += 1
             try:
                 result = await self.node.call(shard, "shard", "handle", {"key": key, "part": part, "id": part_id},
                                               timeout=min(self.config.part_timeout, remaining))
             except RemoteError as e:
+                if e.type == "ShardLeft":  # scaled away, its keys handed over: not a try, a stale ring
+                    self._drop_left(shard)
+                    attempt -= 1
+                    continue
                 if e.type != "NotOwner":  # the app itself failed: another shard would fail alike
                     raise PartFailed(f"part {index} (key {key!r}) failed on shard {shard!r}: {e.type}: {e.message}",
                                      part=index, shard=shard) from None
@@ -179,3 +227,10 @@ class RouterService(Service):
         why = "; ".join(f"{s}: {w}" for s, w in tried) or "the request's deadline passed before it could be sent"
         raise PartFailed(f"part {index} (key {key!r}) could not be served; tried {len(tried)} shard(s): {why}",
                          part=index, shard=tried[-1][0] if tried else None)
+
+    def _drop_left(self, shard: str) -> None:
+        if shard not in self._left:
+            self._left.add(shard)
+            self.counters["left"] += 1
+            if shard in self.ring.names:
+                self.ring.remove(shard)

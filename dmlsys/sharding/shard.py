@@ -20,8 +20,11 @@ for a key it holds no state for first asks the member that would own the key wer
 key over (``shard.handoff``), so a request that overtakes the push still finds the state. A key
 is thus served by one shard at a time: the holder of its state, or nobody while it moves.
 
-A shard leaving for good calls ``leave()`` first (``shard.leave``): it pushes every key to its
-owner on the ring without it and then serves nothing. A shard that crashes keeps its keys on
+A shard leaving for good calls ``leave()`` first (``shard.leave``, which the cluster's ``scale
+shard N`` sends to every member it is about to stop, naming them all in ``gone``): it pushes every
+key to its owner on the ring without the leavers and then serves nothing (``ShardLeft``). A shard
+that receives keys from a leaver drops the leavers from its ring at once, so it serves them
+before its directory hears of the removal (the directory refreshes every second). A shard that crashes keeps its keys on
 disk; they are served again when it restarts (requests for them fail with a named error meanwhile:
 another shard starting them afresh would fork their state).
 """
@@ -39,9 +42,9 @@ from typing import Any
 
 import msgpack
 
-from dmlsys.node import Member, NodeError, Service, rpc
+from dmlsys.node import ADMIN, Member, NodeError, Service, rpc
 from dmlsys.sharding.app import ShardedApp, load_app
-from dmlsys.sharding.errors import NotOwner, ShardingError
+from dmlsys.sharding.errors import NotOwner, ShardingError, ShardLeft
 from dmlsys.sharding.ring import DEFAULT_VNODES, HashRing
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ class SnapshotStore:
 class ShardConfig:
     state_dir: str
     app: str = "dmlsys.sharding.app:identity"
+    app_options: dict = dataclasses.field(default_factory=dict)  # keyword arguments of the app's function
     role: str = "shard"  # the directory role whose members form the ring
     vnodes: int = DEFAULT_VNODES
     snapshot_every: int = 1  # changes between snapshots; 1: every change is on disk before the reply
@@ -109,7 +113,7 @@ class ShardService(Service):
 
     def __init__(self, config: ShardConfig, app: ShardedApp | None = None) -> None:
         self.config = config
-        self.app = app or load_app(config.app)
+        self.app = app or load_app(config.app, config.app_options)
         self.store = SnapshotStore(config.state_dir, fsync=config.fsync)
         self.state: dict[str, Any] = {}
         # Per key, the last APPLIED_KEPT part ids applied with their results: a part delivered twice
@@ -123,6 +127,9 @@ class ShardService(Service):
         self.ring = HashRing(vnodes=config.vnodes)
         self._dirty = 0
         self._left = False
+        # Shards that left (we, or a leaver that pushed us its keys): off our ring while the
+        # directory still lists them; forgotten once it does not, so the name may join again.
+        self._excluded: set[str] = set()
         self._rebalance: asyncio.Task | None = None
         self._push_again = False
         self.counters = {"handled": 0, "pulled": 0, "pushed": 0, "accepted": 0, "refused": 0, "snapshots": 0,
@@ -143,12 +150,14 @@ class ShardService(Service):
         self._snapshot()
 
     def status(self) -> dict[str, Any]:
-        return {"shard": {"keys": len(self.state), "bytes": self.store.path.stat().st_size
-                          if self.store.path.exists() else 0, "members": list(self.ring.names),
-                          "moving": len(self._moving), **self.counters}}
+        # The node files it under the service's name: /status's services.shard.keys
+        return {"keys": len(self.state), "bytes": self.store.path.stat().st_size if self.store.path.exists() else 0,
+                "members": list(self.ring.names), "moving": len(self._moving), **self.counters}
 
     def _on_members(self, members: list[Member]) -> None:
         names = {m.name for m in members if m.role == self.config.role}
+        self._excluded &= names | {self.node.name}
+        names -= self._excluded
         if not self._left:
             names.add(self.node.name)
         else:
@@ -193,7 +202,7 @@ class ShardService(Service):
 
     def _check_owner(self, key: str) -> None:
         if self._left:
-            raise NotOwner(f"shard {self.node.name!r} has left the ring; key {key!r} belongs to another shard")
+            raise ShardLeft(f"shard {self.node.name!r} has left the ring; key {key!r} belongs to another shard")
         if key in self._moving or key in self.moved_to and key not in self.state:
             self.counters["refused"] += 1
             where = self.moved_to.get(key, "its new owner")
@@ -281,7 +290,7 @@ class ShardService(Service):
 
     # -- moving keys ----------------------------------------------------------------------
 
-    @rpc
+    @rpc  # any member: a shard just scaled up calls before its peers' directories list it
     async def handoff(self, body: dict) -> dict:
         """Another shard now owns ``key``: give it the state (or say we have none)."""
         key, to = body["key"], body["to"]
@@ -295,9 +304,16 @@ class ShardService(Service):
             self._snapshot()  # the key is gone from our disk before it is anyone else's
             return {"found": True, "state": value, "applied": applied}
 
-    @rpc
+    @rpc  # any member: a shard just scaled up calls before its peers' directories list it
     def accept(self, body: dict) -> int:
-        """Keys pushed to us with their state: ``{"items": [[key, state, applied ids], ...]}``."""
+        """Keys pushed to us with their state: ``{"items": [[key, state, applied ids], ...],
+        "left": [shards that left]}``. A shard that has left takes nothing (it is about to stop)."""
+        if self._left:
+            raise ShardLeft(f"shard {self.node.name!r} has left the ring and takes no keys")
+        left = set(body.get("left") or ()) - {self.node.name}
+        if left - self._excluded:  # a leaver's keys: serve them now, not when the directory drops it
+            self._excluded |= left
+            self._on_members(self.node.directory.members())
         items = body["items"]
         for key, value, applied in items:
             if key in self.state:
@@ -335,7 +351,9 @@ class ShardService(Service):
                     async with self._exclusive(key):
                         pass
                 items = [[k, self.state[k], self.applied.get(k, [])] for k in keys if k in self.state]
-                await self.node.call(owner, "shard", "accept", {"items": items}, timeout=self.config.call_timeout)
+                left = sorted(self._excluded | ({self.node.name} if self._left else set()))
+                await self.node.call(owner, "shard", "accept", {"items": items, "left": left},
+                                     timeout=self.config.call_timeout)
             except NodeError as e:
                 log.warning("shard %s: pushing %d key(s) to %s failed (%s); they stay here for now",
                             self.node.name, len(keys), owner, e)
@@ -351,12 +369,16 @@ class ShardService(Service):
             self._snapshot()
         return ok
 
-    @rpc
+    @rpc(allow=ADMIN)
     async def leave(self, body: Any = None) -> int:
-        """Hand every key to its owner on the ring without us, then serve nothing (scale-down)."""
+        """Hand every key to its owner on the ring without us, then serve nothing (scale-down).
+        ``{"gone": [names]}``: every shard leaving at once, so no key is pushed to another leaver."""
+        gone = set((body or {}).get("gone") or ()) if isinstance(body, dict) else set()
+        self._excluded |= gone - {self.node.name}
         if not self._left:
             self._left = True
-            self.ring.remove(self.node.name)
+            self._excluded.add(self.node.name)
+        self._on_members(self.node.directory.members())
         self._push_again = True
         if self._rebalance is None or self._rebalance.done():
             self._rebalance = asyncio.get_running_loop().create_task(self._push_moved())
