@@ -523,12 +523,19 @@ def print_table(doc: dict) -> None:
     table = Table(title=f"cluster {doc.get('cluster', '')}: {doc.get('state', '')}".strip())
     for col in ("name", "role", "pid", "zmq", "admin", "state"):
         table.add_column(col)
+    shards = any("keys" in row for row in doc.get("nodes", []))  # shards hold keys: how many, and bytes on disk
+    if shards:
+        table.add_column("keys", justify="right")
+        table.add_column("bytes", justify="right")
     colors = {"ready": "green", "alive": "yellow", "starting": "yellow", "restarting": "red", "draining": "yellow"}
     for row in doc.get("nodes", []):
         state = row.get("state", "")
         color = colors.get(state, "red" if state in ("unresponsive", "exited") else "")
-        table.add_row(row["name"], row["role"], str(row.get("pid") or "-"), row["zmq"], row.get("admin") or "-",
-                      f"[{color}]{state}[/]" if color else state)
+        cells = [row["name"], row["role"], str(row.get("pid") or "-"), row["zmq"], row.get("admin") or "-",
+                 f"[{color}]{state}[/]" if color else state]
+        if shards:
+            cells += [str(row["keys"]), str(row["bytes"])] if "keys" in row else ["-", "-"]
+        table.add_row(*cells)
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file should not get truncated addresses

@@ -103,7 +103,8 @@ class ClusterService(Service):
         return [m.to_dict() for m in self.sup.members()]
 
     @rpc(allow=ADMIN)
-    def status(self, body=None):
+    async def status(self, body=None):
+        await self.sup.ask_shard_loads()  # keys and bytes per shard, asked now (a second at most)
         return self.sup.status_document()
 
     @rpc(allow=ADMIN)
@@ -142,6 +143,7 @@ class Supervisor:
         self._before_phase = before_phase
         self._groups: dict[str, int] = {n.name: n.replicas for n in spec.nodes if n.replicas is not None}
         self._scale_lock = asyncio.Lock()
+        self.shard_loads: dict[str, dict[str, int]] = {}  # shard name -> {"keys", "bytes"}, as last asked
 
     # -- membership -------------------------------------------------------------------------
 
@@ -167,9 +169,16 @@ class Supervisor:
             "supervisor": {"pid": os.getpid(), "started": process_start_ticks(os.getpid()),
                            "zmq": self.node.transport.address if self.node else None},
             "http": f"http://{self.spec.http}" if self.spec.http else None,
-            "nodes": [p.row() for p in self.procs.values()],
+            "nodes": [{**p.row(), **self.shard_loads.get(p.member.name, {})} for p in self.procs.values()],
             "updated": time.time(),
         }
+
+    async def ask_shard_loads(self) -> None:
+        """How many keys (and snapshot bytes) each running shard holds: ``status`` shows them."""
+        from dmlsys.sharding.admin import loads
+
+        names = [p.member.name for p in self.procs.values() if p.member.role == "shard" and p.state == "ready"]
+        self.shard_loads = await loads(self.node, names) if names and self.node is not None else {}
 
     def write_state(self) -> None:
         _write_json(self.state_dir / "state.json", self.status_document())
@@ -409,6 +418,10 @@ class Supervisor:
             await self._wait_ready(new)
         elif replicas < current:
             gone = [self.procs[name] for name in template.member_names(current)[replicas:]]
+            if template.role == "shard":  # their keys go to the shards that stay, with their state, first
+                from dmlsys.sharding.admin import hand_over
+
+                await hand_over(self.node, [p.member.name for p in gone if p.state == "ready"])
             self._groups[group] = replicas
             await asyncio.gather(*(self._stop_proc(p) for p in gone))
             for p in gone:
