@@ -519,6 +519,9 @@ class ShardService(Service):
                                 f"at clock {job.clock.dropped[worker]}")
         if clock < job.clock.clocks[worker]:
             return {"clock": job.clock.clocks[worker], "duplicate": True}  # a retry: already logged
+        if clock > job.clock.clocks[worker]:  # refused before it reaches the log, which replays only what applies
+            raise PsError(f"worker {worker!r} pushed step {clock} to job {job.name!r} shard {job.shard}, "
+                          f"which has its steps up to {job.clock.clocks[worker] - 1} only; a push in between was lost")
         record = job.check_push(body)
         record["seq"] = job.seq + 1
         job.wal.append(record)  # on disk before it is applied and acknowledged

@@ -282,3 +282,61 @@ def test_a_second_open_with_another_map_is_refused():
             await c.client(0).open({"w": np.zeros((5, 3), np.float32)}, workers=["w0"], optimizer=SGD1)
 
     run_ps(1, 1, body)
+
+
+def test_a_push_that_skips_a_step_is_refused_and_does_not_break_recovery():
+    async def body(c):
+        cl = c.client(0)
+        await cl.open({"w": np.zeros((4, 3), np.float32)}, workers=["w0"], optimizer=SGD1)
+        with pytest.raises(PsError, match="pushed step 2 .* steps up to -1 only"):
+            await cl.push(2, {"w": np.ones((4, 3), np.float32)}, n=1)
+        await cl.push(0, {"w": np.ones((4, 3), np.float32)}, n=1)
+        c.crash(0)
+        await c.restart(0)
+        return (await cl.pull(1)).values["w"]
+
+    np.testing.assert_array_equal(run_ps(1, 1, body), -np.ones((4, 3)))
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), kill_at=st.floats(0.0, 0.15), checkpoint_every=st.sampled_from([1, 2, 5]))
+def test_a_shard_recovered_from_checkpoint_and_log_ends_in_the_state_of_one_never_killed(seed, kill_at,
+                                                                                         checkpoint_every):
+    """Adam on dense leaves and (lazily) on a table, BSP with pending sums: the restarted shard
+    holds bit for bit what an uninterrupted one holds (two workers: sums in any order are exact)."""
+    steps, batch, rows, workers = 5, 8, 30, 2
+    params, data = linear_problem(seed, steps, batch, rows)
+    hp = {"hyperparams": {"optimizer": "adam", "lr": 0.01}}
+
+    def run(kill: bool):
+        async def body(c):
+            clients = [c.client(i, call_timeout=0.5) for i in range(workers)]
+            await asyncio.gather(*(cl.open(params, workers=c.worker_names, tables=["emb"], optimizer=hp,
+                                           table_init={"emb": {"scale": 0.1, "seed": 1}}) for cl in clients))
+
+            async def work(rank):
+                cl = clients[rank]
+                for t, (x, y, ids) in enumerate(data):
+                    lo, hi = rank * batch // workers, (rank + 1) * batch // workers
+                    pulled = await cl.pull(t, rows={"emb": ids[lo:hi]})
+                    gw, gb, gr = gradient_sums(pulled.values["w"], pulled.values["b"], pulled.rows["emb"],
+                                               x[lo:hi], y[lo:hi])
+                    await asyncio.sleep(0.01 * (rank + 1))
+                    await cl.push(t, {"w": gw, "b": gb}, rows={"emb": (ids[lo:hi], gr)}, n=hi - lo)
+
+            async def killer():
+                await asyncio.sleep(kill_at)
+                c.crash(0)
+                await asyncio.sleep(0.05)
+                await c.restart(0)
+
+            done = await each([lambda r=r: work(r) for r in range(workers)] + ([killer] if kill else []))
+            assert all(d is None for d in done), done
+            return await clients[0].pull(steps, rows={"emb": np.arange(rows)})
+
+        return run_ps(2, workers, body, seed=seed, checkpoint_every=checkpoint_every)
+
+    calm, killed = run(False), run(True)
+    for path in ("w", "b"):
+        assert killed.values[path].tobytes() == calm.values[path].tobytes(), path
+    assert killed.rows["emb"].tobytes() == calm.rows["emb"].tobytes()
