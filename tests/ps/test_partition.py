@@ -138,3 +138,12 @@ def test_a_big_leaf_is_split_over_every_shard():
     assert {s.shard for s in pm.slices if s.path == "big"} == {0, 1, 2, 3}
     loads = pm.loads()
     assert max(loads) <= 1.3 * sum(loads) / 4
+
+
+def test_split_hands_out_views_of_the_callers_arrays_not_copies():
+    tree = {"big": np.arange(4000, dtype=np.float32).reshape(400, 10), "small": np.zeros(3, np.float32)}
+    pm = partition(tree, 3)
+    flat, _ = leaves_by_path(tree)
+    for part in pm.split(flat):
+        for key, array in part.items():
+            assert np.shares_memory(array, flat[key.split("[")[0]]), key

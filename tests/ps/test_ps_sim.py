@@ -340,3 +340,21 @@ def test_a_shard_recovered_from_checkpoint_and_log_ends_in_the_state_of_one_neve
     for path in ("w", "b"):
         assert killed.values[path].tobytes() == calm.values[path].tobytes(), path
     assert killed.rows["emb"].tobytes() == calm.rows["emb"].tobytes()
+
+
+def test_a_step_is_one_pull_and_one_push_message_per_shard():
+    shards, steps = 3, 4
+
+    async def body(c):
+        cl = c.client(0)
+        params = {"a": np.zeros((300, 8), np.float32), "b": np.zeros(8, np.float32), "c": np.zeros((40, 3), np.float32)}
+        await cl.open(params, workers=["w0"], optimizer=SGD1)
+        assert {s.shard for s in cl.map.slices} == set(range(shards))
+        before = c.worker_nodes[0].metrics.messages_out
+        for t in range(steps):
+            pulled = await cl.pull(t)
+            await cl.push(t, {k: np.ones_like(v) for k, v in pulled.values.items()}, n=1)
+        return c.worker_nodes[0].metrics.messages_out - before, cl.retries
+
+    sent, retries = run_ps(shards, 1, body, link=Link(delay=0.001, jitter=0.0))
+    assert retries == 0 and sent == steps * 2 * shards
