@@ -241,3 +241,30 @@ def test_a_stateless_requests_parts_spread_evenly_over_the_shards(tmp_path):
         await c.stop()
 
     sim.run(scenario())
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_two_shards_leaving_at_once_hand_over_to_those_that_stay_and_are_served_before_the_directory_knows(
+        tmp_path, seed):
+    async def scenario():
+        c = Cluster(seed, ["s0", "s1", "s2", "s3"], counter, tmp_path)
+        await c.start()
+        keys = [f"user-{i}" for i in range(60)]
+        await c.router.run({"add": {k: 1.0 for k in keys}})
+        gone = {"gone": ["s2", "s3"]}
+        assert await asyncio.gather(c.shard("s2").leave(gone), c.shard("s3").leave(gone)) == [0, 0]
+        # Nobody's directory has changed yet: the router still routes to s2 and s3, which answer
+        # ShardLeft; the router drops them, and s0 and s1 (told by the pushes) serve the keys now.
+        assert {k for s in ("s0", "s1") for k in c.shard(s).state} == set(keys)
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 2.0 for k in keys}
+        assert c.router.counters["left"] == 2 and set(c.router.ring.names) == {"s0", "s1"}
+        c.members = [m for m in c.members if m.name not in ("s2", "s3")]
+        c.publish()
+        for name in ("s2", "s3"):
+            await c.shards.pop(name).stop(0)
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 3.0 for k in keys}
+        # The names may join again later: nobody keeps them excluded once the directory dropped them.
+        assert not c.router._left and not c.shard("s0")._excluded
+        await c.stop()
+
+    sim.run(scenario())
