@@ -20,15 +20,19 @@ of a function takes ``FunctionSpec.slots``):
 
 1. every function first gets its ``min`` (``Autoscaler`` refuses a configuration whose mins
    do not fit);
-2. priority levels in descending order: within a level, functions in panic first keep what
-   they had (up to what they want), then the level's wants are filled one instance at a time,
-   round-robin, while slots last. A lower level gets what is left: a pipeline's batch step
-   (low priority) yields to a serving function (high) when the pool is full.
+2. priority levels in descending order: within a level, every function that wants an
+   instance and has none gets one first (no function of a level starves while another of the
+   same level holds the whole pool: found by the hotel scenario, where the hotel's panic at the
+   conference kept all six slots and the classifier waited at zero), then functions in panic
+   keep what they had (up to what they want), then the level's wants are filled one instance
+   at a time, round-robin, while slots last. A lower level gets what is left: a pipeline's
+   batch step (low priority) yields to a serving function (high) when the pool is full.
 
 Guarantees (tests/events/test_autoscaler.py): the decision never uses more slots than the
 pool has; every function is within ``[min, max]``; a function with ``min = 0`` is at 0 once a
 stable window has passed without an event; a function in panic is never scaled down, except
-when the pool is full and a function of strictly higher priority takes the slots.
+when the pool is full and a function of strictly higher priority takes the slots, or one of
+the same priority that had no instance gets its first.
 
 Decisions are targets, not facts: the caller starts and stops instances, and passes what it
 has (``current``) back in, so a slow start is not mistaken for a missing instance.
@@ -232,7 +236,11 @@ class Autoscaler:
         free = self.pool_slots - sum(f.spec.min * f.spec.slots for f in fns.values())
         for prio in sorted({f.spec.priority for f in fns.values()}, reverse=True):
             level = [n for n, f in fns.items() if f.spec.priority == prio]
-            for n in level:  # panicking functions keep what they had first
+            for n in level:  # first, one instance for each function of the level at zero that wants one
+                if alloc[n] == 0 and wanted[n] > 0 and fns[n].spec.slots <= free:
+                    alloc[n] = 1
+                    free -= fns[n].spec.slots
+            for n in level:  # then panicking functions keep what they had
                 if n in panicking:
                     keep = min(wanted[n], fns[n].decided)
                     extra = max(0, min(keep - alloc[n], free // fns[n].spec.slots))

@@ -12,7 +12,8 @@
   after running it): functions must be idempotent, as stateless predictions are. An error the
   function itself raised (``RemoteError``) is the caller's answer and is not retried.
 * every ``tick`` seconds (and at once when an event finds its function at zero instances) the
-  control loop reports each function's concurrency (in flight + waiting) to the ``Autoscaler``,
+  control loop reports each function's concurrency (in flight + waiting, time-weighted mean over
+  the tick; at zero instances at least the events waiting) to the ``Autoscaler``,
   asks for a decision, and carries out what ``Pool.reconcile`` says: ``Start`` and ``Stop``
   through the ``Launcher`` (the supervisor in production, in-process nodes in tests).
 
@@ -65,6 +66,12 @@ class FunctionPool:
         self.tick, self.try_timeout, self.service, self.method = tick, try_timeout, service, method
         self.in_flight = collections.Counter()
         self.waiting = collections.Counter()
+        # the time-weighted mean of in flight + waiting since the last tick, per function: what the
+        # autoscaler is fed (an instantaneous sample of a bursty count panics at random; Knative's
+        # queue-proxy reports averages too)
+        self._area: collections.Counter = collections.Counter()
+        self._marked: dict[str, float] = {}
+        self._window_start: dict[str, float] = {}
         self.retries = 0
         self.peers: dict[str, str] = {}  # instance -> peer name, once ready
         # (time, {function: instances live}) per tick: the "slots in use over time" of status
@@ -114,7 +121,14 @@ class FunctionPool:
         now = asyncio.get_running_loop().time()
         current = {}
         for f in self.pool.specs:
-            self.scaler.observe(f, now, float(self.in_flight[f] + self.waiting[f]))
+            self._account(f)
+            start = self._window_start.get(f, now)
+            level = float(self.in_flight[f] + self.waiting[f])
+            mean = self._area[f] / (now - start) if now - start > 1e-9 else level
+            if not self.pool.live(f):
+                mean = max(mean, level)  # an event waits at zero: scale from zero now, however brief
+            self.scaler.observe(f, now, mean)
+            self._area[f], self._window_start[f] = 0.0, now
             current[f] = len(self.pool.live(f))
         decision = self.scaler.decide(now, current)
         actions = self.pool.reconcile(decision.instances, now)
@@ -148,6 +162,14 @@ class FunctionPool:
         except Exception as e:
             log.warning("function pool: stopping instance %s failed: %s", instance, e)
 
+    def _account(self, function: str) -> None:
+        """Add the current level's time to the function's area; call before the level changes."""
+        now = asyncio.get_running_loop().time()
+        last = self._marked.get(function, now)
+        self._area[function] += (self.in_flight[function] + self.waiting[function]) * (now - last)
+        self._marked[function] = now
+        self._window_start.setdefault(function, now)
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -169,6 +191,7 @@ class FunctionPool:
         if function not in self.pool.specs:
             raise FunctionUnavailable(function, f"not deployed; deployed: {', '.join(self.pool.specs)}")
         loop = asyncio.get_running_loop()
+        self._account(function)
         self.waiting[function] += 1
         waiting = True
         try:
@@ -184,6 +207,7 @@ class FunctionPool:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(self._changed.wait(), left)
                     continue
+                self._account(function)
                 self.waiting[function] -= 1
                 waiting = False
                 self.pool.begin(inst.id)
@@ -203,15 +227,18 @@ class FunctionPool:
                         self._kick.set()
                     self.retries += 1
                 finally:
+                    self._account(function)
                     self.in_flight[function] -= 1
                     stop = self.pool.end(inst.id)
                     if stop is not None:
                         self.peers.pop(stop.instance, None)
                         self._spawn(self._stop(stop.instance))
+                self._account(function)
                 self.waiting[function] += 1
                 waiting = True
         finally:
             if waiting:
+                self._account(function)
                 self.waiting[function] -= 1
 
     def statistics(self) -> dict:

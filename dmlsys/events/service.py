@@ -161,6 +161,7 @@ class EventsService(Service):
         return {"url": self.url, "functions": {n: dataclasses.asdict(d) for n, d in self.deployments.items()},
                 "pool": fp, "autoscaler": self.scaler.statistics(), "gate": self.gate.statistics(),
                 "spares": len(getattr(self._launcher, "idle", ())), "answered": self.answered, "failed": self.failed,
+                "load_seconds": list(getattr(self._launcher, "load_seconds", ()))[-20:],
                 "timeline": [{"t": round(t, 3), "instances": v} for t, v in list(self.functions.timeline)[-60:]]}
 
     # -- HTTP -------------------------------------------------------------------------------

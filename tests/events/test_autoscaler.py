@@ -73,7 +73,7 @@ def test_scales_to_zero_once_a_stable_window_passes_without_events(setup, seq, k
 
 @FAST
 @given(setups(), ticks)
-def test_a_function_in_panic_is_scaled_down_only_for_a_higher_priority_one(setup, seq):
+def test_a_function_in_panic_is_scaled_down_only_for_a_higher_priority_one_or_a_starving_peer(setup, seq):
     pool, specs = setup
     _, decisions, _ = drive(pool, specs, seq)
     by_name = {s.name: s for s in specs}
@@ -81,8 +81,10 @@ def test_a_function_in_panic_is_scaled_down_only_for_a_higher_priority_one(setup
         for name in cur.panicking & prev.panicking:
             if cur.instances[name] < prev.instances[name]:
                 grew = [g for g, s in by_name.items()
-                        if s.priority > by_name[name].priority and cur.instances[g] > prev.instances[g]]
-                assert grew, f"{name} scaled down in panic with no higher-priority function taking its slots"
+                        if (s.priority > by_name[name].priority and cur.instances[g] > prev.instances[g])
+                        or (s.priority == by_name[name].priority and prev.instances[g] == 0 < cur.instances[g])]
+                assert grew, (f"{name} scaled down in panic with no higher-priority function taking its slots "
+                              f"and no same-priority one getting its first")
 
 
 def test_a_spike_panics_at_twice_the_capacity_and_scales_at_once():
@@ -131,3 +133,16 @@ def test_a_low_priority_batch_step_yields_the_pool_to_serving():
 def test_bad_configurations_name_what_is_wrong(make, match):
     with pytest.raises(ScalingError, match=match):
         make()
+
+
+def test_a_panicking_function_does_not_starve_one_of_its_priority_at_zero():
+    a, b = FunctionSpec("hotel", max=6), FunctionSpec("fashion", max=6)
+    scaler = Autoscaler(6, [a, b], CFG)
+    for t in range(6):
+        scaler.observe("hotel", float(t), 20.0)  # a spike: hotel panics and takes the whole pool
+        scaler.observe("fashion", float(t), 0.0)
+    assert scaler.decide(5.0).instances == {"hotel": 6, "fashion": 0}
+    scaler.observe("hotel", 6.0, 20.0)
+    scaler.observe("fashion", 6.0, 3.0)  # the classifier's events wait at zero instances
+    d = scaler.decide(6.0)
+    assert "hotel" in d.panicking and d.instances == {"hotel": 5, "fashion": 1}
