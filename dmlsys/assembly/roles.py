@@ -24,6 +24,8 @@ ROLES: dict[str, str] = {
     "worker": "dmlsys.collective.roles:build_worker",
     "replica": "dmlsys.serving.roles:build_replica",
     "gateway": "dmlsys.serving.roles:build_gateway",
+    "events": "dmlsys.events.roles:build_events",
+    "function": "dmlsys.events.roles:build_function",
     "router": "dmlsys.sharding.roles:build_router",
     "shard": "dmlsys.sharding.roles:build_shard",
 }

@@ -4,6 +4,12 @@ JAX compiles one program per input shape, so a batch of 13 would trigger a fresh
 the middle of serving. As TensorFlow Serving does with ``allowed_batch_sizes``, we pad every
 batch up to the next of a few bucket sizes and compile all of them at load time: after
 ``load`` returns, no request ever waits for the compiler.
+
+Compiled programs are kept in JAX's persistent compilation cache, beside the model store
+(``<store>/../jax-cache``: ``.dmlsys/jax-cache`` in a cluster; ``$DMLSYS_JAX_CACHE`` to move it,
+``off`` for none), so a restarted replica or a second one reads them from disk instead of
+compiling: measured here, loading fashion-mlp with its seven buckets went from 7.4 s to 1.0 s
+under load (docs/events.md, "Cold start").
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ def load(store: str | Path, model: str, version: int | None = None,
         import jax
         import jax.numpy as jnp
 
+        compile_cache(store)
+
         from dmlsys.train.models import LABELS, build
         from dmlsys.train.store import ModelStore
 
@@ -79,3 +87,23 @@ def load(store: str | Path, model: str, version: int | None = None,
         np.asarray(scores(np.zeros((b, 784), np.float32)))
     return Runtime(model, int(card.get("version", version or 0)) or None, card, tuple(LABELS), buckets,
                    scores, time.perf_counter() - started)
+
+
+def compile_cache(store: str | Path) -> None:
+    """Turn on JAX's persistent compilation cache for this process (see the module docstring).
+    Every program is cached however fast it compiled: a model's programs are small, and a
+    replica's start is made of exactly those. A directory that cannot be made leaves it off."""
+    import os
+
+    import jax
+
+    where = os.environ.get("DMLSYS_JAX_CACHE") or str(Path(store).resolve().parent / "jax-cache")
+    if where == "off":
+        return
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
