@@ -195,13 +195,18 @@ def up_detached(args: argparse.Namespace, state_dir: Path) -> int:
     while True:
         echo.poll()
         doc = read_state(state_dir)
-        if doc and doc.get("supervisor", {}).get("pid") == child.pid and doc["state"] in ("ready", "failed"):
+        if doc and doc.get("supervisor", {}).get("pid") == child.pid and doc["state"] in ("ready", "failed", "waiting"):
             break
         if child.poll() is not None:
             doc = read_state(state_dir)
             break
         time.sleep(0.1)
     echo.poll()
+    if doc and doc["state"] == "waiting":  # hosts up in any order: it goes on once the others are up
+        print(f"host {args.host}: {doc.get('error') or 'waiting for the primary supervisor (cluster.supervisor)'}; "
+              f"it goes on by itself once they are up (`python -m dmlsys.cluster status` shows when). Supervisor pid "
+              f"{child.pid}, logs in {state_dir}/")
+        return 0
     if not doc or doc["state"] != "ready":
         error = (doc or {}).get("error") or f"the supervisor exited with code {child.poll()}"
         print(f"error: {error}\n(see {log_path})", file=sys.stderr)
@@ -260,7 +265,7 @@ def cmd_status(args: argparse.Namespace, state_dir: Path) -> int:
             if not pid_alive(row.get("pid")):
                 row["state"], row["pid"] = "stopped", None
     if args.json:
-        print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster")}, indent=2))
+        print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster", "hosts", "error")}, indent=2))
     else:
         print_table(doc)
     return 0
@@ -521,7 +526,8 @@ def print_table(doc: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"cluster {doc.get('cluster', '')}: {doc.get('state', '')}".strip())
-    for col in ("name", "role", "pid", "zmq", "admin", "state"):
+    spread = bool(doc.get("hosts"))  # several hosts: where each node runs, and why one is not ready
+    for col in ("name", "role", *(("host",) if spread else ()), "pid", "zmq", "admin", "state"):
         table.add_column(col)
     shards = any("keys" in row for row in doc.get("nodes", []))  # shards hold keys: how many, and bytes on disk
     if shards:
@@ -533,6 +539,9 @@ def print_table(doc: dict) -> None:
         color = colors.get(state, "red" if state in ("unresponsive", "exited") else "")
         cells = [row["name"], row["role"], str(row.get("pid") or "-"), row["zmq"], row.get("admin") or "-",
                  f"[{color}]{state}[/]" if color else state]
+        if spread:
+            cells.insert(2, row.get("host") or "-")
+            cells[-1] += f": {row['why']}" if row.get("why") else ""
         if shards:
             cells += [str(row["keys"]), str(row["bytes"])] if "keys" in row else ["-", "-"]
         table.add_row(*cells)
@@ -540,6 +549,9 @@ def print_table(doc: dict) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file should not get truncated addresses
     console.print(table)
+    for host, view in sorted((doc.get("hosts") or {}).items()):
+        if view.get("state") != "up":
+            console.print(f"host {host}: {view.get('state')}" + (f" ({view['error']})" if view.get("error") else ""))
 
 
 def print_endpoints(doc: dict) -> None:

@@ -61,14 +61,13 @@ def missing_models(sup: "Supervisor") -> list[str]:
     from dmlsys.train.store import ModelStore
 
     store = ModelStore(Path(sup.spec.store))
-    wanted = sorted({p.member.config.get("model") for p in sup.procs.values()
-                     if p.member.role == "replica" and p.member.config.get("model")})
+    wanted = sorted(sup.served_models())  # by the replicas of every host
     return [m for m in wanted if store.intact_version(m) is None]
 
 
 async def before_phase(sup: "Supervisor", phase: str) -> None:
     """Called before each phase of ``up``: "base", "serving", then "ready" (every node is)."""
-    if phase == "serving":
+    if phase == "serving" and sup.primary:  # a secondary's replicas fetch from the primary's store
         for model in await asyncio.to_thread(missing_models, sup):
             log.info("model %r is not in the store yet", model)
             await train(sup, model)
@@ -81,8 +80,7 @@ async def gateways_see_replicas(sup: "Supervisor", timeout: float = 30.0) -> Non
     first request after ``up`` returns is answered, not refused while a probe catches up."""
     from dmlsys.node import NodeError
 
-    models = {p.member.config.get("model") for p in sup.procs.values()
-              if p.member.role == "replica" and p.member.config.get("model")}
+    models = sup.served_models()
     gateways = [p.member for p in sup.procs.values() if p.member.role == "gateway" and sup._local(p.member)]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

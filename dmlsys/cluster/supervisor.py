@@ -25,6 +25,12 @@ opened for appending, which goes on writing at the start of the truncated file.
 
 ``scale`` calls run one at a time (``_scale_lock``): two at once would both start
 ``replica-N``, leaving one process untracked.
+
+Several hosts (``up SPEC --host NAME`` on each): one supervisor is the primary, the others
+report to it and run what it assigns them; see :mod:`dmlsys.cluster.hosts`. Every supervisor
+hosts the cluster's ``store`` service (:mod:`dmlsys.train.transfer`): the primary's serves its
+model store and data, a secondary's relays to the primary's, so a replica on any host asks its
+own supervisor for the version it lacks.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from typing import Any, Callable
 from dmlsys.assembly import ZmqTransports, build_node
 from dmlsys.cluster import keys as cluster_keys
 from dmlsys.cluster.errors import ClusterError
+from dmlsys.cluster.hosts import HOST_TIMEOUT, Hosts, Link
+from dmlsys.cluster.placement import Group, place
 from dmlsys.cluster.nodeproc import EXIT_BIND, node_command, process_start_ticks
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
 from dmlsys.node import ADMIN, Directory, Member, Node, NodeError, Service, rpc
@@ -78,6 +86,7 @@ class Proc:
     crashloop: bool = False
     restart_times: list[float] = dataclasses.field(default_factory=list)  # within CRASHLOOP_WINDOW
     start_ticks: int | None = None  # the process's start time: with the pid, its identity for `down`
+    why: str | None = None  # its failing readiness gates, as its last probe said (why it is not ready)
 
     def row(self) -> dict[str, Any]:
         running = self.process is not None and self.process.returncode is None
@@ -88,7 +97,7 @@ class Proc:
             "zmq": self.member.address, "admin": f"http://{self.member.admin}" if self.member.admin else None,
             "state": "crashloop" if self.crashloop and self.state != "ready" else self.state,
             "restarts": self.restarts, "host": self.member.host,
-            "model": self.member.config.get("model"),
+            "model": self.member.config.get("model"), "why": self.why if self.state != "ready" else None,
         }
 
 
@@ -109,7 +118,14 @@ class ClusterService(Service):
 
     @rpc(allow=ADMIN)
     async def scale(self, body):
+        if self.sup.link is not None:  # a secondary: the primary places members
+            return await self.sup.link.call("scale", body, timeout=300.0)
         return await self.sup.scale(str(body["group"]), int(body["replicas"]))
+
+    @rpc(allow=ADMIN)  # a secondary host's supervisor, through its link (cluster/hosts.py)
+    def report(self, body):
+        return self.sup.take_report(body)
+
 
     @rpc(allow=ADMIN)
     async def train(self, body):
@@ -143,17 +159,50 @@ class Supervisor:
         self._before_phase = before_phase
         self._groups: dict[str, int] = {n.name: n.replicas for n in spec.nodes if n.replicas is not None}
         self._scale_lock = asyncio.Lock()
+        # Several hosts (cluster/hosts.py): the primary places every member and hears from the other
+        # hosts; a secondary runs what the primary assigns it and knows the rest from its replies.
+        self.spread = host is not None and spec.multi_host
+        self.primary = not self.spread or spec.primary == host
+        self.assignment: dict[str, str] = {}  # member -> host, every host's (the primary's decision)
+        others = sorted(h for h in spec.hosts if h not in (host, "local"))
+        self.hosts: Hosts | None = Hosts(others) if self.spread and self.primary else None
+        self.link: Link | None = None
+        self.remote: list[Member] = []  # a secondary's view of the other hosts' members
+        self.remote_rows: list[dict] = []
+        self.remote_hosts: dict[str, Any] = {}
+        self.join_timeout = READY_TIMEOUT
         self.shard_loads: dict[str, dict[str, int]] = {}  # shard name -> {"keys", "bytes"}, as last asked
 
     # -- membership -------------------------------------------------------------------------
 
     def members(self) -> list[Member]:
-        sup = Member("supervisor", "supervisor", self.node.transport.address if self.node else self.spec.supervisor)
-        return [sup, *(p.member for p in self.procs.values())]
+        sup = Member("supervisor", "supervisor", self.node.transport.address if self.node else self.spec.supervisor,
+                     host=self.host or "local")
+        local = [sup, *(p.member for p in self.procs.values())]
+        if self.hosts is not None:
+            return local + self.hosts.members()
+        return local + [m for m in self.remote if m.name not in self.procs]
+
+    def served_models(self) -> set[str]:
+        """Models served by the replicas of every host (what ``up`` trains first when missing)."""
+        names = self.assignment or {name: None for n in self.spec.nodes for name in n.member_names()}
+        models = set()
+        for name in set(names) | set(self.procs):
+            template = self.spec.group_of(name) or next((n for n in self.spec.nodes if n.name == name), None)
+            if template is not None and template.role == "replica" and template.config.get("model"):
+                models.add(template.config["model"])
+        return models
+
+    def _new_proc(self, node_spec: NodeSpec, name: str) -> Proc:
+        """A member to run here, its ports picked on this host's address."""
+        address = self.spec.hosts.get(self.host) if self.spread else None
+        member = resolve_member(node_spec, name, ipc_dir=self.ipc_dir, host=self.host if address else None,
+                                host_address=address)
+        return Proc(member, node_spec.name if node_spec.replicas is not None else None)
 
     def resolved(self) -> ResolvedCluster:
         return ResolvedCluster(
-            self.spec.name, tuple(p.member for p in self.procs.values()),
+            self.spec.name, tuple(m for m in self.members() if m.name != "supervisor"),
             str(Path(self.spec.store).resolve()), str(self.state_dir.resolve()),
             self.spec.http, self.node.transport.address if self.node else self.spec.supervisor,
         )
@@ -169,9 +218,17 @@ class Supervisor:
             "supervisor": {"pid": os.getpid(), "started": process_start_ticks(os.getpid()),
                            "zmq": self.node.transport.address if self.node else None},
             "http": f"http://{self.spec.http}" if self.spec.http else None,
-            "nodes": [{**p.row(), **self.shard_loads.get(p.member.name, {})} for p in self.procs.values()],
+            "nodes": [{**p.row(), **self.shard_loads.get(p.member.name, {})} for p in self.procs.values()] + self._remote_rows(),
+            "host": self.host, "primary": self.primary if self.spread else None,
+            "hosts": ({h: v.summary(time.monotonic()) for h, v in self.hosts.views.items()} if self.hosts is not None
+                      else self.remote_hosts or None),
             "updated": time.time(),
         }
+
+    def _remote_rows(self) -> list[dict]:
+        if self.hosts is not None:
+            return self.hosts.rows(self.assignment)
+        return [r for r in self.remote_rows if r["name"] not in self.procs]
 
     async def ask_shard_loads(self) -> None:
         """How many keys (and snapshot bytes) each running shard holds: ``status`` shows them."""
@@ -195,19 +252,26 @@ class Supervisor:
         for private in (self.state_dir, self.log_dir, self.ipc_dir):  # 0700: sockets, state, logs
             if private is not None:
                 cluster_keys.private_dir(private)
-        for node_spec in self.spec.nodes:
-            for name in node_spec.member_names():
-                self.procs[name] = Proc(resolve_member(node_spec, name, ipc_dir=self.ipc_dir),
-                                        node_spec.name if node_spec.replicas is not None else None)
+        if self.spread:
+            self.assignment = self.spec.placement()
+        if self.primary:
+            for node_spec in self.spec.nodes:
+                for name in node_spec.member_names():
+                    if not self.spread or self.assignment.get(name) == self.host:
+                        self.procs[name] = self._new_proc(node_spec, name)
         try:
             self._check_ports()
             await self._start_supervisor_node()
             self.write_state()
+            if not self.primary:
+                await self._join()
             # Phase "serving" waits for phase "base" so that e.g. a model can be trained first.
             base = [p for p in self.procs.values() if p.member.role != "replica" and self._local(p.member)]
             serving = [p for p in self.procs.values() if p.member.role == "replica" and self._local(p.member)]
             # "ready" starts nothing: its hook checks that what runs is wired up.
             for phase, procs in (("base", base), ("serving", serving), ("ready", [])):
+                if phase == "ready":
+                    await self._wait_hosts()  # `up` is ready when every host's nodes are
                 if self._before_phase is not None:
                     result = self._before_phase(self, phase)
                     if asyncio.iscoroutine(result):
@@ -239,10 +303,13 @@ class Supervisor:
             primary = address.removeprefix("tcp://").rsplit(":", 1)[0]
             if primary != self.spec.hosts[self.host]:
                 address = f"tcp://{self.spec.hosts[self.host]}:0"  # a secondary host's supervisor
+        from dmlsys.train.transfer import TransferService
+
+        relay = None if self.primary else (lambda method, body: self.link.store(method, body))
         node = build_node(Member("supervisor", "supervisor", address), ZmqTransports(keys=self.keys),
                           store=self.spec.store, state_dir=self.state_dir, http=self.spec.http,
                           directory=Directory([p.member for p in self.procs.values()]),
-                          services=[ClusterService(self)])
+                          services=[ClusterService(self), TransferService(self.spec.store, upstream=relay)])
         try:
             await node.start()
         except TransportError as e:
@@ -256,7 +323,7 @@ class Supervisor:
         if not (spec.zmq_auto or spec.zmq.endswith(":0") or (spec.admin or "").endswith(":0")):
             return False  # the spec named the ports: the error says which to change
         old = proc.member
-        proc.member = resolve_member(spec, old.name, ipc_dir=self.ipc_dir)
+        proc.member = self._new_proc(spec, old.name).member
         log.warning("node %s could not bind %s / %s (taken since they were picked); starting it on %s / %s",
                     old.name, old.address, old.admin, proc.member.address, proc.member.admin)
         if self.node is not None:
@@ -305,6 +372,7 @@ class Supervisor:
                 await asyncio.sleep(0.1)
 
     async def _probe(self, proc: Proc) -> str:
+        body = None
         try:
             body = await self.node.call(proc.member.name, "node", "ping", None, timeout=2.0)
             state = body["state"]
@@ -312,6 +380,9 @@ class Supervisor:
             state = "unresponsive" if proc.state not in ("starting", "restarting") else proc.state
         if proc.process is None or proc.process.returncode is not None:
             return proc.state
+        if isinstance(body, dict) and state != "unresponsive":
+            gates = body.get("failing_gates") or {}
+            proc.why = "; ".join(f"{k}: {v}" for k, v in gates.items()) if isinstance(gates, dict) and gates else None
         if state == "ready":
             proc.was_ready = True
             if proc.crashloop:
@@ -355,13 +426,21 @@ class Supervisor:
                     proc.member.name, process.pid, code, ran, delay, proc.restarts)
         self._tell_peer_lost(proc.member.name, f"exited with code {code}")
         await asyncio.sleep(delay)
-        if self.state in ("starting", "ready") and not proc.stopping:
+        if self.state in ("starting", "waiting", "ready") and not proc.stopping:
             if code == EXIT_BIND:  # its port was taken while it was down
                 self._repick_ports(proc)
             await self._spawn(proc)
 
     def _tell_peer_lost(self, name: str, reason: str) -> None:
-        """Tell every other running node at once, so calls waiting on ``name`` fail over now."""
+        """Tell every other running node at once, so calls waiting on ``name`` fail over now; and
+        the other hosts (through the primary), whose nodes may be waiting on it too."""
+        if self.hosts is not None:
+            self.hosts.event(name, reason)
+        if self.link is not None:
+            self.link.node_lost(name, reason)
+        self._tell_local(name, reason)
+
+    def _tell_local(self, name: str, reason: str) -> None:
         for other in self.procs.values():
             if other.member.name == name or other.process is None or other.process.returncode is not None:
                 continue
@@ -373,6 +452,7 @@ class Supervisor:
     async def supervise(self) -> None:
         """Probe every node until asked to stop; restarts happen in each process's watcher."""
         while not self._stop.is_set():
+            self._expire_hosts()
             await asyncio.gather(*(self._probe(p) for p in self.procs.values()
                                    if p.process is not None and p.process.returncode is None and not p.stopping))
             self.rotate_logs()
@@ -397,6 +477,8 @@ class Supervisor:
             return await self._scale(group, replicas)
 
     async def _scale(self, group: str, replicas: int) -> list[dict]:
+        if self.hosts is not None:
+            return await self._scale_across(group, replicas)
         try:
             template: NodeSpec = self.spec.node_spec(group)
         except KeyError:
@@ -432,6 +514,211 @@ class Supervisor:
         log.info("scaled %s from %d to %d replicas", group, current, replicas)
         return [p.row() for p in self.procs.values() if p.group == group]
 
+    # -- several hosts (cluster/hosts.py) ----------------------------------------------------
+
+    async def _join(self) -> None:
+        """A secondary: report to the primary until it answers (it may not be up yet), and take
+        the members it assigns this host."""
+        self.link = Link(self, self.spec.supervisor)
+        await self.link.start()
+        try:  # a primary that is up answers within a report or two: say "waiting" only if it does not
+            await asyncio.wait_for(self.link.joined.wait(), 3.0)
+        except TimeoutError:
+            pass
+        if not self.link.joined.is_set():
+            self.state = "waiting"
+            self.error = f"waiting for the primary supervisor at {self.spec.supervisor} to answer"
+            self.write_state()
+            log.info("host %s waits for the primary supervisor at %s", self.host, self.spec.supervisor)
+        await self.link.joined.wait()
+        self.state, self.error = "starting", None
+        self.write_state()
+
+    async def apply_reply(self, reply: dict) -> None:
+        """A secondary: what the primary answered to a report (see cluster/hosts.py)."""
+        self.remote = [Member.from_dict(m) for m in reply.get("members", [])
+                       if m.get("host") != self.host and m["name"] != "supervisor"]
+        self.remote_rows = [r for r in reply.get("rows", []) if r.get("host") != self.host]
+        self.remote_hosts = reply.get("hosts") or {}
+        for event in reply.get("events", []):
+            if event["name"] not in self.procs:
+                self._tell_local(event["name"], event["reason"])
+        if self.node is not None:
+            self.node.directory.update(self.members())
+        if reply.get("stop"):
+            log.info("host %s: the primary is stopping the cluster", self.host)
+            self.request_stop()
+            return
+        wanted = {a["name"]: a for a in reply.get("assignment", [])}
+        async with self._scale_lock:
+            new = []
+            for name, a in wanted.items():
+                if name not in self.procs:
+                    self.procs[name] = self._new_proc(self.spec.node_spec(a.get("group") or name), name)
+                    new.append(self.procs[name])
+            gone = [p for n, p in self.procs.items() if n not in wanted] if self.state == "ready" else []
+            if self.state == "ready" and (new or gone):  # during up, the phases start what was assigned
+                if self.node is not None:
+                    self.node.directory.update(self.members())
+                await asyncio.gather(*(self._spawn(p) for p in new))
+                await asyncio.gather(*(self._stop_proc(p) for p in gone))
+                for p in gone:
+                    self.procs.pop(p.member.name, None)
+                if gone:
+                    _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
+                self.write_state()
+                log.info("host %s now runs %s", self.host, ", ".join(sorted(self.procs)) or "nothing")
+
+    def remote_lost(self, reason: str) -> None:
+        """A secondary that lost the primary: every other host's member is gone as far as its
+        nodes can tell."""
+        for member in self.remote:
+            self._tell_local(member.name, reason)
+        self.remote = []
+        self.remote_rows = [dict(r, state="lost", pid=None) for r in self.remote_rows]
+        if self.node is not None:
+            self.node.directory.update(self.members())
+
+    def take_report(self, body: Any) -> dict:
+        """The primary: one report from a secondary; the reply tells it what to run."""
+        host = body.get("host") if isinstance(body, dict) else None
+        if self.hosts is None:
+            raise ValueError(f"this supervisor ({self.host or 'single host'}) is not a multi-host primary; "
+                             f"check cluster.supervisor in {self.spec.path}")
+        if host not in self.hosts.views:
+            raise ValueError(f"unknown host {host!r} (hosts: {', '.join(self.hosts.views)})")
+        before = [m.address for m in self.hosts.members()]
+        view, joined = self.hosts.report(body, time.monotonic())
+        for lost in body.get("lost", []):
+            self._tell_local(str(lost["name"]), str(lost["reason"]))
+        if joined:
+            log.info("host %s joined: %d node(s), supervisor %s", host, len(view.members), view.supervisor)
+        if joined or before != [m.address for m in self.hosts.members()]:
+            self.node.directory.update(self.members())
+            self.write_state()
+        seq = int(body.get("seq") or 0)
+        return {
+            "assignment": [{"name": n, "group": g.name if (g := self.spec.group_of(n)) else None}
+                           for n, h in self.assignment.items() if h == host],
+            "members": [m.to_dict() for m in self.members() if m.host != host],
+            "rows": [r for r in self.status_document()["nodes"] if r.get("host") != host],
+            "hosts": {h: v.summary(time.monotonic()) for h, v in self.hosts.views.items()},
+            "events": [] if joined else self.hosts.events_since(seq), "seq": self.hosts.seq,
+            "stop": self.state in ("stopping", "stopped", "failed"),
+        }
+
+    def _expire_hosts(self) -> None:
+        if self.hosts is None:
+            return
+        for view in self.hosts.expire(time.monotonic(), HOST_TIMEOUT):
+            log.error("host %s lost: %s; its %d node(s) are counted lost (%s)", view.name, view.error,
+                      len(view.members), ", ".join(sorted(view.members)) or "none")
+            for name in view.members:
+                self._tell_local(name, f"host {view.name} lost")
+            self.node.directory.update(self.members())
+            self.write_state()
+
+    def _hosts_not_ready(self) -> list[str]:
+        """Why the other hosts' assigned members are not all ready (empty: they are)."""
+        if self.hosts is None:
+            return []
+        rows = {r["name"]: r for r in self.hosts.rows(self.assignment)}
+        problems = []
+        for host in sorted({h for h in self.assignment.values() if h != self.host}):
+            view = self.hosts.views.get(host)
+            if view is None or view.state != "up":
+                problems.append(f"host {host} has not joined (run `python -m dmlsys.cluster up {self.spec.path} "
+                                f"--host {host}` there)" if view is None or view.state == "waiting"
+                                else f"host {host} is {view.state}: {view.error}")
+                continue
+            for name in sorted(n for n, h in self.assignment.items() if h == host):
+                row = rows.get(name, {})
+                if row.get("state") != "ready":
+                    problems.append(f"{name} on {host} is {row.get('state', 'not started')}"
+                                    + (f" ({row['why']})" if row.get("why") else ""))
+        return problems
+
+    async def _wait_hosts(self) -> None:
+        """Until every other host has joined (state ``waiting`` meanwhile, for as long as it takes:
+        `up --detach` returns then, saying so) and its nodes are ready (``join_timeout``)."""
+        deadline = time.monotonic() + self.join_timeout
+        said = time.monotonic()
+        while problems := self._hosts_not_ready():
+            self._expire_hosts()
+            unjoined = sorted({h for h in self.assignment.values() if h != self.host
+                               and self.hosts.views[h].state == "waiting"})
+            state = "waiting" if unjoined else "starting"
+            if state != self.state:
+                self.state = state
+                self.error = f"waiting for host(s) {', '.join(unjoined)} to join" if unjoined else None
+                self.write_state()
+            if unjoined:
+                deadline = time.monotonic() + self.join_timeout
+            if time.monotonic() > deadline:
+                raise ClusterError(f"not ready within {self.join_timeout:g}s: {'; '.join(problems)}")
+            if time.monotonic() - said > 10:
+                said = time.monotonic()
+                log.info("waiting for the other hosts: %s", "; ".join(problems))
+            await asyncio.sleep(0.2)
+
+    async def _wait_hosts_down(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(v.state == "up" for v in self.hosts.views.values()) and time.monotonic() < deadline:
+            self._expire_hosts()
+            await asyncio.sleep(0.1)
+
+    async def _scale_across(self, group: str, replicas: int) -> list[dict]:
+        """The primary: place ``group``'s members on the hosts that are up, start and stop the
+        ones here, and wait until the other hosts report theirs ready or gone."""
+        try:
+            template: NodeSpec = self.spec.node_spec(group)
+        except KeyError:
+            raise ValueError(f"no node group named {group!r} (groups: {', '.join(sorted(self._groups)) or 'none'})") from None
+        if template.replicas is None:
+            raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
+        if not 0 <= replicas <= 64:
+            raise ValueError(f"replicas must be from 0 to 64, got {replicas}")
+        live = {self.host} | {h for h, v in self.hosts.views.items() if v.state == "up"}
+        allowed = tuple(h for h in template.allowed_hosts if h in live)
+        if not allowed:
+            raise ValueError(f"no host of group {group!r} is up ({', '.join(template.allowed_hosts)})")
+        current = {n: h for n, h in self.assignment.items() if self.spec.group_of(n) is template}
+        used: dict[str, int] = {}
+        for n, h in self.assignment.items():
+            if n not in current:
+                used[h] = used.get(h, 0) + 1
+        plan = place(Group(group, allowed, template.placement), current, replicas, capacity=self.spec.capacity,
+                     used=used)
+        self.assignment = plan.apply(self.assignment)
+        self._groups[group] = replicas
+        new = [self._new_proc(template, n) for n, h in plan.add if h == self.host]
+        gone = [self.procs[n] for n in plan.remove if n in self.procs]
+        for proc in new:
+            self.procs[proc.member.name] = proc
+        self.node.directory.update(self.members())
+        await asyncio.gather(*(self._spawn(p) for p in new))
+        await asyncio.gather(*(self._stop_proc(p) for p in gone))
+        for p in gone:
+            del self.procs[p.member.name]
+        await self._wait_ready(new)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:  # the other hosts pick the change up from their next report's reply
+            problems = self._hosts_not_ready()
+            extra = [r["name"] for r in self.hosts.rows(self.assignment)
+                     if r["name"] not in self.assignment and r.get("pid")]
+            if not problems and not extra:
+                break
+            if time.monotonic() > deadline:
+                raise ClusterError(f"scale {group} {replicas}: not done within {READY_TIMEOUT:g}s: "
+                                   f"{'; '.join(problems + [f'{n} still running' for n in extra])}")
+            await asyncio.sleep(0.1)
+        self.node.directory.update(self.members())
+        _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
+        self.write_state()
+        log.info("scaled %s to %d replicas: %s", group, replicas,
+                 ", ".join(f"{n}@{h}" for n, h in sorted(self.assignment.items()) if n in set(current) | set(dict(plan.add))))
+        return [r for r in self.status_document()["nodes"] if self.spec.group_of(r["name"]) is template]
+
     # -- shut down --------------------------------------------------------------------------
 
     async def _stop_proc(self, proc: Proc) -> None:
@@ -456,6 +743,8 @@ class Supervisor:
         if self.state not in ("failed",):
             self.state = "stopping"
         self.write_state()
+        if self.hosts is not None:  # every report is answered "stop" now: wait for each host's bye
+            await self._wait_hosts_down(STOP_TIMEOUT + 5.0)
         # Two waves (see the module docstring); within a wave, in parallel.
         procs = list(self.procs.values())
         front = [p for p in procs if p.member.role != "replica"]
@@ -465,6 +754,8 @@ class Supervisor:
         for p in procs:
             if p.waiter is not None:
                 p.waiter.cancel()
+        if self.link is not None:
+            await self.link.stop()  # its last report says bye
         if self.node is not None:
             await self.node.stop(drain_timeout=1.0)
         if self.ipc_dir is not None:  # sockets of nodes that could not close them (killed ones)

@@ -1,0 +1,232 @@
+"""One cluster on several hosts: the primary's view of the other hosts, and a secondary's link to it.
+
+One supervisor is the **primary**: the one at ``cluster.supervisor``, on the host with that
+address. It decides where every member runs (:meth:`ClusterSpec.placement` at ``up``,
+:func:`dmlsys.cluster.placement.place` at ``scale``) and keeps the cluster's member list. The
+supervisor of every other host (``up SPEC --host NAME`` there) is a **secondary**: it reports
+to the primary every ``REPORT_PERIOD`` seconds, and each reply tells it what to run::
+
+    secondary -> primary   cluster.report {host, supervisor, members (with the ports picked
+                                           there), rows (their states), lost (its nodes that
+                                           died since), seq (the last event it has seen)}
+    primary -> secondary   {assignment (the members this host must run), members (every other
+                            host's), rows, events (nodes lost elsewhere since seq), seq, stop}
+
+A secondary reconciles: it starts assigned members it does not run (picking their ports on its
+own address) and stops the ones no longer assigned. Nothing flows from the primary unasked, so
+the order hosts start in does not matter: a secondary up before the primary keeps trying, in
+state ``waiting``, and joins when the primary answers; a primary waits (``join_timeout``) for
+hosts that have members assigned. ``down`` on the primary answers ``stop`` to every report and
+waits for each host's last report (``bye``) before it stops its own nodes.
+
+**A host that dies.** When a host's reports stop for ``HOST_TIMEOUT`` seconds the primary marks
+it ``lost``: its members leave the member list (so balancers and directories drop them), every
+node is told ``node.peer_lost`` for each (calls waiting on them fail over at once, a collective
+pass fails naming the rank, as for a dead process), and ``status`` shows them ``lost`` with the
+host's reason. When the host's supervisor comes back (``up --host NAME`` again) its next report
+is a join like the first. A secondary that loses the primary tells its own nodes the same about
+every other host's members and goes on trying to report.
+
+The link from a secondary is a client node named ``cli-host-NAME``: every holder of the cluster
+key can act as the command line (docs/security.md), and the primary admits it as it admits
+``status`` and ``scale`` from a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from dmlsys.node import Member
+
+if TYPE_CHECKING:
+    from dmlsys.cluster.supervisor import Supervisor
+
+log = logging.getLogger("dmlsys.supervisor")
+
+REPORT_PERIOD = 0.5
+HOST_TIMEOUT = 3.0  # seconds without a report before a host is lost
+MAX_EVENTS = 1024
+
+
+@dataclasses.dataclass
+class HostView:
+    """What the primary knows of one other host."""
+
+    name: str
+    state: str = "waiting"  # waiting (never joined), up, lost, stopped (said bye)
+    supervisor: str | None = None
+    members: dict[str, Member] = dataclasses.field(default_factory=dict)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    last_seen: float = 0.0
+    error: str | None = None
+    joins: int = 0
+
+    def summary(self, now: float) -> dict[str, Any]:
+        return {"state": self.state, "supervisor": self.supervisor, "error": self.error, "joins": self.joins,
+                "last_report": round(now - self.last_seen, 1) if self.last_seen else None}
+
+
+class Hosts:
+    """The primary's registry of the other hosts: reports in, replies out, silent hosts lost.
+    Clock passed in (``now``), so the bookkeeping is testable without waiting."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.views = {n: HostView(n) for n in names}
+        self.events: list[tuple[int, str, str]] = []  # (seq, member, reason): nodes lost anywhere
+        self.seq = 0
+
+    def event(self, name: str, reason: str) -> None:
+        self.seq += 1
+        self.events.append((self.seq, name, reason))
+        del self.events[:-MAX_EVENTS]
+
+    def events_since(self, seq: int) -> list[dict]:
+        return [{"name": n, "reason": r} for s, n, r in self.events if s > seq]
+
+    def report(self, body: dict, now: float) -> tuple[HostView, bool]:
+        """Take one report; (the host's view, whether it (re)joined with it)."""
+        view = self.views[body["host"]]
+        joined = view.state in ("waiting", "lost", "stopped")
+        view.state = "stopped" if body.get("bye") else "up"
+        view.supervisor = body.get("supervisor")
+        view.members = {m["name"]: Member.from_dict(m) for m in body.get("members", [])}
+        view.rows = [dict(r, host=view.name) for r in body.get("rows", [])]
+        view.last_seen = now
+        view.error = body.get("error")
+        if joined and not body.get("bye"):
+            view.joins += 1
+        for lost in body.get("lost", []):
+            self.event(str(lost["name"]), str(lost["reason"]))
+        return view, joined and not body.get("bye")
+
+    def expire(self, now: float, timeout: float = HOST_TIMEOUT) -> list[HostView]:
+        """Hosts silent for ``timeout`` seconds, now marked lost (each once)."""
+        lost = []
+        for view in self.views.values():
+            if view.state == "up" and now - view.last_seen > timeout:
+                view.state = "lost"
+                view.error = f"no report from its supervisor for {now - view.last_seen:.1f}s (host down or cut off)"
+                for name in view.members:
+                    self.event(name, f"host {view.name} lost: {view.error}")
+                lost.append(view)
+        return lost
+
+    def members(self) -> list[Member]:
+        return [m for v in self.views.values() if v.state == "up" for m in v.members.values()]
+
+    def rows(self, assigned: dict[str, str]) -> list[dict]:
+        """Every other host's rows; members assigned to a host that is not up show why."""
+        out = []
+        for view in self.views.values():
+            seen = set()
+            for row in view.rows:
+                seen.add(row["name"])
+                out.append(row if view.state == "up" else dict(row, state="lost" if view.state == "lost" else "stopped",
+                                                               pid=None))
+            for name, host in assigned.items():
+                if host == view.name and name not in seen:
+                    out.append({"name": name, "role": "?", "pid": None, "zmq": "-", "admin": None, "host": host,
+                                "state": f"waiting for host {host}" if view.state == "waiting" else view.state,
+                                "restarts": 0, "model": None})
+        return out
+
+
+class Link:
+    """A secondary's reports to the primary, from a client node of its own (``cli-host-NAME``)."""
+
+    def __init__(self, sup: "Supervisor", primary_address: str) -> None:
+        self.sup = sup
+        self.primary_address = primary_address
+        self.node = None
+        self.seq = 0
+        self.joined = asyncio.Event()
+        self.last_ok = 0.0
+        self.primary_lost = False
+        self.task: asyncio.Task | None = None
+        self._lost_pending: list[dict] = []
+
+    async def start(self) -> None:
+        from dmlsys.assembly import ZmqTransports, build_node
+
+        name = f"cli-host-{self.sup.host}"
+        address = f"tcp://{self.sup.spec.hosts[self.sup.host]}:0"
+        self.node = build_node(Member(name, "client", address), ZmqTransports(keys=self.sup.keys))
+        await self.node.start()
+        self.node.transport.add_peer("supervisor", self.primary_address)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def node_lost(self, name: str, reason: str) -> None:
+        self._lost_pending.append({"name": name, "reason": reason})
+
+    async def call(self, method: str, body: Any, timeout: float = 30.0) -> Any:
+        return await self.node.call("supervisor", "cluster", method, body, timeout=timeout)
+
+    async def store(self, method: str, body: Any) -> Any:
+        """The relay of this host's ``store`` service: the primary's answers it."""
+        return await self.node.call("supervisor", "store", method, body, timeout=30.0)
+
+    async def report(self, *, bye: bool = False, timeout: float = 2.0) -> dict:
+        sup = self.sup
+        lost, self._lost_pending = self._lost_pending, []
+        body = {"host": sup.host, "supervisor": sup.node.transport.address if sup.node else None,
+                "members": [p.member.to_dict() for p in sup.procs.values()],
+                "rows": [p.row() for p in sup.procs.values()], "lost": lost, "seq": self.seq, "bye": bye,
+                "error": sup.error}
+        try:
+            return await self.node.call("supervisor", "cluster", "report", body, timeout=timeout)
+        except BaseException:
+            self._lost_pending[:0] = lost  # told next time
+            raise
+
+    async def _run(self) -> None:
+        from dmlsys.node import NodeError
+
+        waited_since = time.monotonic()
+        said = 0.0
+        while True:
+            try:
+                reply = await self.report()
+            except NodeError as e:
+                now = time.monotonic()
+                if not self.joined.is_set() and now - said > 10:
+                    said = now
+                    log.info("host %s: waiting for the primary supervisor at %s (%s; %.0fs so far)",
+                             self.sup.host, self.primary_address, e, now - waited_since)
+                if self.joined.is_set() and not self.primary_lost and now - self.last_ok > HOST_TIMEOUT:
+                    self.primary_lost = True
+                    log.error("host %s: lost the primary supervisor at %s (%s); its nodes and other hosts' are "
+                              "reported lost here; still trying", self.sup.host, self.primary_address, e)
+                    self.sup.remote_lost(f"primary supervisor unreachable: {e}")
+                await asyncio.sleep(REPORT_PERIOD)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("host %s: report to the primary failed", self.sup.host)
+                await asyncio.sleep(REPORT_PERIOD)
+                continue
+            self.last_ok = time.monotonic()
+            if self.primary_lost:
+                log.info("host %s: the primary supervisor answers again", self.sup.host)
+                self.primary_lost = False
+            if not self.joined.is_set():
+                log.info("host %s joined the cluster at %s", self.sup.host, self.primary_address)
+            self.seq = int(reply.get("seq", self.seq))
+            await self.sup.apply_reply(reply)
+            self.joined.set()
+            await asyncio.sleep(REPORT_PERIOD)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.node is not None:
+            try:
+                await self.report(bye=True, timeout=2.0)
+            except Exception:
+                pass  # the primary is gone already
+            await self.node.stop(drain_timeout=0)
