@@ -9,6 +9,8 @@
     python -m dmlsys.cluster pipeline --limit 5000 # the end-to-end workflow (see its --help)
     python -m dmlsys.cluster cache ls              # the workflow memo cache
     python -m dmlsys.cluster keys export key.txt   # the cluster key, for `keys import` on another host
+    python -m dmlsys.cluster keys add alice --tier authenticated   # an API key for the events door
+    python -m dmlsys.cluster deploy fashion-mlp --min 0 --max 4    # a model as an autoscaled function
     python -m dmlsys.cluster down
 
 State lives under ``.dmlsys/`` in the working directory (``--state-dir`` to change it): the
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlsys.cluster.errors import CliError, ClusterError, SpecError
+from dmlsys.cluster import events_cli
 
 DEFAULT_SPEC = "cluster/local.toml"
 DEFAULT_STATE_DIR = ".dmlsys"
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("file")
     imp.add_argument("--force", action="store_true", help="replace a different key already here")
     actions.add_parser("show", help="where the cluster key is and its fingerprint (compare hosts with it)")
+    events_cli.add_key_actions(actions)  # API keys of the events door: add, ls, revoke
+    events_cli.add_deploy(sub)
 
     node = sub.add_parser("node")  # what the supervisor runs per member; no help: not listed
     node.add_argument("--name", required=True)
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command != "up":
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
-               "rollout": cmd_rollout, "train": cmd_train, "keys": cmd_keys}[args.command]
+               "rollout": cmd_rollout, "train": cmd_train, "keys": cmd_keys,
+               "deploy": events_cli.cmd_deploy}[args.command]
     try:
         code = handler(args, state_dir)
     except CliError as e:
@@ -268,6 +274,8 @@ def cmd_status(args: argparse.Namespace, state_dir: Path) -> int:
         print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster", "hosts", "error")}, indent=2))
     else:
         print_table(doc)
+        if live is not None:
+            events_cli.print_pool(doc, state_dir)
     return 0
 
 
@@ -493,7 +501,7 @@ def keys_show(args: argparse.Namespace, state_dir: Path) -> int:
     return 0
 
 
-KEY_ACTIONS.update(export=keys_export, show=keys_show)
+KEY_ACTIONS.update(export=keys_export, show=keys_show, **events_cli.KEY_ACTIONS)
 KEY_ACTIONS["import"] = keys_import
 
 

@@ -54,7 +54,7 @@ from dmlsys.cluster.hosts import HOST_TIMEOUT, Hosts, Link
 from dmlsys.cluster.placement import Group, place
 from dmlsys.cluster.nodeproc import EXIT_BIND, node_command, process_start_ticks
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
-from dmlsys.node import ADMIN, Directory, Member, Node, NodeError, Service, rpc
+from dmlsys.node import ADMIN, Directory, Member, Node, NodeError, Service, allow, rpc
 from dmlsys.wire import TransportError
 
 log = logging.getLogger("dmlsys.supervisor")
@@ -126,6 +126,13 @@ class ClusterService(Service):
     def report(self, body):
         return self.sup.take_report(body)
 
+    @rpc(allow=ADMIN | allow(roles=("events",)))  # the events node's function pool (dmlsys.events.launcher)
+    async def pool_start(self, body):
+        return await self.sup.pool_start(str(body["group"]))
+
+    @rpc(allow=ADMIN | allow(roles=("events",)))
+    async def pool_stop(self, body):
+        return await self.sup.pool_stop(str(body["name"]))
 
     @rpc(allow=ADMIN)
     async def train(self, body):
@@ -514,6 +521,51 @@ class Supervisor:
         log.info("scaled %s from %d to %d replicas", group, current, replicas)
         return [p.row() for p in self.procs.values() if p.group == group]
 
+    async def pool_start(self, group: str) -> dict:
+        """Start one more member of ``group`` (the lowest free index) and answer its row once it
+        is ready: the function pool grows one instance at a time and stops a chosen one with
+        ``pool_stop`` (``scale`` only adds or removes the highest-numbered; don't mix the two)."""
+        if self.hosts is not None:
+            raise ValueError("the function pool runs on a single-host cluster only (for now)")
+        async with self._scale_lock:
+            template = self._group_template(group)
+            free = [n for n in template.member_names(64) if n not in self.procs]
+            if not free:
+                raise ValueError(f"group {group!r} has 64 members: no more")
+            name = free[0]
+            proc = self._new_proc(template, name)
+            self.procs[name] = proc
+            self._groups[group] = sum(1 for p in self.procs.values() if p.group == group)
+            self.node.directory.update(self.members())
+            await self._spawn(proc)
+        await self._wait_ready([proc])
+        log.info("pool: started %s in group %s", name, group)
+        return proc.row()
+
+    async def pool_stop(self, name: str) -> dict:
+        """Stop the member ``name`` of a group and forget it (not restarted)."""
+        proc = self.procs.get(name)
+        if proc is None or proc.group is None:
+            raise ValueError(f"no group member named {name!r}")
+        await self._stop_proc(proc)
+        async with self._scale_lock:
+            self.procs.pop(name, None)
+            self._groups[proc.group] = sum(1 for p in self.procs.values() if p.group == proc.group)
+            self.node.directory.update(self.members())
+            _write_json(self.state_dir / "resolved.json", self.resolved().to_dict())
+            self.write_state()
+        log.info("pool: stopped %s of group %s", name, proc.group)
+        return proc.row()
+
+    def _group_template(self, group: str) -> NodeSpec:
+        try:
+            template = self.spec.node_spec(group)
+        except KeyError:
+            raise ValueError(f"no node group named {group!r} (groups: {', '.join(sorted(self._groups)) or 'none'})") from None
+        if template.replicas is None:
+            raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
+        return template
+
     # -- several hosts (cluster/hosts.py) ----------------------------------------------------
 
     async def _join(self) -> None:
@@ -747,8 +799,8 @@ class Supervisor:
             await self._wait_hosts_down(STOP_TIMEOUT + 5.0)
         # Two waves (see the module docstring); within a wave, in parallel.
         procs = list(self.procs.values())
-        front = [p for p in procs if p.member.role != "replica"]
-        back = [p for p in procs if p.member.role == "replica"]
+        front = [p for p in procs if p.member.role not in ("replica", "function")]  # function: the pool's instances
+        back = [p for p in procs if p.member.role in ("replica", "function")]
         for wave in (front, back):
             await asyncio.gather(*(self._stop_proc(p) for p in wave))
         for p in procs:
