@@ -112,6 +112,7 @@ class ZmqTransport(Transport):
         self._ctx = zmq.Context(io_threads=1) if self._own_ctx else (context or zmq.Context.instance())
         self._zap: ZapHandler | None = None
         self._dealer_peer: dict[zmq.Socket, str] = {}  # with keys: the principal each dealer's server proved to be
+        self._principals: dict[bytes, str] = {}  # with keys: ROUTER route -> its connection's principal
         self.refusals = RefusalLog(f"node {name!r}")
         self._refusal_observer = None
         self._router: zmq.Socket | None = None
@@ -336,7 +337,7 @@ class ZmqTransport(Transport):
             for i in range(256):
                 try:
                     if authenticated and is_router:
-                        frames = _recv_frames_authenticated(sock, max_parts)
+                        frames = _recv_frames_authenticated(sock, max_parts, self._principals)
                     else:
                         frames = _recv_frames(sock, leading, max_parts)
                 except zmq.Again:
@@ -402,12 +403,36 @@ def _recv_frames(sock: zmq.Socket, leading: int, max_parts: int) -> list:
     return parts
 
 
-def _recv_frames_authenticated(sock: zmq.Socket, max_parts: int) -> list:
+def _recv_frames_authenticated(sock: zmq.Socket, max_parts: int, principals: dict[bytes, str]) -> list:
     """As ``_recv_frames`` on a ROUTER, with ``(route, principal)`` as the first part: the
     principal is the User-Id the ZAP handler gave the connection, which libzmq carries on
-    every message part of it."""
-    first = _zrecv(sock, _NOBLOCK, copy=False)
-    parts: list = [(first.bytes, first.get("User-Id")), _zrecv(sock, 0)]
+    every message part of it.
+
+    Reading that property costs a zmq.Frame and a zmq_msg_gets, about as much again as the
+    rest of a small message's receive (measured), so it is read once per connection and kept
+    in ``principals`` by route. Only routes libzmq made are kept: they start with a zero byte,
+    which no peer may choose, and a socket never hands one out twice (a 32-bit counter), so a
+    route names one connection for good. A route a peer chose could be claimed again by
+    another principal after the first disconnects: its property is read every time. (A peer
+    that forges a zero-led identity in its handshake could aim at a departed connection's
+    route, guessing among 2^32; only a holder of the cluster key gets that far, and such a
+    holder can derive any name's key anyway: docs/security.md. With per-member keys, read
+    the property every time or drop entries on disconnect.)"""
+    route = _zrecv(sock, _NOBLOCK)
+    principal = principals.get(route)
+    if principal is None:
+        header = _zrecv(sock, 0, copy=False)
+        try:
+            principal = header.get("User-Id")
+        except zmq.ZMQError:  # no ZAP verdict on this connection: nobody's name
+            principal = ""
+        if route[:1] == b"\x00" and principal:
+            if len(principals) > 100_000:  # one entry per connection ever made: keep it bounded
+                principals.clear()
+            principals[route] = principal
+        parts: list = [(route, principal), header.bytes]
+    else:
+        parts = [(route, principal), _zrecv(sock, 0)]
     while _zget(sock, _RCVMORE):
         if len(parts) >= max_parts:
             _zrecv(sock, 0, copy=False)
