@@ -8,6 +8,11 @@ in one run, alternated:
   router    the sharding router splits it into overlapping tiles (cores of --cell pixels plus a
             16-pixel margin), sends them over ZeroMQ to 1, 2 or 4 shard processes, merges and
             cleans up (each garment once, none cut at a tile edge)
+  http      the same with 4 shards, but as a client sees it: the canvas POSTed as a PNG to the
+            router's door (POST /v1/models/canvas:tag), decoded there, answered as JSON
+
+A replica with an input cap (--replica-cap bytes, default 16 MiB) refuses the canvas: the run
+prints the 413 it would answer (dmlsys.sharding.door.check_input, what a capped replica calls).
 
 Both use the same detector and the same classifier (a numpy softmax regression trained here on
 the 60,000 training images, about 0.84 test accuracy), so precision and recall differ only if
@@ -18,6 +23,8 @@ The machine is shared (2 cores, other work running): times are provisional, and 
 cores cannot help. Read the precision/recall columns as exact, the times as indicative.
 
     python experiments/sharded_canvas.py --json docs/sharded_canvas.json   # also writes the .png
+    python experiments/sharded_canvas.py --post http://127.0.0.1:8100        # one canvas to a running
+                                                                           # cluster (cluster/sharding.toml)
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ async def run_router(addresses: dict[str, str], canvas_img, cell: int, reps: int
                 directory=Directory([Member(n, "shard", a) for n, a in addresses.items()]))
     # One router service, its ring swapped between runs: the first n shards.
     routers = {n: sorted(addresses)[:n] for n in counts}
-    svc = RouterService(RouterConfig(part_timeout=600.0, deadline=600.0), app=app)
+    svc = RouterService(RouterConfig(part_timeout=600.0, deadline=600.0, http="127.0.0.1:0"), app=app)
     node.add_service(svc)
     await node.start()
     out: dict[int, dict] = {n: {"seconds": [], "answer": None} for n in counts}
@@ -87,8 +94,53 @@ async def run_router(addresses: dict[str, str], canvas_img, cell: int, reps: int
                 out[n]["seconds"].append(time.perf_counter() - t0)
             out[n]["answer"] = answer
             print(f"  router, {n} shard(s), rep {rep}: {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+        # The same through the HTTP door, all shards: PNG decode on the router, JSON back.
+        from dmlsys.sharding import png
+
+        body, n = png.encode(canvas_img), max(counts)
+        for m in list(svc.ring.names):
+            svc.ring.remove(m)
+        for m in routers[n]:
+            svc.ring.add(m)
+        http = out.setdefault("http", {"seconds": [], "answer": None, "shards": n, "png_bytes": len(body)})
+        t0 = time.perf_counter()
+        doc = await post(f"{svc.door.url}/v1/models/canvas:tag?cell={cell}", body)
+        if rep:
+            http["seconds"].append(time.perf_counter() - t0)
+        http["answer"] = [[g["y"], g["x"], g["class"]] for g in doc["garments"]]
+        print(f"  http, {n} shard(s), rep {rep}: {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     await node.stop(1)
     return out
+
+
+async def post(url: str, body: bytes) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=body, headers={"Content-Type": "image/png"},
+                                timeout=aiohttp.ClientTimeout(total=600)) as reply:
+            doc = await reply.json()
+            if reply.status != 200:
+                raise RuntimeError(f"{url}: {reply.status} {doc}")
+            return doc
+
+
+def post_to_cluster(args) -> None:
+    """--post URL: one canvas to a running router's door; precision, recall and time."""
+    from dmlsys.sharding import png
+    from dmlsys.sharding.canvas import make_canvas, score
+    from dmlsys.train import data
+
+    ds = data.load()
+    img, truth = make_canvas(ds.test_images, ds.test_labels, size=args.size, count=args.garments, seed=args.seed)
+    body = png.encode(img)
+    t0 = time.perf_counter()
+    doc = asyncio.run(post(f"{args.post.rstrip('/')}/v1/models/canvas:tag?cell={args.cell}", body))
+    seconds = time.perf_counter() - t0
+    s = score(np.array([[g["y"], g["x"], g["class"]] for g in doc["garments"]]), truth, tolerance=2)
+    print(f"{args.size}x{args.size} canvas, {args.garments} garments, {len(body)} bytes of PNG: {seconds:.2f}s through "
+          f"{doc['shards']} shard(s), {doc['parts']} tiles; precision {s['precision']:.4f} recall {s['recall']:.4f} "
+          f"tag precision {s['tag_precision']:.4f} tag recall {s['tag_recall']:.4f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -99,9 +151,11 @@ def plot(rows: list[dict], path: Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    labels = [("one replica\n(whole canvas)" if r["config"] == "replica" else f"router\n{r['shards']} shard(s)")
+    labels = [("one replica\n(whole canvas)" if r["config"] == "replica" else
+               f"HTTP PNG\n{r['shards']} shard(s)" if r["config"] == "http" else f"router\n{r['shards']} shard(s)")
               for r in rows]
-    colours = [_plot.PEER if r["config"] == "replica" else _plot.OURS for r in rows]
+    colours = [_plot.PEER if r["config"] == "replica" else _plot.OURS_ALT if r["config"] == "http" else _plot.OURS
+               for r in rows]
     bars = ax.bar(range(len(rows)), [r["seconds"] for r in rows], color=colours)
     _plot._label_bars(ax, bars)
     for i, r in enumerate(rows):
@@ -123,7 +177,11 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--plot", metavar="PNG")
     ap.add_argument("--from-json", metavar="FILE")
+    ap.add_argument("--replica-cap", type=int, default=16 << 20, help="a capped replica's max input bytes")
+    ap.add_argument("--post", metavar="URL", help="send one canvas to a running router's door and score it")
     args = ap.parse_args()
+    if args.post:
+        return post_to_cluster(args)
     sys.path.insert(0, str(Path(__file__).parent))
     import _plot
 
@@ -145,6 +203,15 @@ def main() -> None:
     img, truth = make_canvas(ds.test_images, ds.test_labels, size=args.size, count=args.garments, seed=args.seed)
     app = canvas_app(tagger)
     rows = []
+    from dmlsys.sharding.door import check_input
+    from dmlsys.sharding.errors import InputTooLarge
+
+    try:
+        check_input(img.nbytes, args.replica_cap, where="replica max_input_bytes")
+        refusal = None
+    except InputTooLarge as e:
+        refusal = f"413 {e}"
+    print(f"a replica capped at {args.replica_cap} bytes: {refusal or 'takes it'}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         model = str(Path(tmp) / "tagger.npz")
         tagger.save(model)
@@ -183,6 +250,13 @@ def main() -> None:
         rows.append({**base, "config": "router", "shards": n, "tiles": n_tiles,
                      "seconds": statistics.median(router[n]["seconds"]),
                      **{k: s[k] for k in ("precision", "recall", "tag_precision", "tag_recall")}})
+    http = router["http"]
+    s = score(np.array(http["answer"]), truth, tolerance=2)
+    rows.append({**base, "config": "http", "shards": http["shards"], "tiles": n_tiles, "png_bytes": http["png_bytes"],
+                 "seconds": statistics.median(http["seconds"]),
+                 **{k: s[k] for k in ("precision", "recall", "tag_precision", "tag_recall")}})
+    for r in rows:
+        r["replica_cap"], r["replica_refusal"] = args.replica_cap, refusal
     t = Table(title=f"{args.size}² canvas, {args.garments} garments, tiles of {args.cell} px cores; "
                     f"median of {args.reps}; classifier accuracy {accuracy:.3f}")
     headers = ["config", "shards", "tiles", "seconds", "vs replica", "precision", "recall", "tag precision",
