@@ -15,8 +15,9 @@ gradient *sum* of its samples' losses under one ``jax.jit``, and pushes it with 
 count; the shards divide and apply the optimizer. Under BSP a step's pushes are summed and
 divided by the global batch, so the run computes what the collective trainer computes (up to
 float summation order); under SSP and ASP each push is one optimizer step on a worker's shard of
-the batch. An optimizer schedule counts updates on the shards, so under SSP/ASP a cosine
-schedule decays ``workers`` times faster than under BSP.
+the batch. An optimizer schedule counts updates on the shards: the trainer tells the shards
+``workers`` times more updates per epoch under SSP/ASP, so a cosine decay spans the run in
+every mode.
 
 Stats: each worker reports the loss and accuracy of its own shard of the batches; rank 0
 evaluates the parameters it last pulled on the test set after each epoch, and after the last
@@ -132,8 +133,11 @@ class PsTrainer:
         init_key, _ = jax.random.split(jax.random.PRNGKey(hp.seed))
         params = jax.tree_util.tree_map(np.asarray, jax.device_get(self.model.init(init_key)))
         _, self._rebuild = leaves_by_path(params)
+        # A schedule counts optimizer updates on the shards: one per step under BSP, one per push
+        # (workers per step) under SSP and ASP, so that a cosine decay spans the run either way.
+        updates_per_epoch = len(loader) * (1 if self.consistency.aggregates else size)
         await self.client.open(params, workers=self.workers, consistency=self.consistency,
-                               optimizer={"hyperparams": dataclasses.asdict(hp), "steps_per_epoch": len(loader)})
+                               optimizer={"hyperparams": dataclasses.asdict(hp), "steps_per_epoch": updates_per_epoch})
         history: list[EpochStats] = []
         for epoch in range(epochs):
             stats, params = await self._epoch(loader, epoch, epochs, dataset)
