@@ -49,6 +49,19 @@ def check_input(size: int, limit: int, *, where: str) -> None:
                             f"gateway that forwards :tag requests over the cap)", size=size, limit=limit)
 
 
+def input_bytes(body: bytes, content_type: str) -> int:
+    """How much memory the canvas in ``body`` takes once decoded, without decoding it: a PNG's
+    width x height from its header (one byte a pixel), else the body's length (a JSON array
+    spends at least two bytes of text a pixel, so this is an upper bound). What a gateway
+    compares with a replica's cap to decide where a ``:tag`` request goes."""
+    from dmlsys.sharding.png import SIGNATURE
+
+    if content_type.split(";", 1)[0].strip().lower() == "image/png" and body[:8] == SIGNATURE and len(body) >= 24 \
+            and body[12:16] == b"IHDR":
+        return int.from_bytes(body[16:20], "big") * int.from_bytes(body[20:24], "big")
+    return len(body)
+
+
 def as_bytes(body: Any) -> bytes:
     """A body that came over RPC: bytes, or a uint8 array frame (how a large body travels)."""
     if isinstance(body, np.ndarray):

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from dmlsys.node import Directory, Node
 from dmlsys.sharding import png
 from dmlsys.sharding.canvas import LABELS, canvas_app, make_canvas, parse_http, score
-from dmlsys.sharding.door import answer, check_input
+from dmlsys.sharding.door import answer, check_input, input_bytes
 from dmlsys.sharding.errors import BadRequest, InputTooLarge
 from dmlsys.wire import sim
 
@@ -116,6 +116,9 @@ def test_a_capped_replica_refuses_the_canvas_naming_the_cap():
         check_input(31_360_000, 1000, where="replica max_input_bytes")
     assert (e.value.status, e.value.size, e.value.limit) == (413, 31_360_000, 1000)
     assert "router" in str(e.value)
+    # What the gateway compares with the cap, without decoding: a PNG's pixels, else the body's length.
+    assert input_bytes(png.encode(np.zeros((300, 700), np.uint8)), "image/png") == 210_000
+    assert input_bytes(b"[[0, 1]]", "application/json") == 8
 
 
 # -- the door's answers, and router.http, on the simulated network -------------------------------
