@@ -222,7 +222,9 @@ class TrainingService(Service):
 
         limits = (_tighter(self.config.limit, limit), _tighter(self.config.test_limit, test_limit))
         if self._data is None or self._data[0] != limits:
-            dataset = await asyncio.to_thread(data.load, self.config.data_dir, limit=limits[0], test_limit=limits[1])
+            # Not on this host? The cluster's store has it (train/data.py locate), or the download.
+            where = self.config.data_dir or await data.locate(self.node)
+            dataset = await asyncio.to_thread(data.load, where, limit=limits[0], test_limit=limits[1])
             self._data = (limits, dataset)
         return self._data[1]
 

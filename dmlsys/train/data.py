@@ -6,6 +6,11 @@ Where the data comes from, in order (the first directory holding all four files 
 2. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``)
 3. ``~/.cache/dmlsys/fashion-mnist`` (where :func:`download` puts them)
 
+A node of a cluster that finds none of them (a worker on a second machine) calls :func:`locate`,
+which goes on to the cluster's store (the primary supervisor's data, fetched over the wire and
+checked: :func:`dmlsys.train.transfer.fetch_data`), then to the official download, and when all
+fail says what each attempt found.
+
 Two kinds of checksum are published for Fashion-MNIST, and we use both:
 
 * the MD5 of each official ``.gz`` file: checks a fresh :func:`download` byte for byte;
@@ -175,6 +180,57 @@ def download(
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return target
+
+
+# -- on a node: local, then the cluster, then the download ---------------------------------------
+
+
+async def locate(node=None, *, env: Mapping[str, str] | None = None, allow_download: bool | None = None) -> Path:
+    """The data directory for a node of a cluster, and where it came from (logged): a directory
+    of :func:`search_path`; else, when ``node`` has a supervisor, fetched from the cluster's store
+    into the first writable of ``$DMLSYS_DATA`` and the cache directory; else downloaded (unless
+    ``allow_download`` is False or ``$DMLSYS_DOWNLOAD`` is "0").
+
+    Raises:
+        DataNotFound: every attempt failed; the message says what each one found.
+    """
+    import logging
+
+    log = logging.getLogger("dmlsys.train")
+    env = os.environ if env is None else env
+    try:
+        d = find_data_dir(env)
+        log.info("Fashion-MNIST: %s", d)
+        return d
+    except DataNotFound as e:
+        attempts = [f"{', '.join(e.searched)}: not there"]
+    dest = Path(env["DMLSYS_DATA"]).expanduser() if env.get("DMLSYS_DATA") else CACHE_DIR.expanduser()
+    peer = getattr(getattr(node, "directory", None), "supervisor", None)
+    if peer is not None and peer != node.name:
+        from .transfer import TransferError, fetch_data
+
+        try:
+            d = await fetch_data(node, peer, dest)
+            log.info("Fashion-MNIST: fetched from the cluster's store at %s into %s", peer, d)
+            return d
+        except (TransferError, DataError, OSError) as exc:
+            attempts.append(f"the cluster's store at {peer}: {exc}")
+    else:
+        attempts.append("the cluster's store: this node has no supervisor to ask")
+    if allow_download is None:
+        allow_download = env.get("DMLSYS_DOWNLOAD", "1") != "0"
+    if allow_download:
+        try:
+            from dmlsys.wire.sim import to_thread
+
+            d = await to_thread(download, dest)
+            log.info("Fashion-MNIST: downloaded from %s into %s", BASE_URL, d)
+            return d
+        except DataError as exc:
+            attempts.append(f"the download: {exc.problem}")
+    else:
+        attempts.append("the download: off ($DMLSYS_DOWNLOAD=0)")
+    raise DataNotFound(["; ".join(attempts)], "fashion-mnist")
 
 
 # -- the dataset -------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ host that has them; ``fetch_model`` and ``fetch_data`` pull them into a local di
 is checked when its last chunk has arrived; a mismatch (a flipped bit on the way, a chunk
 from a file replaced mid-transfer) refuses the file and fetches it again, up to ``RETRIES``
 times. A model is then read back through ``ModelStore``, which checks the card's
-``params_sha`` over the parameters themselves; data is checked against the published MD5s
-of its content (:func:`dmlsys.train.data.verify`) and the serving side's fingerprint.
+``params_sha`` over the parameters themselves; data is loaded back and its fingerprint
+(:func:`dmlsys.arrays.fingerprint` of the arrays) compared with the serving side's.
 
 **Atomic.** Files land in a hidden temporary directory beside their final place, which is
 moved there with one ``rename`` once everything checks out, the model store's own discipline
@@ -313,8 +313,9 @@ async def fetch_model(node, peer: str, root: str | os.PathLike, model: str, vers
 
 async def fetch_data(node, peer: str, dest: str | os.PathLike, *, fetcher: Fetcher | None = None) -> Path:
     """Fetch the four Fashion-MNIST files from ``peer``'s store into ``dest`` (made if needed),
-    checked by SHA-256 per file, by the published MD5s of their content, and by the serving
-    side's fingerprint; returns ``dest``.
+    checked by SHA-256 per file and by the serving side's fingerprint of the loaded arrays;
+    returns ``dest``. (The published MD5s are checked by ``python -m dmlsys.train.data ensure
+    --verify``: the store serves what its host loads, which need not be the official files.)
 
     Raises:
         TransferError: unreachable, refused, corrupted on every try, or a fingerprint mismatch.
@@ -336,8 +337,7 @@ async def fetch_data(node, peer: str, dest: str | os.PathLike, *, fetcher: Fetch
             raise TransferError(f"the store at {peer} has no Fashion-MNIST to give: {e.message}") from None
         except NodeError as e:
             raise TransferError(f"cannot fetch Fashion-MNIST from the store at {peer}: {e}") from None
-        await to_thread(data.verify, tmp)
-        got = (await to_thread(data.load, tmp)).fingerprint
+        got = (await to_thread(data.load, tmp)).fingerprint  # the content, as the store read it
         if manifest.get("fingerprint") and got != manifest["fingerprint"]:
             raise TransferError(f"Fashion-MNIST from {peer}: fingerprint {got} differs from the store's "
                                 f"{manifest['fingerprint']}")

@@ -132,3 +132,73 @@ def test_a_relay_passes_the_primary_store_on(tmp_path):
     assert sim.run(main()) == 1
     ModelStore(tmp_path / "beta").load("tiny", 1)
     assert not (tmp_path / "unused").exists()
+
+
+def _tiny_fashion(d):
+    """Four IDX files shaped like Fashion-MNIST's, 64 and 16 samples (the real ones take seconds to load)."""
+    from dmlsys.train.data import FILES
+    from dmlsys.train.idx import write_idx
+
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for part, name in FILES.items():
+        n = 64 if part.startswith("train") else 16
+        shape = (n, 28, 28) if part.endswith("images") else (n,)
+        write_idx(d / name, rng.integers(0, 10 if part.endswith("labels") else 256, shape, dtype=np.uint8))
+    return d
+
+
+def _data_nodes(net, data_dir):
+    members = [Member("supervisor", "supervisor", "sim://supervisor"), Member("worker-0", "worker", "sim://worker-0")]
+    sup = Node("supervisor", net.transport("supervisor"), directory=Directory(members))
+    sup.add_service(TransferService("unused", data_dir=data_dir))
+    worker = Node("worker-0", net.transport("worker-0"), directory=Directory(members, supervisor="supervisor", refresh=3600))
+    return sup, worker
+
+
+def test_a_worker_without_the_data_fetches_it_from_the_cluster_checked_by_its_fingerprint(tmp_path, monkeypatch):
+    from dmlsys.train import data
+
+    source = _tiny_fashion(tmp_path / "alpha-data")
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+
+    async def main():
+        sup, worker = _data_nodes(SimNetwork(5), source)
+        await sup.start()
+        await worker.start()
+        try:
+            return await data.locate(worker, env={}, allow_download=False)
+        finally:
+            await worker.stop(0)
+            await sup.stop(0)
+
+    where = sim.run(main())
+    assert where == tmp_path / "cache"
+    assert data.load(where).fingerprint == data.load(source).fingerprint
+
+
+def test_a_worker_that_cannot_find_the_data_says_what_each_place_answered(tmp_path, monkeypatch):
+    from dmlsys.train import data
+
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "no-package")
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+
+    async def main():
+        sup, worker = _data_nodes(SimNetwork(6), tmp_path / "empty")
+        await sup.start()
+        await worker.start()
+        try:
+            with pytest.raises(data.DataNotFound) as info:
+                await data.locate(worker, env={}, allow_download=False)
+            return str(info.value)
+        finally:
+            await worker.stop(0)
+            await sup.stop(0)
+
+    message = sim.run(main())
+    assert "no-package" in message and "not there" in message
+    assert "the cluster's store at supervisor" in message and "Fashion-MNIST" in message
+    assert "the download: off" in message
+    assert not list((tmp_path).glob(".cache.tmp-*"))  # nothing half-fetched left behind
