@@ -13,7 +13,7 @@
     balance_eps = 0.1      # stateless apps: at most ceil((1+eps)·parts/shards) parts per shard; -1: off
     vnodes = 2000          # both roles: points per shard on the ring (must agree)
     http = "127.0.0.1:8100"  # router: its HTTP door (POST /v1/models/{app}:{verb}); port 0 picks one;
-                           # loopback unless you bind another address; left out: RPC only
+                           # a port alone (8100 or ":8100") binds loopback; left out: RPC only
     max_body_bytes = 268435456  # router: the door's cap on a body (413 over it)
     app_options = { model = ".dmlsys/canvas-tagger.npz" }   # both roles: keyword arguments of the app
 
@@ -74,6 +74,10 @@ def _address(config: dict, key: str) -> str | None:
     value = config.get(key)
     if value is None:
         return None
+    if isinstance(value, int) and not isinstance(value, bool):  # a port alone: on loopback
+        value = f"127.0.0.1:{value}"
+    elif isinstance(value, str) and value.startswith(":"):
+        value = f"127.0.0.1{value}"
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f"HOST:PORT (port 0 picks a free one), got {value!r}")

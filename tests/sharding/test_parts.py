@@ -55,11 +55,22 @@ def test_role_factories_build_their_services(tmp_path):
     [shard] = build_shard(ctx("shard", {"app": "dmlsys.sharding.app:counter"}, tmp_path))
     assert router.name == "router" and router.app.name == "counter" and router.config.part_timeout == 1.0
     assert shard.name == "shard" and shard.store.path == tmp_path / "sharding" / "shard-0" / SNAPSHOT
+    assert router.config.http is None  # no door unless asked for
+
+
+def test_the_routers_door_binds_loopback_given_a_port_alone_and_the_app_gets_its_options(tmp_path):
+    canvas = {"app": "dmlsys.sharding.canvas:canvas", "app_options": {"model": str(tmp_path / "t.npz")}}
+    for given, bound in ((8100, "127.0.0.1:8100"), (":0", "127.0.0.1:0"), ("0.0.0.0:9", "0.0.0.0:9")):
+        [router] = build_router(ctx("router", {**canvas, "http": given}, tmp_path))
+        assert router.config.http == bound and router.app.http.verb == "tag"
+    assert not (tmp_path / "t.npz").exists()  # the router never loads (or fits) the classifier
 
 
 @pytest.mark.parametrize("config, key", [
     ({"app": "nowhere:app"}, "app"), ({"app": "dmlsys.sharding.app"}, "app"), ({"part_timeout": 0}, "part_timeout"),
-    ({"cache_entries": -1}, "cache_entries"), ({"colour": "red"}, "colour"),
+    ({"cache_entries": -1}, "cache_entries"), ({"colour": "red"}, "colour"), ({"http": "nowhere"}, "http"),
+    ({"app_options": {"model": "x"}}, "app_options"), ({"app_options": "model=x"}, "app_options"),
+    ({"max_body_bytes": 0}, "max_body_bytes"),
 ])
 def test_bad_router_config_names_the_key(tmp_path, config, key):
     with pytest.raises(ConfigError) as err:
