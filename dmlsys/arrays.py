@@ -73,7 +73,7 @@ def flatten(tree: Any) -> tuple[list[np.ndarray], Callable[[list], Any]]:
     their own class, so optax states survive); everything else is a leaf, read with
     ``np.asarray`` (numpy and JAX arrays, Python numbers)."""
     leaves: list[np.ndarray] = []
-    build = _walk(tree, leaves, None, ())
+    build = _walk(tree, leaves, None, None)
     return leaves, lambda new: build(iter(new))
 
 
@@ -86,14 +86,22 @@ def flatten_with_paths(tree: Any) -> tuple[list[tuple[tuple, np.ndarray]], Calla
     return list(zip(paths, leaves)), lambda new: build(iter(new))
 
 
-def _walk(node: Any, leaves: list, paths: list | None, path: tuple) -> Callable[[Any], Any]:
-    """Record the leaves under ``node`` (and their paths, if asked); return its rebuilder."""
+def _walk(node: Any, leaves: list, paths: list | None, path: tuple | None) -> Callable[[Any], Any]:
+    """Record the leaves under ``node`` (and their paths, if asked); return its rebuilder.
+
+    Collectives flatten a tree per call, so the common cases come first and cost little: an
+    array leaf is one isinstance away, and no path is built when none is asked for."""
+    if isinstance(node, np.ndarray):
+        leaves.append(node)
+        if paths is not None:
+            paths.append(path)
+        return next
     if isinstance(node, Mapping):
         keys = list(node)
-        parts = [_walk(node[k], leaves, paths, path + (k,)) for k in keys]
+        parts = [_walk(node[k], leaves, paths, None if paths is None else (*path, k)) for k in keys]
         return lambda it: {k: p(it) for k, p in zip(keys, parts)}
     if isinstance(node, (list, tuple)):
-        parts = [_walk(v, leaves, paths, path + (i,)) for i, v in enumerate(node)]
+        parts = [_walk(v, leaves, paths, None if paths is None else (*path, i)) for i, v in enumerate(node)]
         if isinstance(node, list):
             return lambda it: [p(it) for p in parts]
         if hasattr(node, "_fields"):  # a named tuple

@@ -16,10 +16,10 @@ from dmlsys.collective import schedule
 from dmlsys.collective.errors import CollectiveError
 
 if TYPE_CHECKING:
-    from dmlsys.collective.link import Link
+    from dmlsys.collective.link import PassLink
 
 
-async def allreduce(link: Link, ufunc, flat: np.ndarray) -> np.ndarray:
+async def allreduce(link: PassLink, ufunc, flat: np.ndarray) -> np.ndarray:
     """One direct pass: message ``(0, r)`` from rank r to every rank carries r's buffer."""
     n, r = link.size, link.rank
     # As msgpack bytes, not an array frame: the codec's fast path, a third of the CPU of a

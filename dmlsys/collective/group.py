@@ -13,7 +13,7 @@ Pytrees are fused: leaves of one dtype are concatenated into buckets of at most
 passes, not one per leaf. An allreduce pass takes one of three paths, the same on every rank:
 
 * up to ``direct_bytes`` (64 KiB): every rank sends its buffer to every other and all fold the
-  N buffers in rank order: one network hop, where the ring needs 2(N-1);
+  N buffers in rank order (``dmlsys.collective.direct``): one network hop, where the ring needs 2(N-1);
 * larger, with every member on this host: shared memory (``dmlsys.collective.shm``), ZeroMQ
   carrying two small notices per rank;
 * otherwise the ring (``dmlsys.collective.ring``), pipelined in ``chunk_bytes`` pieces so that
@@ -23,6 +23,12 @@ Failure is loud and bounded. A rank that waits past the group's timeout probes e
 raises ``CollectiveError`` naming the ranks that do not answer, and tells the others to give up
 too; ranks that disagree on op, dtype or size find out from the first chunk they receive, and
 every rank raises. A half-reduced buffer is never returned.
+
+Inside, a pass is: ``ProcessGroup._pass`` numbers it and makes its ``PassLink``; the path sends with
+``PassLink.send``; on the receiving node ``CollectiveService.chunk`` hands the message to
+``ProcessGroup.deliver_chunk``, which files it in the group's ``Mailbox`` under (pass,
+(step, chunk), sender); the path's ``PassLink.recv`` takes it from there. Failures (the deadline,
+a peer's abort, a lost peer, ``close``) reach every waiting step through ``Mailbox.fail``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from dmlsys.arrays import OPS
 from dmlsys.collective import direct, ring, schedule
 from dmlsys.collective import shm as shm_mod
 from dmlsys.collective.errors import CollectiveError, InvalidArgument
-from dmlsys.collective.link import SERVICE, Link
+from dmlsys.collective.link import SERVICE, PassLink
 from dmlsys.collective.mailbox import Mailbox
 from dmlsys.collective.tree import Bucket, fuse, numeric_leaves, unfuse
 from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
@@ -161,7 +167,7 @@ class ProcessGroup:
         self._mailbox = Mailbox(max_messages=MAX_MAIL, max_bytes=MAX_MAIL_BYTES, size=_nbytes)
         self._closed = False
         self._lock = asyncio.Lock()
-        self._link: Link | None = None  # the pass in progress
+        self._link: PassLink | None = None  # the pass in progress
         service.register(self)
 
     @property
@@ -252,7 +258,7 @@ class ProcessGroup:
             # The leaves' shapes are in the signature too: same-size buffers of different shapes
             # would otherwise be reduced elementwise into garbage without a word.
             sig = f"{kind}:{op}:{flat.dtype.str}:{flat.size}:{layout}"
-            link = self._link = Link(node=self.node, group=self.name, members=self.members, rank=self.rank,
+            link = self._link = PassLink(node=self.node, group=self.name, members=self.members, rank=self.rank,
                                      seq=seq, sig=sig, mailbox=self._mailbox, chunk_bytes=self.chunk_bytes,
                                      pool=self._pool, shm=self._shm, who=self._who)
             ok = False
@@ -289,7 +295,7 @@ class ProcessGroup:
             self.ops += 1
             return result
 
-    def _check_early(self, link: Link) -> None:
+    def _check_early(self, link: PassLink) -> None:
         """A message of this pass that came before we started it may already disagree."""
         for _tag, src, body in self._mailbox.held(link.seq):
             if body["sig"] != link.sig:
@@ -347,7 +353,7 @@ class ProcessGroup:
         if self._mailbox.failure(seq) is None:
             self._mailbox.fail(seq, _Expired(f"{self._who}: pass {seq} timed out"))
 
-    async def _diagnose(self, kind: str, link: Link) -> CollectiveError:
+    async def _diagnose(self, kind: str, link: PassLink) -> CollectiveError:
         """Who is missing? Ask everyone; name those that do not answer (else the rank we wait for)."""
         others = [m for m in self.members if m != self.node.name]
         probe_timeout = self._probe_budget

@@ -2,7 +2,7 @@
 
 The paths (``direct``, ``ring``, ``shm``) are algorithms; the :class:`~dmlsys.collective.group.ProcessGroup`
 owns the node, the mailbox, the deadline and the failure handling. Between them stands a
-:class:`Link`, made for one pass: it knows the pass's number and signature, so a path only says
+:class:`PassLink`, made for one pass: it knows the pass's number and signature, so a path only says
 *where* a message goes (rank, step, chunk) and *what* it carries::
 
     link.send(nxt, step, ci, data)                    # zero-copy: data must not change after
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 SERVICE = "collective"  # the receiving end's service name on every member node
 
 
-class Link:
-    """Rank ``rank`` of ``size``, during pass ``seq`` whose signature is ``sig``.
+class PassLink:
+    """Rank ``rank`` of ``size``, during pass ``seq`` whose signature is ``sig``. (Not to be
+    confused with ``dmlsys.wire.sim.Link``, the simulated network's model of a wire.)
 
     ``pool`` hands out large result and send buffers (``ring.BufferPool``); ``shm`` is the
     group's shared-memory state; ``who`` names this rank in error messages; ``waiting_on`` is

@@ -129,6 +129,8 @@ class Mailbox:
 
     def held(self, seq: int) -> list[tuple[Hashable, int, Any]]:
         """``(tag, source, message)`` of every message of pass ``seq`` waiting to be taken."""
+        if not self._held:  # the common case, once per pass
+            return []
         return [(k[1], k[2], m) for k, (m, _) in self._held.items() if k[0] == seq]
 
     def fail(self, seq: int, error: BaseException) -> None:
@@ -147,13 +149,18 @@ class Mailbox:
     def finish(self, seq: int) -> None:
         """Pass ``seq`` is over, and every pass before it: drop their messages and failures;
         refuse their stragglers from now on."""
-        self._done_below = max(self._done_below, seq + 1)
-        for s in [s for s in self._failed if s <= seq]:
-            del self._failed[s]
-        for key in [k for k in self._held if k[0] <= seq]:
-            self._bytes -= self._held.pop(key)[1]
-        for key in [k for k, f in self._waiters.items() if k[0] <= seq and f.done()]:
-            del self._waiters[key]
+        if seq >= self._done_below:
+            self._done_below = seq + 1
+        # Once per pass: each sweep only when there is something to sweep.
+        if self._failed:
+            for s in [s for s in self._failed if s <= seq]:
+                del self._failed[s]
+        if self._held:
+            for key in [k for k in self._held if k[0] <= seq]:
+                self._bytes -= self._held.pop(key)[1]
+        if self._waiters:
+            for key in [k for k, f in self._waiters.items() if k[0] <= seq and f.done()]:
+                del self._waiters[key]
 
     def close(self, error: BaseException) -> None:
         """Fail every pass, now and to come, with ``error``; drop what is held, refuse the rest."""

@@ -2,7 +2,7 @@
 each pipelined in ``chunk_bytes`` pieces so that sending, receiving and folding overlap.
 
 The path between hosts, and the one the simulated network tests. The schedule is
-``dmlsys.collective.schedule``'s; the pass's :class:`~dmlsys.collective.link.Link` carries the
+``dmlsys.collective.schedule``'s; the pass's :class:`~dmlsys.collective.link.PassLink` carries the
 chunks (``send``, and ``recv`` with its signature and deadline checks) and lends the buffers.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from dmlsys.collective import schedule
 
 if TYPE_CHECKING:
-    from dmlsys.collective.link import Link
+    from dmlsys.collective.link import PassLink
 
 
 class BufferPool:
@@ -69,7 +69,7 @@ class BufferPool:
         self.buffers.clear()
 
 
-async def allreduce(link: Link, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
+async def allreduce(link: PassLink, ufunc, flat: np.ndarray, gather: bool) -> np.ndarray:
     n, r = link.size, link.rank
     nxt = (r + 1) % n
     segs = schedule.segments(flat.size, n)
@@ -117,7 +117,7 @@ async def allreduce(link: Link, ufunc, flat: np.ndarray, gather: bool) -> np.nda
     return out
 
 
-async def allgather(link: Link, flat: np.ndarray) -> np.ndarray:
+async def allgather(link: PassLink, flat: np.ndarray) -> np.ndarray:
     n, r = link.size, link.rank
     nxt = (r + 1) % n
     m = flat.size
@@ -139,7 +139,7 @@ async def allgather(link: Link, flat: np.ndarray) -> np.ndarray:
     return out
 
 
-async def broadcast(link: Link, flat: np.ndarray, root: int) -> np.ndarray:
+async def broadcast(link: PassLink, flat: np.ndarray, root: int) -> np.ndarray:
     n, r = link.size, link.rank
     nxt = (r + 1) % n
     step = max(1, link.chunk_bytes // max(flat.itemsize, 1))

@@ -80,7 +80,7 @@ def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerCon
 
 
 def build_worker(ctx) -> list[Service]:
-    """Role factory (``dmlsys.cluster.roles``): the collective and train services."""
+    """Role factory (``dmlsys.assembly.roles``): the collective and train services."""
     config = worker_config(dict(ctx.config), ctx.store)
     if ctx.config.get("single_thread"):
         # Several workers on one host: XLA's own thread pool in each would fight the others.

@@ -38,7 +38,7 @@ from dmlsys.collective import schedule
 from dmlsys.collective.errors import CollectiveError
 
 if TYPE_CHECKING:
-    from dmlsys.collective.link import Link
+    from dmlsys.collective.link import PassLink
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^dmlsys-[A-Za-z0-9_.-]{1,200}$")
@@ -151,7 +151,7 @@ class ShmState:
         self.peers.clear()
 
 
-async def allreduce(link: Link, ufunc, flat: np.ndarray) -> np.ndarray:
+async def allreduce(link: PassLink, ufunc, flat: np.ndarray) -> np.ndarray:
     """One allreduce pass over shared memory (see the module docstring); the link's ``send``
     and ``recv_message`` carry the two notices, with their signature and deadline checks.
 
