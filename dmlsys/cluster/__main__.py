@@ -143,7 +143,11 @@ def cmd_up(args: argparse.Namespace, state_dir: Path) -> int:
     from dmlsys.cluster import keys
 
     keys.secure_state_dir(state_dir)  # umask 077 from here on: what the cluster writes is its user's alone
-    key, made = keys.ensure(state_dir)
+    try:
+        key, made = keys.ensure(state_dir)
+    except keys.KeyFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if made:
         print(f"made the cluster key {keys.key_path(state_dir)} (fingerprint {key.fingerprint}); "
               f"other hosts need it: `python -m dmlsys.cluster keys export FILE`", file=sys.stderr)
