@@ -130,6 +130,8 @@ class ShardService(Service):
         # Shards that left (we, or a leaver that pushed us its keys): off our ring while the
         # directory still lists them; forgotten once it does not, so the name may join again.
         self._excluded: set[str] = set()
+        # The ring with the leavers still on it, while there are any: who held a key before them.
+        self._prior: HashRing | None = None
         self._rebalance: asyncio.Task | None = None
         self._push_again = False
         self.counters = {"handled": 0, "pulled": 0, "pushed": 0, "accepted": 0, "refused": 0, "snapshots": 0,
@@ -157,6 +159,10 @@ class ShardService(Service):
     def _on_members(self, members: list[Member]) -> None:
         names = {m.name for m in members if m.role == self.config.role}
         self._excluded &= names | {self.node.name}
+        if not self._excluded - {self.node.name}:
+            self._prior = None
+        elif self._prior is None or set(self._prior.names) != names | {self.node.name}:
+            self._prior = HashRing(sorted(names | {self.node.name}), vnodes=self.config.vnodes)
         names -= self._excluded
         if not self._left:
             names.add(self.node.name)
@@ -251,10 +257,13 @@ class ShardService(Service):
             return result
 
     async def _pull(self, key: str) -> None:
-        """Before serving a key we hold no state for, ask whoever held it before us."""
-        walk = self.ring.walk(key)
-        next(walk)  # ourselves
-        previous = next(walk, None)
+        """Before serving a key we hold no state for, ask whoever held it before us: a shard that
+        left and is pushing it to us, or else the shard that would own it were we absent."""
+        previous = self._prior.lookup(key) if self._prior is not None else None
+        if previous is None or previous == self.node.name:
+            walk = self.ring.walk(key)
+            next(walk)  # ourselves
+            previous = next(walk, None)
         if previous is None:
             return
         deadline = asyncio.get_running_loop().time() + self.config.call_timeout

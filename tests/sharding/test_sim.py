@@ -268,3 +268,29 @@ def test_two_shards_leaving_at_once_hand_over_to_those_that_stay_and_are_served_
         await c.stop()
 
     sim.run(scenario())
+
+
+def test_a_request_overtaking_a_leavers_push_waits_for_it_instead_of_starting_the_key_afresh(tmp_path):
+    from dmlsys.wire.sim import Link
+
+    async def scenario():
+        c = Cluster(13, ["s0", "s1", "s2", "s3"], counter, tmp_path, part_timeout=2.0)
+        for s in ("s0", "s1"):  # s3's pushes (and handoff replies) are slow; s2's are not
+            c.net.set_link("s3", s, Link(delay=0.2, jitter=0.0))
+        await c.start()
+        keys = [f"user-{i}" for i in range(60)]
+        await c.router.run({"add": {k: 1.0 for k in keys}})
+        held_by_s3 = set(c.shard("s3").state)
+        assert held_by_s3
+        gone = {"gone": ["s2", "s3"]}
+        loop = asyncio.get_running_loop()
+        leaving = [loop.create_task(c.shard(s).leave(gone)) for s in ("s2", "s3")]
+        await asyncio.sleep(0.05)  # s2's keys have arrived (and with them word that s2 and s3 leave); s3's have not
+        assert not held_by_s3 & {k for s in ("s0", "s1") for k in c.shard(s).state}
+        # The new owners pull s3's keys from s3 (still moving: they wait for the push), never afresh.
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 2.0 for k in keys}
+        assert await asyncio.gather(*leaving) == [0, 0]
+        assert await c.router.run({"add": {k: 1.0 for k in keys}}) == {k: 3.0 for k in keys}
+        await c.stop()
+
+    sim.run(scenario())
