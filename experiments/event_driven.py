@@ -32,6 +32,9 @@ windows keep Knative's 10:1 ratio at ``--stable`` seconds.
 
     python experiments/event_driven.py year --json docs/event_driven.json          # -> .png too
     python experiments/event_driven.py year --from-json docs/event_driven.json     # re-plot only
+
+``train-hotel``: the hotel-price regressor (``dmlsys.events.hotel``) into a model store, so that
+``python -m dmlsys.cluster deploy hotel-price`` serves it.
 """
 
 from __future__ import annotations
@@ -391,6 +394,156 @@ replicas = {{replicas}}
     return result
 
 
+# ---------------------------------------------------------------------------------------- short real version
+
+REAL_SPEC = """
+[cluster]
+name = "year"
+store = "{store}"
+[[nodes]]
+name = "events"
+role = "events"
+[nodes.config]
+http = "127.0.0.1:0"
+slots = {slots}
+spares = 1
+tick = 0.2
+stable_window = {stable}
+panic_window = {panic}
+deadline = 10.0
+[nodes.config.tiers.anonymous]
+rates = ["1/hour"]
+[nodes.config.tiers.authenticated]
+rates = ["100000/s"]
+concurrency = 64
+total_concurrency = 64
+queue = 256
+max_wait = 5
+[[nodes]]
+name = "function"
+role = "function"
+replicas = 1
+"""
+
+
+def real(args) -> dict:
+    """The same three allocations with real processes, over HTTP, for a short stretch of the year
+    (--from-day..--to-day in --seconds): one cluster, the functions re-deployed per allocation."""
+    import aiohttp
+
+    from dmlsys.cluster.spec import load
+    from dmlsys.cluster.supervisor import Supervisor
+    from dmlsys.events.keys import KeyFile
+    from dmlsys.events.service import keys_path
+
+    work = Path(tempfile.mkdtemp(prefix="dmlsys-year-"))
+    (work / "spec.toml").write_text(REAL_SPEC.format(store=Path(args.store).resolve(), slots=args.slots,
+                                                     stable=args.stable, panic=args.stable / 10))
+    key = KeyFile(keys_path(work / ".dmlsys")).add("site", "authenticated")
+    span = args.to_day - args.from_day
+    day = args.seconds / span
+    rows_per_event = args.rows
+    allocations = {"static-average": {"hotel-price": (1, 1), "fashion-mlp": (1, 1)},
+                   "static-peak": {"hotel-price": (args.peak, args.peak), "fashion-mlp": (1, 1)},
+                   "autoscaled": {"hotel-price": (0, args.slots), "fashion-mlp": (0, args.slots)}}
+    results = []
+
+    async def main():
+        old = os.getcwd()
+        os.chdir(work)
+        sup = Supervisor(load(work / "spec.toml"), work / ".dmlsys")
+        try:
+            await sup.up()
+            st = await sup.node.call("events", "events", "status", None, timeout=5)
+            base = st["url"]
+            rng = random.Random(args.seed)
+            for name in args.configs.split(","):
+                for fn, (lo, hi) in allocations[name].items():
+                    await sup.node.call("events", "events", "deploy", {"model": fn, "min": lo, "max": hi}, timeout=10)
+                while True:  # static: wait for the allocation; autoscaled: let the last one drain away
+                    st = await sup.node.call("events", "events", "status", None, timeout=5)
+                    live = {f: c["ready"] + c["starting"] + c["draining"] for f, c in st["pool"]["instances"].items()}
+                    if all(live[f] == lo for f, (lo, hi) in allocations[name].items() if hi == lo or lo == 0) and \
+                            all(st["pool"]["instances"][f]["starting"] == 0 for f in live):
+                        break
+                    await asyncio.sleep(0.5)
+                res = await replay(name, base, rng, sup)
+                results.append(res)
+                print(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'series'})}", file=sys.stderr)
+        finally:
+            await sup.down()
+            os.chdir(old)
+
+    async def replay(name, base, rng, sup):
+        hotel_rate = args.hotel_rate  # requests/s at load multiplier 1
+        lat = {"hotel-price": [], "fashion-mlp": []}
+        status = {"hotel-price": {}, "fashion-mlp": {}}
+        series = {"t": [], "instances": {"hotel-price": [], "fashion-mlp": []}, "hotel_rate": []}
+        inst_seconds = {"hotel-price": 0.0, "fashion-mlp": 0.0}
+        images = np.zeros((1, 784)).tolist()
+        headers = {"Authorization": f"Bearer {key}"}
+        conn = aiohttp.TCPConnector(limit=256)
+        async with aiohttp.ClientSession(connector=conn, headers=headers) as http:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            tasks = []
+
+            async def one(fn, body):
+                t = loop.time()
+                try:
+                    async with http.post(f"{base}/v1/functions/{fn}:invoke", json=body) as r:
+                        await r.read()
+                        code = r.status
+                except Exception:
+                    code = 599
+                status[fn][code] = status[fn].get(code, 0) + 1
+                if code == 200:
+                    lat[fn].append(loop.time() - t)
+
+            async def sampler():
+                while True:
+                    await asyncio.sleep(0.5)
+                    st = await sup.node.call("events", "events", "status", None, timeout=5)
+                    series["t"].append(round(loop.time() - t0, 1))
+                    for f in inst_seconds:
+                        c = st["pool"]["instances"][f]
+                        n = c["ready"] + c["starting"] + c["draining"]
+                        series["instances"][f].append(n)
+                        inst_seconds[f] += 0.5 * n
+                    series["hotel_rate"].append(round(hotel_rate * hotel_load(args.from_day + (loop.time() - t0) / day), 1))
+
+            sampling = loop.create_task(sampler())
+            times = sorted([(t, "hotel-price") for t in arrivals(
+                lambda t: hotel_rate * hotel_load(args.from_day + t / day), args.seconds, rng, hotel_rate * 6.5)]
+                + [(t, "fashion-mlp") for t in arrivals(lambda t: args.fashion_rate, args.seconds, rng, args.fashion_rate)])
+            for t, fn in times:
+                delay = t0 + t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if fn == "hotel-price":
+                    body = {"instances": hotel.bookings(rows_per_event, rng.randrange(1 << 30)).tolist()}
+                else:
+                    body = {"instances": images}
+                tasks.append(loop.create_task(one(fn, body)))
+            await asyncio.gather(*tasks)
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
+        rows = []
+        for fn in lat:
+            xs = lat[fn]
+            n = sum(status[fn].values())
+            rows.append({"config": name, "function": fn, "events": n, "ok": status[fn].get(200, 0),
+                         "r429": status[fn].get(429, 0), "dropped": n - status[fn].get(200, 0) - status[fn].get(429, 0),
+                         "p50_ms": round(1e3 * float(np.percentile(xs, 50)), 1) if xs else None,
+                         "p99_ms": round(1e3 * float(np.percentile(xs, 99)), 1) if xs else None,
+                         "instance_seconds": round(inst_seconds[fn], 1), "utilization": None, "cold_starts": None})
+        return {"config": name, "rows": rows, "series": series}
+
+    asyncio.run(main())
+    return {"args": vars(args), "configs": results, "rows": [r for c in results for r in c["rows"]]}
+
+
 # ---------------------------------------------------------------------------------------- output
 
 def table_year(doc: dict) -> None:
@@ -482,6 +635,23 @@ def main() -> None:
     y.add_argument("--json")
     y.add_argument("--plot")
     y.add_argument("--from-json")
+    h = sub.add_parser("train-hotel", help="train the hotel-price regressor into a model store")
+    h.add_argument("--store", default=".dmlsys/models")
+    h.add_argument("--steps", type=int, default=1500)
+    r = sub.add_parser("real", help="a short stretch of the year with real processes over HTTP")
+    r.add_argument("--store", required=True, help="a model store with fashion-mlp and hotel-price (train-hotel)")
+    r.add_argument("--from-day", type=float, default=318.0)
+    r.add_argument("--to-day", type=float, default=365.0)
+    r.add_argument("--seconds", type=float, default=60.0, help="wall seconds the stretch is replayed in")
+    r.add_argument("--hotel-rate", type=float, default=25.0, help="hotel requests/s at load multiplier 1")
+    r.add_argument("--fashion-rate", type=float, default=10.0)
+    r.add_argument("--rows", type=int, default=64, help="bookings priced per hotel request")
+    r.add_argument("--slots", type=int, default=4)
+    r.add_argument("--peak", type=int, default=3, help="hotel instances of static-peak")
+    r.add_argument("--stable", type=float, default=6.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--configs", default="static-average,static-peak,autoscaled")
+    r.add_argument("--json")
     c = sub.add_parser("cold-start")
     c.add_argument("--reps", type=int, default=5)
     c.add_argument("--store", help="a model store holding fashion-mlp (default: a random one in a temp dir)")
@@ -491,6 +661,21 @@ def main() -> None:
 
     logging.basicConfig(level=logging.ERROR)  # the pool logs each start cancelled by a scale-down: routine here
 
+    if args.cmd == "train-hotel":
+        from dmlsys.train.store import ModelStore
+
+        t = time.perf_counter()
+        params, card = hotel.train(steps=args.steps)
+        version = ModelStore(args.store).save("hotel-price", params, card)
+        print(f"hotel-price v{version} in {args.store}: held-out MAE {card['val_mae']:.2f} "
+              f"({card['val_mape']:.1%} of the price), trained in {time.perf_counter() - t:.1f} s")
+        return
+    if args.cmd == "real":
+        doc = real(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc))
+        print(markdown_year(doc))
+        return
     if args.cmd == "cold-start":
         res = cold_start(args)
         summary = {}
