@@ -159,11 +159,12 @@ def plot(rows: list[dict], path: Path) -> None:
     bars = ax.bar(range(len(rows)), [r["seconds"] for r in rows], color=colours)
     _plot._label_bars(ax, bars)
     for i, r in enumerate(rows):
-        ax.annotate(f"P {r['precision']:.3f} R {r['recall']:.3f}\ntag R {r['tag_recall']:.3f}",
+        ax.annotate(f"P {r['precision']:.3f}\nR {r['recall']:.3f}\ntag R {r['tag_recall']:.3f}",
                     (i, 0), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7, color="white")
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("seconds per canvas (lower is better)")
-    ax.set_title(f"Tagging a {rows[0]['size']}² canvas with {rows[0]['garments']} garments (median)", fontsize=9)
+    load = f"; load average {rows[0]['loadavg']:.0f} on {rows[0]['nproc']} cores" if "loadavg" in rows[0] else ""
+    ax.set_title(f"Tagging a {rows[0]['size']}² canvas with {rows[0]['garments']} garments (median{load})", fontsize=9)
     _plot._save(plt, fig, path)
 
 
@@ -257,6 +258,7 @@ def main() -> None:
                  **{k: s[k] for k in ("precision", "recall", "tag_precision", "tag_recall")}})
     for r in rows:
         r["replica_cap"], r["replica_refusal"] = args.replica_cap, refusal
+        r["loadavg"], r["nproc"] = os.getloadavg()[0], os.cpu_count()
     t = Table(title=f"{args.size}² canvas, {args.garments} garments, tiles of {args.cell} px cores; "
                     f"median of {args.reps}; classifier accuracy {accuracy:.3f}")
     headers = ["config", "shards", "tiles", "seconds", "vs replica", "precision", "recall", "tag precision",
