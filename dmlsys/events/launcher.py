@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from dmlsys.node import Member, Node
 
@@ -91,7 +91,7 @@ class SupervisorLauncher:
     async def _new_spare(self) -> None:
         try:
             name = await self._pool_start()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any refusal: logged, retried at the next start
             log.warning("launcher: cannot start a spare in group %r: %s", self.group, e)
             await asyncio.sleep(2.0)  # don't spin on a supervisor that refuses
             return

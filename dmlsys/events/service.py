@@ -26,10 +26,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from dmlsys.events.autoscaler import Autoscaler, FunctionSpec, ScalingConfig, ScalingError
+from dmlsys.events.autoscaler import (
+    Autoscaler,
+    FunctionSpec,
+    ScalingConfig,
+    ScalingError,
+)
 from dmlsys.events.errors import EventsError
 from dmlsys.events.functions import FunctionPool, FunctionUnavailable
 from dmlsys.events.gate import EventGate
@@ -70,7 +76,7 @@ class EventsConfig:
     deadline: float = 30.0
     tick: float = 1.0
     try_timeout: float = 10.0
-    scaling: ScalingConfig = ScalingConfig()
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
     max_body_bytes: int = 4 << 20
 
 
@@ -139,7 +145,7 @@ class EventsService(Service):
     @rpc(allow=ADMIN)
     def deploy(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise ValueError('deploy takes {"model": name, "name"?, "min"?, "max"?, "target"?, "priority"?}')
+            raise TypeError('deploy takes {"model": name, "name"?, "min"?, "max"?, "target"?, "priority"?}')
         fields = {k: body[k] for k in ("min", "max", "target", "priority", "version") if body.get(k) is not None}
         out = self.deploy_function(Deployment(str(body.get("name") or body["model"]), body["model"], **fields))
         self.functions._kick.set()  # reach its min now
@@ -203,7 +209,7 @@ class EventsService(Service):
             async with self.gate.admission(principal):  # before the body: a refusal costs no parsing
                 try:
                     body = await request.json()
-                except Exception:
+                except ValueError:  # aiohttp's JSONDecodeError and a bad encoding alike
                     return web.json_response({"error": "the body must be JSON: {\"instances\": [...]}"}, status=400)
                 if not isinstance(body, dict) or "instances" not in body:
                     return web.json_response({"error": 'the body must be {"instances": [...]}'}, status=400)

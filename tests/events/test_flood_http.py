@@ -155,7 +155,7 @@ def test_anonymous_flood_leaves_authenticated_clients_unrefused(tmp_path):
             os.chdir(old)
 
     quiet, loud, anon, rss_before, rss_after, stats = asyncio.run(main())
-    p99 = lambda xs: float(np.percentile([t for _, t in xs], 99))  # noqa: E731
+    p99 = lambda xs: float(np.percentile([t for _, t in xs], 99))
     report = {"authenticated_unloaded_p99_ms": round(p99(quiet) * 1e3, 1),
               "authenticated_flood_p99_ms": round(p99(loud) * 1e3, 1), "anonymous_requests": len(anon),
               "anonymous_429": sum(s == 429 for s, _ in anon), "rss_growth_kb": rss_after - rss_before,
