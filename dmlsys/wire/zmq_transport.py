@@ -106,9 +106,12 @@ class ZmqTransport(Transport):
         self._peers: dict[str, str] = dict(peers or {})
         self._limits = limits
         self._hwm = hwm
+        if keys is not None and context is not None:
+            raise ValueError(f"transport {name!r}: with keys= it makes its own ZeroMQ context (a ZAP handler "
+                             f"answers for a whole context); leave context= out")
         self._keys = keys
         # A ZAP handler serves a whole context: an authenticating endpoint gets a context of its own.
-        self._own_ctx = keys is not None and context is None
+        self._own_ctx = keys is not None
         self._ctx = zmq.Context(io_threads=1) if self._own_ctx else (context or zmq.Context.instance())
         self._zap: ZapHandler | None = None
         self._dealer_peer: dict[zmq.Socket, str] = {}  # with keys: the principal each dealer's server proved to be
@@ -327,7 +330,7 @@ class ZmqTransport(Transport):
         # With keys, who sent each message: the dealer's server (it proved its key), or the
         # principal ZAP named for the ROUTER connection a message came in on.
         authenticated = self._keys is not None
-        dealer_peer = self._dealer_peer.get(sock) if authenticated and not is_router else None
+        dealer_peer = self._dealer_peer.get(sock, "") if authenticated and not is_router else None  # "": nobody
         # One part past the frame limit is kept, so that decode() refuses the message by its
         # frame count; the parts after it are read and dropped, never gathered in a list.
         max_parts = leading + self._limits.max_frames
