@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 from typing import Any
-
-from aiohttp import web
 
 from dmlsys.node import ADMIN, Service, rpc
 from dmlsys.serving import messages
 from dmlsys.serving.balancer import Balancer, BalancerConfig
-from dmlsys.serving.errors import BadInput, BodyTooLarge, ServingError, SlowClient
+from dmlsys.serving.errors import BadInput, ServingError
+from dmlsys.serving.http import HttpLimits, HttpServer, Reply, Request, error_reply, json_reply
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
 log = logging.getLogger(__name__)
@@ -59,8 +57,12 @@ class GatewayConfig:
     read_timeout: float = 10.0  # seconds for a body to arrive once its headers have; else 408
     idle_timeout: float = 15.0  # seconds a connection may go without a whole request head; then closed
     balancer: BalancerConfig = BalancerConfig()
+    tls_cert: str | None = None  # PEM certificate chain and key: the door speaks HTTPS (docs/security.md)
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("GatewayConfig.tls_cert and tls_key go together: give both, or neither for plain HTTP")
         host, _, port = (self.http or "x:0").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"http must be HOST:PORT, got {self.http!r}")
@@ -74,113 +76,13 @@ class GatewayConfig:
                              f"({DEFAULT_LIMITS.max_frame_bytes}, Limits.max_frame_bytes)")
 
 
-def _error(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return web.Response(status=status, body=json.dumps({"error": message}).encode(),
-                        content_type="application/json", headers=headers)
+def _error(status: int, message: str, retry_after: float | None = None) -> Reply:
+    return error_reply(status, message, {"Retry-After": str(max(1, round(retry_after)))}
+                       if retry_after is not None else None)
 
 
-class _BodyDeadlines:
-    """Bodies still arriving, each with the time by which it must be whole; a sweep every quarter
-    of ``timeout`` fails the late ones with ``SlowClient`` (so a body gets between ``timeout`` and
-    1.25 x ``timeout``). One timer for all rather than one per request: ``asyncio.timeout``
-    costs 12-18 µs a request here, this a dict entry, and only for a body that did not come
-    whole with its headers."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._arriving: dict[Any, float] = {}  # the request's payload stream -> loop time it must be done by
-        self._sweeper: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
-
-    async def read(self, request: web.Request) -> bytes:
-        content = request.content
-        if content.is_eof():  # the whole body came with the headers: the usual case
-            return await request.read()
-        self._arriving[content] = asyncio.get_running_loop().time() + self.timeout
-        try:
-            return await request.read()
-        finally:
-            self._arriving.pop(content, None)
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.timeout / 4)
-            now = loop.time()
-            for content, until in list(self._arriving.items()):
-                if now >= until:
-                    del self._arriving[content]
-                    content.set_exception(SlowClient(f"body not received within {self.timeout:g}s (read_timeout)"))
-
-
-class _CappedSite(web.TCPSite):
-    """A TCP site that keeps at most ``limit`` connections open: one more is answered 503 naming
-    the limit and closed, before aiohttp spends anything on it."""
-
-    __slots__ = ("_limit", "refused")
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, limit: int, **kw: Any) -> None:
-        super().__init__(runner, host, port, **kw)
-        self._limit = limit
-        self.refused = 0  # connections answered 503 for the cap
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
-        server = self._runner.server
-        limit = self._limit
-
-        def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= limit:
-                self.refused += 1
-                return _Refuse(limit)
-            return server()
-
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
-
-
-class _Refuse(asyncio.Protocol):
-    """Answers one connection over the cap with 503 and closes it. It waits for the client's
-    first bytes (or 1 s), so that the answer is read rather than lost to a reset."""
-
-    def __init__(self, limit: int) -> None:
-        body = json.dumps({"error": f"the front door is at its limit of open connections (max_connections={limit}); "
-                                    "retry after 1s"}).encode()
-        self._answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(1.0, self._answer_and_close)
-
-    def data_received(self, data: bytes) -> None:
-        self._answer_and_close()
-
-    def _answer_and_close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        t = self._transport
-        if t is not None and not t.is_closing():
-            t.write(self._answer)
-            t.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._transport = None
+_PREFIX = "/v1/models/"
+_PREDICT = ":predict"
 
 
 class GatewayService(Service):
@@ -192,9 +94,7 @@ class GatewayService(Service):
         self.config = config
         self._rng = rng
         self.balancer: Balancer | None = None
-        self._runner: web.AppRunner | None = None
-        self._site: _CappedSite | None = None
-        self._bodies = _BodyDeadlines(config.read_timeout)
+        self._http: HttpServer | None = None
         self.url: str | None = None
         self.requests = 0
         self.errors: dict[int, int] = {}
@@ -209,80 +109,78 @@ class GatewayService(Service):
             await self._start_http()
 
     async def _start_http(self) -> None:
-        # aiohttp refuses a body over client_max_size while reading it (a chunked one has no
-        # Content-Length to check first); we turn that into our own 413 naming the limit.
-        app = web.Application(client_max_size=self.config.max_body_bytes + 1)  # it refuses at >=
-        app.add_routes([
-            web.post("/v1/models/{name}:predict", self._predict),
-            web.get("/v1/models/{name}", self._model),
-            web.get("/v1/models", self._models),
-        ])
-        # keepalive_timeout is aiohttp's timer for a connection waiting on a request head:
-        # idle between requests, or headers that trickle in (slowloris).
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     keepalive_timeout=self.config.idle_timeout)
-        await self._runner.setup()
+        c = self.config
+        door = HttpServer(self._route, HttpLimits(max_body_bytes=c.max_body_bytes, read_timeout=c.read_timeout,
+                                                  idle_timeout=c.idle_timeout, max_connections=c.max_connections),
+                          name="the front door")
         host, _, port = self.config.http.rpartition(":")
-        site = _CappedSite(self._runner, host, int(port), self.config.max_connections, reuse_address=True,
-                           backlog=1024)
+        tls = self._tls_context()
         try:
-            await site.start()
+            await door.start(host, int(port), ssl=tls)
         except OSError as e:
-            await self._runner.cleanup()
-            self._runner = None
             raise OSError(e.errno, f"gateway {self.node.name!r} cannot listen for HTTP on {self.config.http}: "
                                    f"{e.strerror}; pick another [cluster] http or stop what holds the port") from None
-        self._bodies.start()
-        self._site = site
+        self._http = door
         node = self.node
         node.metrics.gauge("serving_http_connections", "Connections open at the front door",
-                           lambda: len(self._runner.server.connections) if self._runner else 0)
+                           lambda: len(door.connections))
         node.metrics.gauge("serving_http_connections_refused", "Connections refused for max_connections",
-                           lambda: site.refused)
-        self.url = f"http://{host}:{site.port}"
+                           lambda: door.refused)
+        self.url = f"{'https' if tls else 'http'}://{host}:{door.port}"
         log.info("gateway %s: front door on %s", self.node.name, self.url)
+
+    def _tls_context(self):
+        if self.config.tls_cert is None:
+            return None
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2 and up, the stdlib's ciphers
+        try:
+            context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise OSError(getattr(e, "errno", None), f"gateway {self.node.name!r} cannot load its TLS certificate "
+                          f"{self.config.tls_cert} / key {self.config.tls_key}: {e}") from None
+        return context
 
     async def stop(self) -> None:
         # The door closes first (no new requests), then the balancer's probes stop.
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await self._bodies.stop()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self.balancer is not None:
             await self.balancer.stop()
 
     # -- HTTP -----------------------------------------------------------------------------
 
-    async def _predict(self, request: web.Request) -> web.Response:
+    def _route(self, request: Request) -> Reply | Any:
+        path, method = request.path, request.method
+        if path.startswith(_PREFIX):
+            name = path[len(_PREFIX):]
+            if name.endswith(_PREDICT):
+                if method != "POST":
+                    return error_reply(405, f"{path} takes POST, not {method}", {"Allow": "POST"})
+                return self._predict(name[:-len(_PREDICT)], request)
+            if name and "/" not in name:
+                return self._model(name) if method == "GET" else error_reply(405, f"{path} takes GET", {"Allow": "GET"})
+        elif path == "/v1/models":
+            return self._models() if method == "GET" else error_reply(405, f"{path} takes GET", {"Allow": "GET"})
+        return error_reply(404, f"no such resource: {method} {path} (POST /v1/models/NAME:predict, "
+                                "GET /v1/models/NAME, GET /v1/models)")
+
+    async def _predict(self, name: str, request: Request) -> Reply:
         self.requests += 1
-        name = request.match_info["name"]
-        loop = asyncio.get_running_loop()
+        headers = request.headers
         try:
-            deadline = loop.time() + self._deadline(request)
-            body = await self._read(request)
+            deadline = asyncio.get_running_loop().time() + self._deadline(headers.get("x-deadline-ms"))
             reply = await self.balancer.predict(
-                name, {"json": messages.carry(body), "max_instances": self.config.max_instances},
-                deadline=deadline, key=request.headers.get("X-Request-Key"))
+                name, {"json": messages.carry(request.body), "max_instances": self.config.max_instances},
+                deadline=deadline, key=headers.get("x-request-key"))
         except ServingError as e:
             self.errors[e.status] = self.errors.get(e.status, 0) + 1
             return _error(e.status, str(e), e.retry_after if e.status == 503 else None)
-        return web.Response(body=messages.received(reply["body"]), content_type="application/json",
-                            headers={"X-Model-Version": str(reply.get("version"))})
+        return Reply(200, messages.received(reply["body"]), headers={"X-Model-Version": str(reply.get("version"))})
 
-    async def _read(self, request: web.Request) -> bytes:
-        limit = self.config.max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:  # refused before a byte of it is read
-            raise BodyTooLarge(f"body of {length} bytes is over the limit of {limit} bytes (max_body_bytes): "
-                               "send fewer instances per request")
-        try:
-            return await self._bodies.read(request)
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"body over the limit of {limit} bytes (max_body_bytes): "
-                               "send fewer instances per request") from None
-
-    def _deadline(self, request: web.Request) -> float:
-        raw = request.headers.get("X-Deadline-Ms")
+    def _deadline(self, raw: str | None) -> float:
         if raw is None:
             return self.config.deadline
         try:
@@ -293,15 +191,14 @@ class GatewayService(Service):
             raise BadInput(f"X-Deadline-Ms must be in (0, 600000], got {raw!r}")
         return ms / 1000.0
 
-    async def _model(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    def _model(self, name: str) -> Reply:
         models = self.balancer.models()
         if name not in models:
             return _error(404, f"unknown model {name!r}; served models: {', '.join(models) or '(none)'}")
-        return web.json_response(models[name])
+        return json_reply(200, models[name])
 
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": list(self.balancer.models().values())})
+    def _models(self) -> Reply:
+        return json_reply(200, {"models": list(self.balancer.models().values())})
 
     # -- RPC ------------------------------------------------------------------------------
 
@@ -321,8 +218,11 @@ class GatewayService(Service):
 
     def status(self) -> dict[str, Any]:
         b = self.balancer
-        runner, site = self._runner, self._site
-        return {"http": self.url, "requests": self.requests, "errors": {str(k): v for k, v in self.errors.items()},
-                "connections": len(runner.server.connections) if runner and runner.server else 0,
-                "connections_refused": site.refused if site else 0,
+        door = self._http
+        errors = dict(self.errors)
+        for status, n in (door.refusals.items() if door else ()):  # answered by the door itself: 408, 413, ...
+            errors[status] = errors.get(status, 0) + n
+        return {"http": self.url, "requests": self.requests, "errors": {str(k): v for k, v in sorted(errors.items())},
+                "connections": len(door.connections) if door else 0,
+                "connections_refused": door.refused if door else 0,
                 "retries": b.retries if b else 0, "models": b.models() if b else {}}

@@ -42,6 +42,7 @@ import numpy as np
 from dmlsys.node import ADMIN, Service, State, allow, rpc
 from dmlsys.serving import instances, messages
 from dmlsys.serving.errors import BadInput, ModelLoadError, NotReady, QueueFull, ServingError
+from dmlsys.serving.http import HttpLimits, HttpServer, Reply, Request, error_reply, json_reply
 from dmlsys.serving.runtime import BUCKETS, Runtime
 from dmlsys.wire.sim import to_thread
 
@@ -59,11 +60,17 @@ class ReplicaConfig:
     max_instances: int = 64  # per request; a caller (the door) may ask for a lower limit
     max_queue: int = 1024  # requests waiting for the batcher; past it a request is refused QueueFull
     buckets: tuple[int, ...] = BUCKETS
+    http: str | None = None  # HOST:PORT (port 0 picks one) for its own KServe v1 endpoint; None: RPC only
+    http_limits: HttpLimits = HttpLimits()
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_instances", "max_queue"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:
                 raise ValueError(f"ReplicaConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.http is not None:
+            host, _, port = self.http.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"ReplicaConfig.http must be HOST:PORT, got {self.http!r}")
 
 
 def default_loader(buckets=BUCKETS) -> Loader:
@@ -97,6 +104,8 @@ class ModelService(Service):
         self.instances = 0
         self.max_seen_batch = 0
         self.refused = 0  # requests refused QueueFull
+        self._http: HttpServer | None = None
+        self.url: str | None = None  # of its own HTTP endpoint, once listening
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -112,8 +121,25 @@ class ModelService(Service):
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._batch_loop())
         self._loader_task = loop.create_task(self._initial_load())
+        if self.config.http is not None:
+            await self._start_http(self.config.http)
+
+    async def _start_http(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        server = HttpServer(self._route, self.config.http_limits, name=f"replica {self.node.name}")
+        try:
+            await server.start(host, int(port))
+        except OSError as e:
+            raise OSError(e.errno, f"replica {self.node.name!r} cannot listen for HTTP on {address}: {e.strerror}; "
+                                   "pick another http or stop what holds the port") from None
+        self._http = server
+        self.url = f"http://{host}:{server.port}"
+        log.info("replica %s: HTTP on %s", self.node.name, self.url)
 
     async def stop(self) -> None:
+        if self._http is not None:  # no new requests first; those queued are answered below
+            await self._http.stop()
+            self._http = None
         for task in (self._loader_task, self._worker):
             if task is not None:
                 task.cancel()
@@ -247,8 +273,45 @@ class ModelService(Service):
             "serving": rt is not None, "error": self.last_error, "queue": len(self._queue),
             "max_queue": self.config.max_queue, "refused": self.refused,
             "batches": self.batches, "requests": self.requests, "max_batch_seen": self.max_seen_batch,
-            "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0.0,
+            "mean_batch": round(self.requests / self.batches, 2) if self.batches else 0.0, "http": self.url,
         }
+
+    # -- its own HTTP endpoint ------------------------------------------------------------
+    #
+    # The same request path as ``predict`` from the gateway (``_admit``, the batcher, the same
+    # reply body), reached without the gateway: what lets another balancer (nginx, say) front
+    # the very replicas the gateway does.
+
+    def _route(self, request: Request) -> Reply | Any:
+        path = request.path
+        if path.startswith("/v1/models/"):
+            name = path[len("/v1/models/"):]
+            predict = name.endswith(":predict")
+            if predict:
+                name = name[:-len(":predict")]
+            if name != self.config.model:
+                return error_reply(404, f"replica {self.node.name} serves {self.config.model!r}, not {name!r}")
+            if predict:
+                if request.method != "POST":
+                    return error_reply(405, f"{path} takes POST", {"Allow": "POST"})
+                return self._http_predict(request.body)
+            if request.method == "GET":  # ready: 200; loading, reloading or draining: 503
+                return json_reply(200 if self.phase == "ready" and self.node.state is State.READY else 503,
+                                  self.status())
+        return error_reply(404, f"no such resource: {request.method} {path} (POST /v1/models/"
+                                f"{self.config.model}:predict, GET /v1/models/{self.config.model})")
+
+    async def _http_predict(self, body: bytes) -> Reply:
+        try:
+            self._check_serving()
+            entry = self._admit({"json": body})
+            if isinstance(entry, Exception):
+                raise entry
+            self._wake.set()
+            result = await entry
+        except ServingError as e:
+            return error_reply(e.status, str(e), {"Retry-After": "1"} if e.status == 503 else None)
+        return Reply(200, messages.received(result["body"]), headers={"X-Model-Version": str(result["version"])})
 
     # -- the batcher ----------------------------------------------------------------------
 

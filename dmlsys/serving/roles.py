@@ -14,6 +14,9 @@
     max_instances = 64 # per request
     max_queue = 1024   # requests waiting
                        # for the batcher
+    http = "127.0.0.1:0"  # optional: its own
+                       # KServe v1 endpoint
+                       # (default "off")
                                            max_queue = 1024          # per model, for a free replica
                                            deadline = 10.0           # seconds, per request
                                            try_timeout = 2.0         # seconds, per try
@@ -41,7 +44,7 @@ from dmlsys.node import ConfigError, Service
 from dmlsys.serving.policies import POLICIES, EjectionConfig
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
-REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets"}
+REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets", "http"}
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
                 "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key"}
@@ -83,9 +86,20 @@ def build_replica(ctx) -> list[Service]:
     return [ModelService(ReplicaConfig(
         model=model, store=str(ctx.store), version=_int(config, "version", None),
         max_batch=_int(config, "max_batch", 64), max_instances=_int(config, "max_instances", 64),
-        max_queue=_int(config, "max_queue", 1024),
+        max_queue=_int(config, "max_queue", 1024), http=_replica_http(config),
         **({"buckets": _buckets(config)} if "buckets" in config else {}),
     ))]
+
+
+def _replica_http(config: dict) -> str | None:
+    """``http``: HOST:PORT for the replica's own KServe v1 endpoint (port 0: picked), or absent/"off"."""
+    http = config.get("http", "off")
+    if http == "off":
+        return None
+    host, _, port = str(http).rpartition(":") if isinstance(http, str) else ("", "", "")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("http", f"HOST:PORT (port 0 picks one), or \"off\", got {http!r}")
+    return f"{host}:{port}"
 
 
 def _buckets(config: dict) -> tuple[int, ...]:

@@ -131,19 +131,13 @@ def test_sigkill_of_one_of_three_replicas_under_load_fails_no_request(cluster):
 
 def test_rolling_update_under_load_fails_nothing_and_answers_from_old_or_new(cluster):
     async def rollout():
-        from dmlsys.node import Node
-        from dmlsys.wire.zmq_transport import ZmqTransport
+        from dmlsys.cluster.__main__ import ask, cluster_key
 
         await asyncio.sleep(0.5)
-        # A cli-* name: rollout is an administrative call (the command line, the supervisor).
-        node = Node("cli-test", ZmqTransport("cli-test", "tcp://127.0.0.1:0"))
-        await node.start()
-        try:
-            gw = next(n for n in cluster.state()["nodes"] if n["role"] == "gateway")
-            node.transport.add_peer("gateway", gw["zmq"])
-            return await node.call("gateway", "serving", "rollout", {"model": "tiny", "version": 2}, timeout=120)
-        finally:
-            await node.stop(0)
+        # As the CLI's `rollout` asks: a client node with the cluster's key (rollout is administrative).
+        gw = next(n for n in cluster.state()["nodes"] if n["role"] == "gateway")
+        return await ask("gateway", gw["zmq"], "serving", "rollout", {"model": "tiny", "version": 2}, timeout=120,
+                         keys=cluster_key(cluster.cwd / ".dmlsys"))
 
     async def scenario():
         # The load runs exactly as long as the rollout, plus a short tail on the new version.

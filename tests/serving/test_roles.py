@@ -24,7 +24,9 @@ def test_replica_and_gateway_build_from_valid_config():
     [gateway] = build_gateway(ctx({"max_connections": 8, "read_timeout": 2.5, "idle_timeout": 30}))
     assert (gateway.config.max_connections, gateway.config.read_timeout, gateway.config.idle_timeout) == (8, 2.5, 30)
     [replica] = build_replica(ctx({"model": "m", "max_queue": 16}))
-    assert replica.config.max_queue == 16
+    assert replica.config.max_queue == 16 and replica.config.http is None  # no HTTP of its own by default
+    [replica] = build_replica(ctx({"model": "m", "http": "127.0.0.1:0"}))
+    assert replica.config.http == "127.0.0.1:0"
 
 
 @pytest.mark.parametrize("build, config, key", [
@@ -37,6 +39,8 @@ def test_replica_and_gateway_build_from_valid_config():
     (build_gateway, {"models": "m"}, "models"),
     (build_gateway, {"base_ejection": 10, "max_ejection": 5}, "max_ejection"),
     (build_replica, {"model": "m", "max_queue": 0}, "max_queue"),
+    (build_replica, {"model": "m", "http": "nope"}, "http"),
+    (build_replica, {"model": "m", "http": 8000}, "http"),
     (build_gateway, {"max_body_bytes": 2 << 30}, "max_body_bytes"),
     (build_gateway, {"max_connections": 0}, "max_connections"),
     (build_gateway, {"read_timeout": 0}, "read_timeout"),
