@@ -187,9 +187,8 @@ class ProcessGroup:
     def uses_shm(self) -> bool:
         """Whether large allreduces go through shared memory (decided on first use)."""
         if self._use_shm is None:
-            transport = self.node.transport
-            self._use_shm = shm_mod.available() and shm_mod.same_host(
-                transport.address, transport.peers(), [m for m in self.members if m != self.node.name])
+            # Every rank asks the same question of the same address table: all decide alike.
+            self._use_shm = shm_mod.available() and all(self.node.transport.is_local(m) for m in self.members)
         return self._use_shm
 
     # -- public collectives -----------------------------------------------------------------

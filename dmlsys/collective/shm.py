@@ -49,18 +49,6 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-def same_host(own: str, peers: dict[str, str], members: list[str]) -> bool:
-    """True when our address and every other member's (``members``, looked up in ``peers``)
-    say "this host": ipc:// paths or loopback TCP.
-
-    Every rank decides from the same address table, so every rank decides the same way."""
-    addresses = [own, *(peers.get(m) for m in members)]
-    if None in addresses:
-        return False  # an unknown address is not provably here
-    return all(a.startswith("ipc://") or a.startswith("tcp://127.") or a.startswith("tcp://localhost")
-               for a in addresses)
-
-
 class _Regions:
     """A mapped segment: two regions of ``capacity`` bytes, used by alternate passes."""
 

@@ -66,3 +66,8 @@ class Transport(abc.ABC):
 
     def peers(self) -> dict[str, str]:
         return {}
+
+    def is_local(self, peer: str) -> bool:
+        """True when ``peer`` provably runs on this host (so that shared memory reaches it).
+        Only the transport knows what its addresses mean; one that cannot tell says False."""
+        return False

@@ -229,6 +229,11 @@ class ZmqTransport(Transport):
     def peers(self) -> dict[str, str]:
         return dict(self._peers)
 
+    def is_local(self, peer: str) -> bool:
+        """Both ends host-local: ipc:// paths or loopback TCP. An unknown peer is not provably here."""
+        address = self.address if peer == self.name else self._peers.get(peer)
+        return address is not None and _host_local(self.address) and _host_local(address)
+
     # -- sending --------------------------------------------------------------------------
 
     def send(self, peer: str, frames: Sequence[Any]) -> None:
@@ -442,3 +447,7 @@ def _recv_frames_authenticated(sock: zmq.Socket, max_parts: int, principals: dic
             continue
         parts.append(_zrecv(sock, 0, copy=False))
     return parts
+
+
+def _host_local(address: str) -> bool:
+    return address.startswith(("ipc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]:"))

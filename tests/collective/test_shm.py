@@ -156,9 +156,13 @@ def test_ranks_that_disagree_on_size_across_paths_fail_at_once_not_at_the_timeou
 
 
 def test_members_on_other_hosts_use_sockets(tmp_path):
-    assert shm.same_host("ipc:///tmp/a", {"b": "tcp://127.0.0.1:5"}, ["b"])
-    assert not shm.same_host("ipc:///tmp/a", {"b": "tcp://10.0.0.2:5"}, ["b"])
-    assert not shm.same_host("ipc:///tmp/a", {}, ["b"])  # unknown address: not provably here
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    t = ZmqTransport("a", "ipc:///tmp/a", peers={"b": "tcp://127.0.0.1:5", "c": "tcp://10.0.0.2:5"})
+    assert t.is_local("a") and t.is_local("b")
+    assert not t.is_local("c")
+    assert not t.is_local("d")  # unknown address: not provably here
+    assert not ZmqTransport("a", "tcp://10.0.0.1:5", peers={"b": "ipc:///tmp/b"}).is_local("b")
 
 
 async def _now() -> float:
