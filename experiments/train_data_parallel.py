@@ -56,7 +56,9 @@ async def serve_worker(name: str, bind: str, store: str, config: dict) -> None:
     print(json.dumps({"zmq": node.transport.address}), flush=True)
     loop = asyncio.get_running_loop()
     peers = json.loads(await loop.run_in_executor(None, sys.stdin.readline))["peers"]
-    node.directory.update(Member(peer, "worker", address) for peer, address in peers.items())
+    # The driver runs the jobs: a client, which train.run admits (workers may not start jobs).
+    node.directory.update(Member(peer, "client" if peer == "driver" else "worker", address)
+                          for peer, address in peers.items())
     print(json.dumps({"ready": name}), flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -158,7 +158,7 @@ def test_the_supervisors_peer_lost_fails_calls_waiting_on_that_peer_at_once(net)
             await to_b
         assert loop.time() - t0 < 1.0 and heard == ["b"]
         assert await to_c == "c"
-        assert a.metrics.errors.get("peer_lost_refused") == 1
+        assert a.metrics.errors.get("not_allowed") == 1  # peer_lost is for the supervisor only
 
     net.run(main)
 
