@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .errors import InvalidArgument
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
@@ -45,7 +47,7 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InvalidArgument(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 class Batch(NamedTuple):
@@ -81,7 +83,7 @@ def shard_bounds(batch_len: int, rank: int, size: int) -> tuple[int, int]:
     (the first ``batch_len % size`` ranks get one extra sample), as ``np.array_split``.
     """
     if not 0 <= rank < size:
-        raise ValueError(f"rank {rank} out of range for group size {size}")
+        raise InvalidArgument(f"rank {rank} out of range for group size {size}")
     base, extra = divmod(batch_len, size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -138,7 +140,7 @@ class BatchLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, config: BatchConfig = BatchConfig(),
                  *, rank: int = 0, size: int = 1) -> None:
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise InvalidArgument(f"{len(images)} images but {len(labels)} labels")
         shard_bounds(0, rank, size)  # validates rank/size
         self.images, self.labels = images, labels
         self.config, self.rank, self.size = config, rank, size

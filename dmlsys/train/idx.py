@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, InvalidArgument
 
 # type code -> big-endian numpy dtype. IDX stores every multi-byte type big-endian.
 DTYPES: dict[int, np.dtype] = {
@@ -49,9 +49,9 @@ def encode_idx(array: np.ndarray) -> bytes:
     array = np.asarray(array)
     key = array.dtype.newbyteorder("=").str[1:]
     if key not in CODES:
-        raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of {sorted(CODES)}")
+        raise InvalidArgument(f"IDX cannot store dtype {array.dtype}; use one of {sorted(CODES)}")
     if array.ndim < 1 or array.ndim > 255:
-        raise ValueError(f"IDX needs 1..255 dimensions, got shape {array.shape}")
+        raise InvalidArgument(f"IDX needs 1..255 dimensions, got shape {array.shape}")
     code = CODES[key]
     header = struct.pack(">BBBB", 0, 0, code, array.ndim)
     header += struct.pack(f">{array.ndim}I", *array.shape)
@@ -77,7 +77,7 @@ def _decode_stream(stream: BinaryIO, name: object, limit: int | None) -> np.ndar
     dims = list(struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, name, "dimensions")))
     if limit is not None:
         if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise InvalidArgument(f"limit must be >= 0, got {limit}")
         dims[0] = min(dims[0], limit)
     count = int(np.prod(dims, dtype=np.int64))
     if count > MAX_ITEMS:

@@ -13,8 +13,6 @@ from tests.collective.test_errors import raised_names
 PACKAGE = Path(dmlsys.train.__file__).parent
 # Modules that still raise builtin errors, and which: each entry is a to-do, not a licence.
 NOT_YET = {
-    "batching.py": {"ValueError"},  # BatchConfig / shard arguments
-    "idx.py": {"ValueError"},  # write_idx / read limits
     "__main__.py": set(),
 }
 
