@@ -107,8 +107,7 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
     On the cluster's worker nodes when it has any (data parallel, ring allreduce), else in a
     thread of this process, so the supervisor keeps answering while it trains."""
     arch, hyperparams = recipe(sup, model)
-    workers = [p.member.name for p in sup.procs.values()
-               if p.member.role == "worker" and sup._local(p.member) and p.state == "ready"]
+    workers = sup.ready_workers()  # every host's; this host's first, so rank 0 saves into this store
     log.info("training %r (%s) on %s", model, arch, f"workers {', '.join(workers)}" if workers else "this process")
     if workers:
         from dmlsys.collective.job import train_on_workers
@@ -123,8 +122,11 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
 
         result = await asyncio.to_thread(train_in_process, Path(sup.spec.store), model, arch, hyperparams, on_epoch)
     log.info("trained %r: version %s, test accuracy %.4f", model, result["version"], result["test_accuracy"])
+    last = result["history"][-1] if result["history"] else {}
+    last = last if isinstance(last, dict) else dataclasses.asdict(last)
     return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
-            "epochs": len(result["history"]), "workers": workers}
+            "epochs": len(result["history"]), "workers": workers,
+            "samples_per_s": last.get("samples_per_s"), "comm_fraction": last.get("comm_fraction")}
 
 
 def _log_epoch(model: str, epoch: dict[str, Any], hyperparams: dict[str, Any]) -> None:

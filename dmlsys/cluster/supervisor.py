@@ -200,6 +200,15 @@ class Supervisor:
                 models.add(template.config["model"])
         return models
 
+    def ready_workers(self) -> list[str]:
+        """Ready worker nodes of every host, this host's first (rank 0 saves into its own store)."""
+        here = [p.member.name for p in self.procs.values()
+                if p.member.role == "worker" and self._local(p.member) and p.state == "ready"]
+        if self.hosts is None:
+            return here
+        return here + [r["name"] for r in self.hosts.rows(self.assignment)
+                       if r.get("role") == "worker" and r.get("state") == "ready"]
+
     def _new_proc(self, node_spec: NodeSpec, name: str) -> Proc:
         """A member to run here, its ports picked on this host's address."""
         address = self.spec.hosts.get(self.host) if self.spread else None
