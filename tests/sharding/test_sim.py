@@ -294,3 +294,27 @@ def test_a_request_overtaking_a_leavers_push_waits_for_it_instead_of_starting_th
         await c.stop()
 
     sim.run(scenario())
+
+
+def test_hand_over_names_the_shards_that_could_not_hand_their_keys_over(tmp_path):
+    from dmlsys.sharding.admin import hand_over, loads
+    from dmlsys.sharding.errors import ShardingError
+
+    async def scenario():
+        c = Cluster(14, ["s0", "s1"], counter, tmp_path)
+        await c.start()
+        keys = [f"user-{i}" for i in range(20)]
+        await c.router.run({"add": {k: 1.0 for k in keys}})
+        supervisor = Node("supervisor", c.net.transport("supervisor"), role="supervisor",
+                          directory=Directory(c.members))
+        await supervisor.start()
+        held = await loads(supervisor, ["s0", "s1", "nobody"])
+        assert set(held) == {"s0", "s1"} and sum(h["keys"] for h in held.values()) == 20
+        c.net.crash("s0")  # s1 can push its keys nowhere
+        c.shards["s0"].kill()
+        with pytest.raises(ShardingError, match=rf"s1 still holds {held['s1']['keys']} key\(s\)"):
+            await hand_over(supervisor, ["s1"], timeout=10.0)
+        await supervisor.stop(0)
+        await c.stop()
+
+    sim.run(scenario())
