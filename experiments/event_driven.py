@@ -320,7 +320,8 @@ def cold_start(args) -> dict:
     import subprocess
 
     cache = work / "jax-cache"
-    for rep in range(args.reps + 1):
+    parts = set(args.parts.split(","))
+    for rep in range(args.reps + 1 if "replica" in parts else 0):
         for mode in ("off", "cache"):
             env = {**os.environ, "DMLSYS_JAX_CACHE": "off" if mode == "off" else str(cache), "PYTHONPATH": str(ROOT)}
             out = subprocess.run([sys.executable, "-c", script, str(store)], env=env, capture_output=True, text=True,
@@ -356,7 +357,7 @@ replicas = {{replicas}}
     async def run(spares: int, reps: int, key: str) -> None:
         d = work / f"c{spares}"
         d.mkdir()
-        (d / "spec.toml").write_text(spec.format(spares=spares, replicas=max(1, spares)))
+        (d / "spec.toml").write_text(spec.format(spares=spares, replicas=spares))  # no spare: no process waits
         old = os.getcwd()
         os.chdir(d)
         sup = Supervisor(load(d / "spec.toml"), d / ".dmlsys")
@@ -389,8 +390,10 @@ replicas = {{replicas}}
             await sup.down()
             os.chdir(old)
 
-    asyncio.run(run(1, args.reps, "function"))
-    asyncio.run(run(0, max(1, args.reps // 3), "function_no_spare"))
+    if "function" in parts:
+        asyncio.run(run(1, args.reps, "function"))
+    if "no-spare" in parts:
+        asyncio.run(run(0, max(1, args.reps // 3), "function_no_spare"))
     return result
 
 
@@ -406,7 +409,7 @@ role = "events"
 [nodes.config]
 http = "127.0.0.1:0"
 slots = {slots}
-spares = 1
+spares = 2
 tick = 0.2
 stable_window = {stable}
 panic_window = {panic}
@@ -422,7 +425,7 @@ max_wait = 5
 [[nodes]]
 name = "function"
 role = "function"
-replicas = 1
+replicas = 2
 """
 
 
@@ -655,6 +658,7 @@ def main() -> None:
     c = sub.add_parser("cold-start")
     c.add_argument("--reps", type=int, default=5)
     c.add_argument("--store", help="a model store holding fashion-mlp (default: a random one in a temp dir)")
+    c.add_argument("--parts", default="replica,function,no-spare")
     c.add_argument("--json")
     args = ap.parse_args()
     import logging
@@ -683,7 +687,7 @@ def main() -> None:
             xs = [r["first_answer_s"] for r in res[k]]
             if xs:
                 summary[k] = {"median_first_answer_s": statistics.median(xs), "max_first_answer_s": max(xs), "n": len(xs)}
-        for mode in ("off", "cache"):
+        for mode in ("off", "cache") if res["replica"] else ():
             xs = [r["total_s"] for r in res["replica"] if r["mode"] == mode]
             ls = [r["load_s"] for r in res["replica"] if r["mode"] == mode]
             summary[f"replica_{mode}"] = {"median_total_s": statistics.median(xs), "median_load_s": statistics.median(ls)}

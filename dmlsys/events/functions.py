@@ -174,6 +174,10 @@ class FunctionPool:
         async with self._changed:
             self._changed.notify_all()
 
+    def kick(self) -> None:
+        """Run a control step now, not at the next tick (a function was just deployed, say)."""
+        self._kick.set()
+
     def instance_died(self, instance: str) -> None:
         """The launcher saw the instance's process exit: write it off (its events retry elsewhere)."""
         self.peers.pop(instance, None)

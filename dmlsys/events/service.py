@@ -148,7 +148,7 @@ class EventsService(Service):
             raise TypeError('deploy takes {"model": name, "name"?, "min"?, "max"?, "target"?, "priority"?}')
         fields = {k: body[k] for k in ("min", "max", "target", "priority", "version") if body.get(k) is not None}
         out = self.deploy_function(Deployment(str(body.get("name") or body["model"]), body["model"], **fields))
-        self.functions._kick.set()  # reach its min now
+        self.functions.kick()  # reach its min now
         return out
 
     @rpc(allow=ADMIN)
