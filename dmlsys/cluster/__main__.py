@@ -275,7 +275,8 @@ def cmd_status(args: argparse.Namespace, state_dir: Path) -> int:
             if not pid_alive(row.get("pid")):
                 row["state"], row["pid"] = "stopped", None
     if args.json:
-        print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster", "hosts", "error")}, indent=2))
+        print(json.dumps({k: doc.get(k) for k in ("nodes", "http", "state", "cluster", "hosts", "error", "dashboard")},
+                         indent=2))
     else:
         print_table(doc)
         if live is not None:
@@ -567,6 +568,8 @@ def print_table(doc: dict) -> None:
 
 
 def print_endpoints(doc: dict) -> None:
+    if doc.get("dashboard"):
+        print(f"\ndashboard: {doc['dashboard']}")
     http = doc.get("http")
     if not http or not any(r["role"] == "gateway" for r in doc.get("nodes", [])):
         return

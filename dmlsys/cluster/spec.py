@@ -3,6 +3,7 @@
     [cluster]
     name = "local"
     store = ".dmlsys/models"          # model store directory, relative to the working directory
+    dashboard = "127.0.0.1:8080"      # the supervisor's web dashboard (left out: none); an admin surface
 
     [hosts.local]
     address = "127.0.0.1"             # where this host's nodes bind and are reached
@@ -48,7 +49,7 @@ from dmlsys.cluster.errors import ClusterError, SpecError
 from dmlsys.node.directory import Member
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
-KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train", "tls_cert", "tls_key"}
+KNOWN_CLUSTER_KEYS = {"name", "store", "supervisor", "http", "state_dir", "train", "tls_cert", "tls_key", "dashboard"}
 RESERVED_NAMES = ("supervisor", "cli")  # the supervisor's and the command line's principals (docs/security.md)
 KNOWN_NODE_KEYS = {"name", "role", "host", "hosts", "placement", "zmq", "admin", "replicas", "config"}
 
@@ -89,6 +90,7 @@ class ClusterSpec:
     hosts: dict[str, str]  # host name -> address
     nodes: tuple[NodeSpec, ...]
     capacity: dict[str, int] = dataclasses.field(default_factory=dict)  # host -> nodes it may run (absent: any)
+    dashboard: str | None = None  # HOST:PORT of the supervisor's web dashboard (None: no dashboard)
 
     @property
     def primary(self) -> str | None:
@@ -160,6 +162,9 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
     if http is not None:
         _host_port(_str(http, "cluster.http", err), "cluster.http", err)
     train = _table(cluster.get("train", {}), "cluster.train", err)
+    dashboard = cluster.get("dashboard")  # an admin surface: give a loopback address unless you mean it
+    if dashboard is not None:
+        _host_port(_str(dashboard, "cluster.dashboard", err), "cluster.dashboard", err)
     # The front door's certificate: every gateway serves HTTPS with it unless its config names its own.
     tls = {k: _str(cluster[k], f"cluster.{k}", err) for k in ("tls_cert", "tls_key") if k in cluster}
     if len(tls) == 1:
@@ -244,7 +249,7 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
             seen.add(member)
         nodes.append(spec)
 
-    result = ClusterSpec(str(path), name, store, supervisor, http, train, hosts, tuple(nodes), capacity)
+    result = ClusterSpec(str(path), name, store, supervisor, http, train, hosts, tuple(nodes), capacity, dashboard)
     if result.multi_host:
         # Ports are picked on the host that runs each node and reported to the primary when its host
         # joins; only the primary's supervisor must be where every host can find it without asking.

@@ -179,6 +179,7 @@ class Supervisor:
         self.remote_hosts: dict[str, Any] = {}
         self.join_timeout = READY_TIMEOUT
         self.shard_loads: dict[str, dict[str, int]] = {}  # shard name -> {"keys", "bytes"}, as last asked
+        self.dashboard = None  # the web dashboard (cluster.dashboard), on the primary only
 
     # -- membership -------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Supervisor:
             "supervisor": {"pid": os.getpid(), "started": process_start_ticks(os.getpid()),
                            "zmq": self.node.transport.address if self.node else None},
             "http": f"http://{self.spec.http}" if self.spec.http else None,
+            "dashboard": self.dashboard.url if self.dashboard is not None else None,
             "nodes": [{**p.row(), **self.shard_loads.get(p.member.name, {})} for p in self.procs.values()] + self._remote_rows(),
             "host": self.host, "primary": self.primary if self.spread else None,
             "hosts": ({h: v.summary(time.monotonic()) for h, v in self.hosts.views.items()} if self.hosts is not None
@@ -278,6 +280,8 @@ class Supervisor:
         try:
             self._check_ports()
             await self._start_supervisor_node()
+            if self.spec.dashboard and self.primary:
+                await self._start_dashboard()
             self.write_state()
             if not self.primary:
                 await self._join()
@@ -331,6 +335,16 @@ class Supervisor:
         except TransportError as e:
             raise ClusterError(f"supervisor: {e} (set cluster.supervisor in {self.spec.path})") from None
         self.node = node
+
+    async def _start_dashboard(self) -> None:
+        from dmlsys.cluster.dashboard import Dashboard
+
+        dashboard = Dashboard(self, self.spec.dashboard)
+        try:
+            await dashboard.start()
+        except OSError as e:
+            raise ClusterError(str(e)) from None
+        self.dashboard = dashboard
 
     def _repick_ports(self, proc: Proc) -> bool:
         """A port picked for ``proc`` was taken by someone else before the node could bind it
@@ -815,6 +829,9 @@ class Supervisor:
         for p in procs:
             if p.waiter is not None:
                 p.waiter.cancel()
+        if self.dashboard is not None:  # before the node: its actions call through it
+            await self.dashboard.stop()
+            self.dashboard = None
         if self.link is not None:
             await self.link.stop()  # its last report says bye
         if self.node is not None:
