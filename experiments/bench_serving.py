@@ -1,21 +1,34 @@
 #!/usr/bin/env python3
-"""Serving throughput and failover: dmlsys (front door + balancer + N replicas) vs nginx.
+"""Serving throughput, balancer CPU and failover: dmlsys's gateway against nginx, in one run.
 
-Side by side, in one run, on this machine, the same MLP (784 -> 256 -> 10, the anchor's seeded
-weights) served by
+Two comparisons, side by side, on this machine, with the same MLP (784 -> 256 -> 10, the anchor's
+seeded weights) everywhere:
 
-  dmlsys  `python -m dmlsys.cluster up` of a gateway and N replica nodes (adaptive batching);
-  nginx   nginx round-robin with upstream keepalive in front of N plain aiohttp replicas
-          (shared/anchors/serving/replica.py and nginx.conf.tmpl, unchanged).
+  same-replicas  (the headline: balancer against balancer) one dmlsys cluster of N replica nodes
+                 whose replicas also listen on HTTP (role config `http`), fronted in turn by
+                   dmlsys  its gateway (HTTP door + balancer, ZeroMQ to the replicas, as in a cluster);
+                   nginx   round-robin, and least_conn, with keepalive to the replicas' HTTP.
+                 The replicas are the very same processes: same parse, same batching, same model.
+  system         (today's pair, its own rows) the dmlsys cluster through its gateway against nginx
+                 round-robin in front of N plain aiohttp replicas (shared/anchors/serving/replica.py and
+                 nginx.conf.tmpl, unchanged): what each side gets as built, replicas included.
 
-Load: wrk -t1 with the anchors' post.lua (a fixed 784-pixel body), 64 connections by default.
-For each N in --replicas both systems are up at once and their runs alternate, so drift in the
-machine's load hits both alike. Failover: 3 fresh replicas under load, one SIGKILLed at
---kill-at seconds; failed = non-2xx + socket errors as wrk counts them. nginx runs with its
-defaults and with `proxy_next_upstream ... non_idempotent` (the anchors' two variants).
+Load: wrk -t1 with the anchors' post.lua (a fixed 784-pixel body), 64 connections by default. For
+each N every balancer is up at once and their runs alternate, the order rotated every round, so
+drift in the machine's load hits all alike. Each load row carries the balancer's CPU per request:
+utime + stime from /proc/PID/stat over the run, divided by the requests it answered (the gateway
+process; for nginx the sum of its processes), and the replicas' likewise.
 
-Rows (--json FILE): kind (load | failover), system (dmlsys | nginx), replicas, rps, p50_ms,
-p99_ms, failed, plus variant and round. Needs nginx and wrk (apt-get install -y nginx-light wrk).
+Failover: 3 replicas under load, one SIGKILLed at --kill-at seconds; failed = non-2xx + socket
+errors as wrk counts them. Same-replicas: our gateway, and nginx with its defaults and with
+`proxy_next_upstream error timeout http_502 non_idempotent` over the same replicas (the killed one
+is restarted by the cluster's supervisor, on the same port, for all three); system: nginx's two
+variants over the anchor's replicas. --fo-rounds runs of each (default 3).
+
+Rows (--json FILE): kind (load | failover), variant (same-replicas | system), system (dmlsys | nginx),
+policy, replicas, round, rps, p50_ms, p99_ms, failed, requests, cpu_us_per_req (the balancer),
+replicas_cpu_us_per_req; failover rows also fo_variant. Needs nginx and wrk
+(apt-get install -y nginx-light wrk).
 """
 
 from __future__ import annotations
@@ -116,16 +129,53 @@ def make_store(root: Path, anchors: Path) -> None:
                           {"arch": {"kind": "mlp", "hidden": [256]}})
 
 
+# -- CPU accounting ---------------------------------------------------------------------------
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (every thread), in seconds; a process gone counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 # -- dmlsys -------------------------------------------------------------------------------------
 
 
 class Dmlsys:
+    """A gateway and N replica nodes, each replica also on HTTP at a port fixed here (a restarted
+    replica comes back on it, so nginx in front of them recovers as the gateway does)."""
+
     def __init__(self, work: Path, store: Path, replicas: int, args) -> None:
         self.dir = work / f"dmlsys-{replicas}-{time.monotonic_ns()}"
         self.dir.mkdir()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/models/{MODEL}:predict"
+        self.http_ports = [free_port() for _ in range(replicas)]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DMLSYS_LOG": "WARNING"}
+        nodes = "".join(f"""
+[[nodes]]
+name = "replica-{i}"
+role = "replica"
+[nodes.config]
+model = "{MODEL}"
+http = "127.0.0.1:{p}"
+""" for i, p in enumerate(self.http_ports))
         (self.dir / "spec.toml").write_text(f"""
 [cluster]
 name = "bench"
@@ -139,14 +189,7 @@ role = "gateway"
 policy = "{args.policy}"
 probe_period = 0.25
 try_timeout = 1.0
-
-[[nodes]]
-name = "replica"
-role = "replica"
-replicas = {replicas}
-[nodes.config]
-model = "{MODEL}"
-""")
+{nodes}""")
 
     def cli(self, *a: str, timeout: float = 180) -> str:
         r = subprocess.run([PY, "-m", "dmlsys.cluster", *a], cwd=self.dir, env=self.env, capture_output=True,
@@ -161,15 +204,23 @@ model = "{MODEL}"
         for attempt in range(attempts):
             try:
                 self.cli("up", "--detach", "spec.toml")
-                return
+                break
             except RuntimeError as e:
                 if attempt == attempts - 1 or "address already in use" not in str(e):
                     raise
                 log(f"  dmlsys up lost a port race; retrying ({e.args[0].splitlines()[-2].strip()[:120]})")
+        for p in self.http_ports:
+            wait_http(f"http://127.0.0.1:{p}/v1/models/{MODEL}", 60)
+
+    def nodes(self, role: str) -> list[int]:
+        state = json.loads((self.dir / ".dmlsys" / "state.json").read_text())
+        return [n["pid"] for n in state["nodes"] if n["role"] == role]
 
     def replica_pids(self) -> list[int]:
-        state = json.loads((self.dir / ".dmlsys" / "state.json").read_text())
-        return [n["pid"] for n in state["nodes"] if n["role"] == "replica"]
+        return self.nodes("replica")
+
+    def balancer_pids(self) -> list[int]:
+        return self.nodes("gateway")
 
     def down(self) -> None:
         with contextlib.suppress(Exception):
@@ -179,28 +230,52 @@ model = "{MODEL}"
 # -- nginx --------------------------------------------------------------------------------------
 
 
+class AnchorReplicas:
+    """N of the anchor's plain aiohttp replicas (POST /predict {"x": [...]})."""
+
+    def __init__(self, work: Path, anchors: Path, replicas: int) -> None:
+        self.dir = work / f"anchor-{replicas}-{time.monotonic_ns()}"
+        self.dir.mkdir()
+        self.anchors = anchors
+        self.http_ports = [free_port() for _ in range(replicas)]
+        self.procs: list[subprocess.Popen] = []
+
+    def up(self) -> None:
+        for p in self.http_ports:
+            self.procs.append(PROCS.spawn([PY, str(self.anchors / "replica.py"), "--port", str(p)],
+                                          self.dir / f"replica-{p}.log"))
+        for p in self.http_ports:
+            wait_http(f"http://127.0.0.1:{p}/ready", 30)
+
+    def replica_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def down(self) -> None:
+        for p in self.procs:
+            PROCS.stop(p)
+
+
 class Nginx:
-    def __init__(self, work: Path, anchors: Path, replicas: int, variant: str = "defaults") -> None:
-        self.dir = work / f"nginx-{replicas}-{variant}-{time.monotonic_ns()}"
+    """One nginx (1 worker, upstream keepalive 64) in front of ``ports``, from the anchors' template.
+    policy: round-robin | least_conn; retry: proxy_next_upstream ... non_idempotent."""
+
+    def __init__(self, work: Path, anchors: Path, ports: list[int], path: str, policy: str = "round-robin",
+                 retry: bool = False) -> None:
+        self.dir = work / f"nginx-{len(ports)}-{policy}-{time.monotonic_ns()}"
         (self.dir / "tmp").mkdir(parents=True)
         self.anchors = anchors
-        self.ports = [free_port() for _ in range(replicas)]
+        self.ports = ports
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/predict"
-        self.variant = variant
-        self.replicas: list[subprocess.Popen] = []
+        self.url = f"http://127.0.0.1:{self.port}{path}"
+        self.policy = policy
+        self.retry = retry
         self.master: subprocess.Popen | None = None
 
     def up(self) -> None:
-        for p in self.ports:
-            self.replicas.append(PROCS.spawn([PY, str(self.anchors / "replica.py"), "--port", str(p)],
-                                             self.dir / f"replica-{p}.log"))
-        for p in self.ports:
-            wait_http(f"http://127.0.0.1:{p}/ready", 30)
-        retry = self.variant == "retry-nonidem"
-        params = " max_fails=1 fail_timeout=5s" if retry else ""
-        extra = "            proxy_next_upstream error timeout http_502 non_idempotent;\n" if retry else ""
-        upstream = ("    upstream pool {\n" + "".join(f"        server 127.0.0.1:{p}{params};\n" for p in self.ports)
+        params = " max_fails=1 fail_timeout=5s" if self.retry else ""
+        extra = "            proxy_next_upstream error timeout http_502 non_idempotent;\n" if self.retry else ""
+        lc = "        least_conn;\n" if self.policy == "least_conn" else ""
+        upstream = ("    upstream pool {\n" + lc + "".join(f"        server 127.0.0.1:{p}{params};\n" for p in self.ports)
                     + "        keepalive 64;\n        keepalive_requests 1000000;\n    }")
         server = (f"    server {{\n        listen 127.0.0.1:{self.port} backlog=1024;\n"
                   f"        location = /nginx-ready {{ return 200 'ok'; }}\n        location / {{\n"
@@ -217,36 +292,43 @@ class Nginx:
         self.master = PROCS.spawn([NGINX, "-p", str(self.dir), "-e", err, "-c", str(conf)], self.dir / "nginx.out")
         wait_http(f"http://127.0.0.1:{self.port}/nginx-ready", 10)
 
-    def replica_pids(self) -> list[int]:
-        return [p.pid for p in self.replicas]
+    def balancer_pids(self) -> list[int]:
+        return [self.master.pid, *children(self.master.pid)] if self.master else []
 
     def down(self) -> None:
         if self.master is not None:
             PROCS.stop(self.master)
-        for p in self.replicas:
-            PROCS.stop(p)
 
 
 # -- load ---------------------------------------------------------------------------------------
 
 
-def wrk(args, url: str, body: Path, duration: float, kill_pid: int | None = None, kill_at: float = 0.0) -> dict:
+def wrk(args, url: str, body: Path, duration: float, kill_pid: int | None = None, kill_at: float = 0.0,
+        balancer: list[int] | None = None, replicas: list[int] | None = None) -> dict:
     duration = max(1, int(round(duration)))
     cmd = ["timeout", "-k", "5", str(duration + 30), WRK, "-t1", f"-c{args.conns}", f"-d{duration}s",
            "--timeout", "5s", "-s", str(args.anchors / "post.lua"), url, "--", str(body), str(args.cap)]
+    b0, r0 = cpu_seconds(balancer or []), cpu_seconds(replicas or [])
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if kill_pid is not None:
         time.sleep(kill_at)
         with contextlib.suppress(ProcessLookupError):
             os.kill(kill_pid, signal.SIGKILL)
     out, err = p.communicate(timeout=duration + 60)
+    b1, r1 = cpu_seconds(balancer or []), cpu_seconds(replicas or [])
     m = re.search(r"^WRKJSON (\{.*\})$", out, re.M)
     if not m:
         raise RuntimeError(f"wrk failed rc={p.returncode}: {err[-400:]} {out[-400:]}")
     r = json.loads(m.group(1))
     failed = r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
-    return {"rps": round(r["requests"] / (r["duration_us"] / 1e6), 1), "p50_ms": r["p50_us"] / 1000,
-            "p99_ms": r["p99_us"] / 1000, "failed": failed, "requests": r["requests"]}
+    n = max(1, r["requests"])
+    row = {"rps": round(r["requests"] / (r["duration_us"] / 1e6), 1), "p50_ms": r["p50_us"] / 1000,
+           "p99_ms": r["p99_us"] / 1000, "failed": failed, "requests": r["requests"]}
+    if balancer:
+        row["cpu_us_per_req"] = round((b1 - b0) * 1e6 / n, 1)
+    if replicas and kill_pid is None:
+        row["replicas_cpu_us_per_req"] = round((r1 - r0) * 1e6 / n, 1)
+    return row
 
 
 def bodies(work: Path) -> tuple[Path, Path]:
@@ -258,49 +340,107 @@ def bodies(work: Path) -> tuple[Path, Path]:
     return ours, theirs
 
 
+PREDICT = f"/v1/models/{MODEL}:predict"
+
+
 def phase_load(args, work: Path, store: Path, emit) -> None:
-    ours_body, nginx_body = bodies(work)
+    ours_body, anchor_body = bodies(work)
     for n in args.replicas:
-        mine, peer = Dmlsys(work, store, n, args), Nginx(work, args.anchors, n)
+        cluster = Dmlsys(work, store, n, args)
+        anchor = AnchorReplicas(work, args.anchors, n) if "system" in args.variants else None
+        ups = [cluster]
         try:
-            log(f"load, {n} replica(s): starting both systems")
-            mine.up()
-            peer.up()
-            wait_http(mine.url, 30, "POST", ours_body.read_bytes())
-            systems = [("dmlsys", mine.url, ours_body), ("nginx", peer.url, nginx_body)]
-            for name, url, body in systems:
+            log(f"load, {n} replica(s): starting the cluster, the nginxes{' and the anchor replicas' if anchor else ''}")
+            cluster.up()
+            wait_http(cluster.url, 30, "POST", ours_body.read_bytes())
+            # (row fields, url, body, balancer pids, replica pids)
+            runs = []
+            if "same-replicas" in args.variants:
+                runs.append(({"variant": "same-replicas", "system": "dmlsys", "policy": args.policy},
+                             cluster.url, ours_body, cluster.balancer_pids, cluster.replica_pids))
+                for policy in ("round-robin", "least_conn"):
+                    ng = Nginx(work, args.anchors, cluster.http_ports, PREDICT, policy)
+                    ups.append(ng)
+                    ng.up()
+                    runs.append(({"variant": "same-replicas", "system": "nginx", "policy": policy}, ng.url, ours_body,
+                                 ng.balancer_pids, cluster.replica_pids))
+            if anchor is not None:
+                ups.append(anchor)
+                anchor.up()
+                ng = Nginx(work, args.anchors, anchor.http_ports, "/predict")
+                ups.append(ng)
+                ng.up()
+                runs.append(({"variant": "system", "system": "dmlsys", "policy": args.policy}, cluster.url, ours_body,
+                             cluster.balancer_pids, cluster.replica_pids))
+                runs.append(({"variant": "system", "system": "nginx", "policy": "round-robin"}, ng.url, anchor_body,
+                             ng.balancer_pids, anchor.replica_pids))
+            for _, url, body, _, _ in runs:
                 wrk(args, url, body, args.warmup)
             for rnd in range(args.rounds):
-                for name, url, body in (systems if rnd % 2 == 0 else systems[::-1]):
-                    row = {"kind": "load", "system": name, "replicas": n, "round": rnd, "conns": args.conns,
-                           **wrk(args, url, body, args.duration)}
+                k = rnd % len(runs)  # rotate the order every round
+                for fields, url, body, bpids, rpids in runs[k:] + runs[:k]:
+                    row = {"kind": "load", **fields, "replicas": n, "round": rnd, "conns": args.conns,
+                           **wrk(args, url, body, args.duration, balancer=bpids(), replicas=rpids())}
                     emit(row)
-                    log(f"  {name:6s} N={n} round {rnd}: {row['rps']:8.1f} req/s p50 {row['p50_ms']:.2f} ms "
-                        f"p99 {row['p99_ms']:.2f} ms failed {row['failed']}")
+                    log(f"  {row['variant']:13s} {row['system']:6s} {row['policy']:12s} N={n} round {rnd}: "
+                        f"{row['rps']:8.1f} req/s p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms "
+                        f"balancer {row['cpu_us_per_req']:.0f} us/req replicas {row['replicas_cpu_us_per_req']:.0f} "
+                        f"us/req failed {row['failed']}")
         finally:
-            mine.down()
-            peer.down()
+            for u in reversed(ups):
+                u.down()
+            if anchor is not None:
+                anchor.down()
 
 
 def phase_failover(args, work: Path, store: Path, emit) -> None:
-    ours_body, nginx_body = bodies(work)
+    ours_body, anchor_body = bodies(work)
+    cases = []
+    if "same-replicas" in args.variants:
+        cases += [("same-replicas", "dmlsys", "default"), ("same-replicas", "nginx", "defaults"),
+                  ("same-replicas", "nginx", "retry-nonidem")]
+    if "system" in args.variants:
+        cases += [("system", "nginx", "defaults"), ("system", "nginx", "retry-nonidem")]
     for rnd in range(args.fo_rounds):
-        for variant in ("dmlsys", "defaults", "retry-nonidem"):
-            system = Dmlsys(work, store, 3, args) if variant == "dmlsys" else Nginx(work, args.anchors, 3, variant)
-            body = ours_body if variant == "dmlsys" else nginx_body
+        for variant, system, fo_variant in cases:
+            ups = []
             try:
-                system.up()
-                wait_http(system.url, 30, "POST", body.read_bytes())
-                victim = system.replica_pids()[1]
-                row = {"kind": "failover", "system": "dmlsys" if variant == "dmlsys" else "nginx",
-                       "variant": "default" if variant == "dmlsys" else variant, "replicas": 3, "round": rnd,
-                       "conns": args.conns,
-                       **wrk(args, system.url, body, args.fo_duration, kill_pid=victim, kill_at=args.kill_at)}
+                if variant == "same-replicas":
+                    replicas = Dmlsys(work, store, 3, args)
+                    ups.append(replicas)
+                    replicas.up()
+                    wait_http(replicas.url, 30, "POST", ours_body.read_bytes())
+                    body = ours_body
+                    if system == "dmlsys":
+                        url, bpids = replicas.url, replicas.balancer_pids
+                    else:
+                        ng = Nginx(work, args.anchors, replicas.http_ports, PREDICT, retry=fo_variant != "defaults")
+                else:
+                    replicas = AnchorReplicas(work, args.anchors, 3)
+                    ups.append(replicas)
+                    replicas.up()
+                    body = anchor_body
+                    ng = Nginx(work, args.anchors, replicas.http_ports, "/predict", retry=fo_variant != "defaults")
+                if system == "nginx":
+                    ups.append(ng)
+                    ng.up()
+                    url, bpids = ng.url, ng.balancer_pids
+                wait_http(url, 30, "POST", body.read_bytes())
+                victim = replicas.replica_pids()[1]
+                row = {"kind": "failover", "variant": variant, "system": system, "fo_variant": fo_variant,
+                       "policy": args.policy if system == "dmlsys" else "round-robin", "replicas": 3, "round": rnd,
+                       "conns": args.conns, **wrk(args, url, body, args.fo_duration, kill_pid=victim,
+                                                  kill_at=args.kill_at, balancer=bpids())}
                 emit(row)
-                log(f"  failover {row['system']} ({row['variant']}): failed {row['failed']} of {row['requests']}, "
-                    f"{row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms")
+                log(f"  failover {variant} {system} ({fo_variant}) round {rnd}: failed {row['failed']} of "
+                    f"{row['requests']}, {row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms")
             finally:
-                system.down()
+                for u in reversed(ups):
+                    u.down()
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else ""
 
 
 def table(rows: list[dict], args) -> str:
@@ -308,46 +448,55 @@ def table(rows: list[dict], args) -> str:
     from rich.table import Table
 
     out = []
-    t = Table(title=f"load: wrk -t1 -c{args.conns}, {args.duration} s runs, median over {args.rounds} round(s)")
-    for col in ("replicas", "system", "req/s", "p50 ms", "p99 ms", "failed", "req/s ratio", "p99 ratio",
-                "paired req/s ratios"):
+    load = [r for r in rows if r["kind"] == "load"]
+    cols = ("variant", "replicas", "balancer", "req/s", "p50 ms", "p99 ms", "failed", "balancer CPU us/req",
+            "replicas CPU us/req", "dmlsys req/s vs this", "dmlsys CPU/req vs this", "dmlsys req/s vs this, per round")
+    t = Table(title=f"load: wrk -t1 -c{args.conns}, {args.duration} s runs, medians over the rounds")
+    for col in cols:
         t.add_column(col, justify="right")
-    md = ["| replicas | system | req/s | p50 ms | p99 ms | failed | req/s vs nginx | p99 vs nginx | "
-          "req/s vs nginx, per round |", "|---|---|---|---|---|---|---|---|---|"]
-    for n in args.replicas:
-        med = {}
-        for system in ("dmlsys", "nginx"):
-            rs = [r for r in rows if r["kind"] == "load" and r["system"] == system and r["replicas"] == n]
-            if rs:
-                med[system] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
-                med[system]["failed"] = sum(r["failed"] for r in rs)
-        # Runs of one round are back to back, so their ratio cancels most of the machine's drift.
-        by_round = {}
-        for r in rows:
-            if r["kind"] == "load" and r["replicas"] == n:
-                by_round.setdefault(r["round"], {})[r["system"]] = r["rps"]
-        paired = [v["dmlsys"] / v["nginx"] for _, v in sorted(by_round.items()) if len(v) == 2]
-        for system, m in med.items():
-            ratio = p99r = pr = ""
-            if system == "dmlsys" and "nginx" in med:
-                ratio = f"{m['rps'] / med['nginx']['rps']:.2f}x"
-                p99r = f"{m['p99_ms'] / med['nginx']['p99_ms']:.2f}x"
-                pr = ", ".join(f"{x:.2f}" for x in paired)
-            cells = [str(n), system, f"{m['rps']:.0f}", f"{m['p50_ms']:.2f}", f"{m['p99_ms']:.2f}", str(m["failed"]),
-                     ratio, p99r, pr]
-            t.add_row(*cells)
-            md.append("| " + " | ".join(cells) + " |")
-    Console(stderr=True).print(t)
-    out += md
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for variant in ("same-replicas", "system"):
+        for n in sorted({r["replicas"] for r in load}):
+            groups: dict[tuple, list[dict]] = {}
+            for r in load:
+                if r["variant"] == variant and r["replicas"] == n:
+                    groups.setdefault((r["system"], r["policy"]), []).append(r)
+            ours = next((g for k, g in groups.items() if k[0] == "dmlsys"), None)
+
+            def med(g, k):
+                vals = [r[k] for r in g if r.get(k) is not None]
+                return statistics.median(vals) if vals else float("nan")
+
+            for (system, policy), g in sorted(groups.items(), key=lambda kv: kv[0][0] != "dmlsys"):
+                rr = pr = cr = ""
+                if system != "dmlsys" and ours:
+                    rr = _ratio(med(ours, "rps"), med(g, "rps"))
+                    cr = _ratio(med(ours, "cpu_us_per_req"), med(g, "cpu_us_per_req"))
+                    # Runs of one round are close in time, so their ratio cancels most of the drift.
+                    mine = {r["round"]: r["rps"] for r in ours}
+                    pr = ", ".join(f"{mine[r['round']] / r['rps']:.2f}" for r in sorted(g, key=lambda r: r["round"])
+                                   if r["round"] in mine and r["rps"])
+                cells = [variant, str(n), f"{system} {policy}", f"{med(g, 'rps'):.0f}", f"{med(g, 'p50_ms'):.2f}",
+                         f"{med(g, 'p99_ms'):.2f}", str(sum(r["failed"] for r in g)), f"{med(g, 'cpu_us_per_req'):.0f}",
+                         f"{med(g, 'replicas_cpu_us_per_req'):.0f}", rr, cr, pr]
+                t.add_row(*cells)
+                md.append("| " + " | ".join(cells) + " |")
+    if load:
+        Console(stderr=True).print(t)
+        out += md
     fo = [r for r in rows if r["kind"] == "failover"]
     if fo:
         t = Table(title=f"failover: 3 replicas, wrk -c{args.conns} for {args.fo_duration} s, SIGKILL one at {args.kill_at} s")
-        for col in ("system", "variant", "failed per run", "requests per run", "req/s", "p99 ms"):
+        cols = ("variant", "balancer", "on failure", "failed per run", "requests per run", "req/s", "p99 ms")
+        for col in cols:
             t.add_column(col, justify="right")
-        out += ["", "| system | variant | failed per run | requests per run | req/s | p99 ms |", "|---|---|---|---|---|---|"]
-        for key in sorted({(r["system"], r["variant"]) for r in fo}):
-            rs = [r for r in fo if (r["system"], r["variant"]) == key]
-            cells = [key[0], key[1], ", ".join(str(r["failed"]) for r in rs), ", ".join(str(r["requests"]) for r in rs),
+        out += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        keys = sorted({(r["variant"], r["system"], r["fo_variant"]) for r in fo},
+                      key=lambda k: (k[0] != "same-replicas", k[1] != "dmlsys", k[2]))
+        for key in keys:
+            rs = [r for r in fo if (r["variant"], r["system"], r["fo_variant"]) == key]
+            cells = [key[0], key[1], key[2], ", ".join(str(r["failed"]) for r in rs),
+                     ", ".join(str(r["requests"]) for r in rs),
                      f"{statistics.median(r['rps'] for r in rs):.0f}", f"{statistics.median(r['p99_ms'] for r in rs):.1f}"]
             t.add_row(*cells)
             out.append("| " + " | ".join(cells) + " |")
@@ -358,11 +507,12 @@ def table(rows: list[dict], args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", default="1,2,4", help="comma list of replica counts (default 1,2,4)")
+    ap.add_argument("--variants", default="same-replicas,system", help="comma list of: same-replicas, system")
     ap.add_argument("--conns", type=int, default=64, help="concurrent connections (default 64)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per load run (default 10)")
-    ap.add_argument("--warmup", type=int, default=3, help="unrecorded seconds per system before the runs")
-    ap.add_argument("--rounds", type=int, default=2, help="alternated runs per system and N (default 2)")
-    ap.add_argument("--fo-rounds", type=int, default=1, help="failover runs per system (default 1)")
+    ap.add_argument("--warmup", type=int, default=3, help="unrecorded seconds per balancer before the runs")
+    ap.add_argument("--rounds", type=int, default=2, help="alternated runs per balancer and N (default 2)")
+    ap.add_argument("--fo-rounds", type=int, default=3, help="failover runs per variant (default 3)")
     ap.add_argument("--fo-duration", type=int, default=20)
     ap.add_argument("--kill-at", type=float, default=5.0)
     ap.add_argument("--policy", default="power-of-two", help="dmlsys balancing policy")
@@ -373,10 +523,11 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
     ap.add_argument("--tables", metavar="JSON", help="only print the tables of rows an earlier --json wrote")
-    ap.add_argument("--plot", metavar="PNG", help="req/s, p99 and failover figure (default: the --json path, .png)")
+    ap.add_argument("--plot", metavar="PNG", help="req/s, p99, CPU and failover figure (default: the --json path, .png)")
     ap.add_argument("--from-json", metavar="JSON", help="only print the tables and plot the rows of an earlier --json")
     args = ap.parse_args()
     args.replicas = [int(x) for x in args.replicas.split(",")]
+    args.variants = set(args.variants.split(","))
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.tables or args.from_json:
@@ -395,6 +546,7 @@ def main() -> None:
         work = Path(tmp)
         store = work / "models"
         make_store(store, args.anchors)
+
         def emit(row: dict) -> None:
             rows.append(row)
             if args.json:  # after every run, so a failure later keeps what was measured

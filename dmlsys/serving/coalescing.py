@@ -13,8 +13,9 @@ This is the only place requests are grouped on their way to a replica. The repli
 batcher is a different thing: it groups *computation* (whatever is queued when the model is
 free runs as one matrix product), whichever messages the requests came in.
 
-Every request keeps its own timeout (``send(..., timeout)``); one failing item fails only its
-own future, and a message that fails as a whole fails each of its items with that error.
+Every request keeps its own timeout (``send(..., timeout)``: the message's, or a timer of its
+own when it is shorter); one failing item fails only its own future, and a message that fails
+as a whole (its timeout included) fails each of its items with that error.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ class Coalescer:
         box.append((body, fut, timeout))
         if len(box) >= messages.MAX_ITEMS:  # full: it leaves now, the next request starts a new one
             self._flush(replica)
-        timer = loop.call_later(timeout, _expire, fut, replica, timeout)
-        fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
     def _flush(self, replica: str) -> None:
@@ -55,7 +54,15 @@ class Coalescer:
             task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, replica: str, items: list) -> None:
-        timeout = max(t for _, _, t in items) + 1.0  # each item's own timer fires first
+        # The message waits as long as its most patient item; an item that would wait less (a
+        # request near its deadline) gets a timer of its own. Items of one turn nearly always
+        # share one timeout (the balancer's try_timeout), so this is usually no timer at all.
+        timeout = max(t for _, _, t in items)
+        loop = asyncio.get_running_loop()
+        for _, fut, t in items:
+            if t < timeout - 0.001:
+                timer = loop.call_later(t, _expire, fut, replica, t)
+                fut.add_done_callback(lambda _, timer=timer: timer.cancel())
         try:
             if len(items) == 1:
                 results = [await self.node.call(replica, "model", "predict", items[0][0], timeout=timeout)]

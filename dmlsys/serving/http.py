@@ -35,9 +35,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from email.utils import formatdate
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 from urllib.parse import unquote
 
 import orjson
@@ -45,10 +46,16 @@ import orjson
 log = logging.getLogger(__name__)
 
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TCHAR = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+# A head (decoded as latin-1, one CRLF appended): request line, then fields; values hold no
+# CR, LF or NUL, the target no space or control character.
+_HEAD_RE = re.compile(rf"({_TCHAR}+) (/[^\x00-\x20\x7f]*) HTTP/1\.([01])\r\n((?:{_TCHAR}+:[^\x00\r\n]*\r\n)*)")
+_FIELD_RE = re.compile(rf"({_TCHAR}+):[ \t]*([^\x00\r\n]*?)[ \t]*\r\n")
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+TICKS = 4  # sweeps per (shorter) timeout
 LINGER = 2.0  # seconds an answered error keeps reading (and dropping) what the client still sends
 PAUSE_AT = 256 << 10  # bytes buffered behind a request in progress before reading pauses
 
@@ -104,7 +111,7 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
     return Reply(status, orjson.dumps({"error": message}), headers=headers)
 
 
-Handler = Callable[[Request], "Reply | Awaitable[Reply]"]
+Handler = Callable[[Request], "Reply | Coroutine[Any, Any, Reply]"]
 
 
 class _Date:
@@ -127,18 +134,18 @@ class _Date:
 _DATE = _Date()
 
 
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+
+
 def encode_reply(reply: Reply, close: bool) -> bytes:
-    status = reply.status
-    head = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-        status, _REASONS.get(status, "Unknown").encode(), reply.content_type.encode(), len(reply.body)), _DATE.get()]
-    if reply.headers:
-        for k, v in reply.headers.items():
-            head.append(f"{k}: {v}\r\n".encode("latin-1"))
-    if close:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    head.append(reply.body)
-    return b"".join(head)
+    key = (reply.status, reply.content_type)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = _STATUS_LINES[key] = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n" % (
+            reply.status, _REASONS.get(reply.status, "Unknown").encode(), reply.content_type.encode())
+    extra = "".join([f"{k}: {v}\r\n" for k, v in reply.headers.items()]).encode("latin-1") if reply.headers else b""
+    return b"%sContent-Length: %d\r\n%s%s%s\r\n%s" % (line, len(reply.body), _DATE.get(), extra,
+                                                      b"Connection: close\r\n" if close else b"", reply.body)
 
 
 class _Refused(Exception):
@@ -157,8 +164,8 @@ class HttpServer:
     """Serves ``handler`` on ``host:port`` within ``limits``. ``start()`` binds (``port`` 0 picks
     one: see ``port``), ``stop()`` closes the listener and every connection.
 
-    ``handler(request)`` returns a ``Reply`` or an awaitable of one; an exception it raises is
-    answered 500 naming it. ``name`` goes into log lines and errors.
+    ``handler(request)`` returns a ``Reply`` or a coroutine that returns one (run as a task);
+    an exception either raises is answered 500 naming it. ``name`` goes into log lines and errors.
     """
 
     def __init__(self, handler: Handler, limits: HttpLimits = HttpLimits(), *, name: str = "http") -> None:
@@ -169,6 +176,8 @@ class HttpServer:
         self.refused = 0  # connections answered 503 for max_connections
         self.refusals: dict[int, int] = {}  # status -> requests the server answered itself (408, 413, 400 ...)
         self.requests = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tick = 0  # sweeps so far: the clock connections stamp their states with
         self.port: int | None = None
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
@@ -179,7 +188,7 @@ class HttpServer:
         self._refusal %= (len(body), body)
 
     async def start(self, host: str, port: int, *, ssl=None, backlog: int = 1024) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, host, port, backlog=backlog, reuse_address=True,
                                                 ssl=ssl)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -205,15 +214,21 @@ class HttpServer:
             self._server = None
 
     async def _sweep(self) -> None:
+        # Connections stamp the tick their state began (``since``), not the time: reading the
+        # loop's clock for every request costs more than this whole sweep. A state that began
+        # in tick t is older than its timeout by tick t + TICKS + 1: it is closed between its
+        # timeout and 1.25 x its timeout.
         limits = self.limits
-        loop = asyncio.get_running_loop()
+        period = min(limits.read_timeout, limits.idle_timeout) / TICKS
+        idle = int(limits.idle_timeout / period + 1e-9) + 1
+        read = int(limits.read_timeout / period + 1e-9) + 1
         while True:
-            await asyncio.sleep(min(limits.read_timeout, limits.idle_timeout) / 4)
-            now = loop.time()
+            await asyncio.sleep(period)
+            self.tick = tick = self.tick + 1
             for conn in list(self.connections):
-                if conn.state == _HEAD and now - conn.since > limits.idle_timeout:
+                if conn.state == _HEAD and tick - conn.since >= idle:
                     conn.close()  # idle keep-alive, or a head trickling in: no answer is owed
-                elif conn.state == _BODY and now - conn.since > limits.read_timeout:
+                elif conn.state == _BODY and tick - conn.since >= read:
                     conn.refuse(408, f"body not received within {limits.read_timeout:g}s (read_timeout)")
 
 
@@ -256,7 +271,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.state = _HEAD
-        self.since = 0.0  # loop time the current state began (a head awaited, a body awaited)
+        self.since = server.tick  # the sweep tick the current state began (a head awaited, a body awaited)
         self.buf = bytearray()
         self.paused = False
         self._linger: asyncio.TimerHandle | None = None
@@ -275,8 +290,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.since = asyncio.get_running_loop().time()
-        self.server.connections.add(self)
+        server = self.server
+        if server.loop is None:  # a connection made without start() (tests drive the protocol directly)
+            server.loop = asyncio.get_running_loop()
+        self.since = server.tick
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSED
@@ -323,7 +341,7 @@ class _Connection(asyncio.Protocol):
                 self._head(bytes(data[pos:end]))
                 pos = end + 4
                 self.state = _BODY
-                self.since = asyncio.get_running_loop().time()
+                self.since = self.server.tick
                 if self._headers.get("expect", "").lower() == "100-continue" and pos == len(data) and (
                         self._chunked or self._length):
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -349,47 +367,38 @@ class _Connection(asyncio.Protocol):
         self.buf = rest if type(rest) is bytearray else bytearray(rest)
 
     def _head(self, head: bytes) -> None:
-        crlf = head.count(b"\r\n")
-        if head.count(b"\r") != crlf or head.count(b"\n") != crlf or b"\0" in head:
-            raise _Refused(400, "bare CR or LF, or a NUL, in the request head: lines end with CRLF")
-        lines = head.split(b"\r\n")
-        if len(lines) - 1 > self.server.limits.max_headers:
+        # One regular expression checks the whole head (the C engine, not a Python loop per
+        # byte or field: this is the door's hottest code); only a head it refuses is looked at
+        # again, by _malformed, to say what is wrong with it.
+        m = _HEAD_RE.fullmatch(head.decode("latin-1") + "\r\n")
+        if m is None:
+            self._malformed(head)
+        method, target, minor, block = m.groups()
+        fields = _FIELD_RE.findall(block)
+        if len(fields) > self.server.limits.max_headers:
             raise _Refused(431, f"more than {self.server.limits.max_headers} header fields")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            raise _Refused(400, f"malformed request line {lines[0][:100]!r}")
-        method, target, version = parts
-        if version != b"HTTP/1.1":
-            if version != b"HTTP/1.0":
-                raise _Refused(505 if version.startswith(b"HTTP/") else 400, f"unsupported version {version[:20]!r}")
+        if minor == "0":
             self._keep_alive = False
-        if not method or not _TOKEN.issuperset(method):
-            raise _Refused(400, f"malformed method {method[:20]!r}")
-        if not target.startswith(b"/"):
-            raise _Refused(400, "the request target must be a path (origin-form)")
-        path = target.split(b"?", 1)[0].decode("latin-1")
-        self._method = method.decode("ascii")
+        path = target.split("?", 1)[0]
+        self._method = method
         self._path = unquote(path) if "%" in path else path
-        headers = self._headers
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or not _TOKEN.issuperset(name):
-                raise _Refused(400, f"malformed header field {line[:100]!r}")
-            key = name.decode("ascii").lower()
-            text = value.strip(b" \t").decode("latin-1")
-            if key in headers:
-                if key == "content-length" and headers[key] != text:
+        self._headers = headers = {k.lower(): v for k, v in fields}
+        if len(headers) != len(fields):  # a field repeated: values joined, Content-Lengths must agree
+            headers.clear()
+            for k, v in fields:
+                k = k.lower()
+                if k not in headers:
+                    headers[k] = v
+                elif k != "content-length":
+                    headers[k] = headers[k] + ", " + v
+                elif headers[k] != v:
                     raise _Refused(400, "two different Content-Length fields")
-                if key != "content-length":
-                    headers[key] = headers[key] + ", " + text
-            else:
-                headers[key] = text
         connection = headers.get("connection")
         if connection is not None:
             tokens = {t.strip().lower() for t in connection.split(",")}
             if "close" in tokens:
                 self._keep_alive = False
-            elif "keep-alive" in tokens and version == b"HTTP/1.0":
+            elif "keep-alive" in tokens and minor == "0":
                 self._keep_alive = True
         coding = headers.get("transfer-encoding")
         length = headers.get("content-length")
@@ -397,7 +406,7 @@ class _Connection(asyncio.Protocol):
         if coding is not None:
             if length is not None:
                 raise _Refused(400, "both Transfer-Encoding and Content-Length: send one")
-            if coding.lower() != "chunked" or version == b"HTTP/1.0":
+            if coding.lower() != "chunked" or minor == "0":
                 raise _Refused(501, f"Transfer-Encoding {coding[:40]!r} is not supported (chunked is)")
             self._chunked = True
             self._body = bytearray()
@@ -408,6 +417,28 @@ class _Connection(asyncio.Protocol):
             if self._length > limit:
                 raise _Refused(413, f"body of {self._length} bytes is over the limit of {limit} bytes "
                                     "(max_body_bytes): send fewer instances per request")
+
+    def _malformed(self, head: bytes) -> None:
+        """Raise the _Refused that says what is wrong with a head ``_HEAD_RE`` refused."""
+        crlf = head.count(b"\r\n")
+        if head.count(b"\r") != crlf or head.count(b"\n") != crlf or b"\0" in head:
+            raise _Refused(400, "bare CR or LF, or a NUL, in the request head: lines end with CRLF")
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            raise _Refused(400, f"malformed request line {lines[0][:100]!r}")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise _Refused(505 if version.startswith(b"HTTP/") else 400, f"unsupported version {version[:20]!r}")
+        if not method or not _TOKEN.issuperset(method):
+            raise _Refused(400, f"malformed method {method[:20]!r}")
+        if not target.startswith(b"/"):
+            raise _Refused(400, "the request target must be a path (origin-form)")
+        for line in lines[1:]:
+            name, colon, _ = line.partition(b":")
+            if not colon or not name or not _TOKEN.issuperset(name):
+                raise _Refused(400, f"malformed header field {line[:100]!r}")
+        raise _Refused(400, f"malformed request head {head[:100]!r}")
 
     def _chunks(self, data: bytes | bytearray, pos: int) -> int:
         """Decode chunks from ``data[pos:]`` into ``self._body``: the position after the last
@@ -474,7 +505,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(result, Reply):
             self._answer(result, parse_on=False)  # the caller (_advance) goes on parsing
             return
-        task = asyncio.ensure_future(result)
+        task = server.loop.create_task(result)
         task.add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Future) -> None:
@@ -500,7 +531,7 @@ class _Connection(asyncio.Protocol):
             return
         self._reset()
         self.state = _HEAD
-        self.since = asyncio.get_running_loop().time()
+        self.since = self.server.tick
         if self.paused:
             self.paused = False
             transport.resume_reading()

@@ -119,9 +119,15 @@ class PowerOfTwo:
     name = "power-of-two"
 
     def pick(self, candidates: Sequence[Replica], key: str | None, rng: random.Random) -> Replica:
-        if len(candidates) == 1:
+        n = len(candidates)
+        if n == 1:
             return candidates[0]
-        a, b = rng.sample(range(len(candidates)), 2)
+        # Two distinct indices, uniform over pairs: b is drawn from the n - 1 others. (Two
+        # rng.random() calls: a third of the cost of rng.sample, on the gateway's hot path.)
+        a = int(rng.random() * n)
+        b = int(rng.random() * (n - 1))
+        if b >= a:
+            b += 1
         ra, rb = candidates[a], candidates[b]
         return rb if rb.in_flight < ra.in_flight else ra
 
@@ -219,14 +225,17 @@ class Pool:
     # -- choosing -------------------------------------------------------------------------
 
     def eligible(self, now: float) -> list[Replica]:
-        return [r for r in self._sorted if r.ready and not r.draining and not r.ejected(now)
-                and r.in_flight < self.max_in_flight]
+        limit = self.max_in_flight
+        return [r for r in self._sorted if r.ready and not r.draining and now >= r.ejected_until
+                and r.in_flight < limit]
 
     def pick(self, now: float, rng: random.Random, key: str | None = None,
              exclude: Iterable[str] = ()) -> Replica | None:
         """A replica for the next request, or None (see ``why_none``). ``exclude``: tried already."""
-        exclude = set(exclude)
-        candidates = [r for r in self.eligible(now) if r.name not in exclude]
+        candidates = self.eligible(now)
+        if exclude:
+            exclude = set(exclude)
+            candidates = [r for r in candidates if r.name not in exclude]
         if not candidates and not any(r.ready for r in self._sorted):
             # Degraded: nobody is ready, but a reloading replica still answers with its old model.
             candidates = [r for r in self._sorted if r.serving and not r.draining and not r.ejected(now)
