@@ -116,7 +116,9 @@ def bench_dag(rows: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- bench_serving
 def bench_serving(rows: list[dict], path: Path) -> None:
-    """req/s and p99 vs replicas (median line, each round a dot) and failed requests on failover."""
+    """Balancer against balancer on the same replicas (solid) and today's pair (dashed): req/s,
+    p99 and the balancer's CPU per request vs replicas (median line, each round a dot), and
+    failed requests on failover."""
     plt = _pyplot()
     if plt is None:
         return
@@ -124,47 +126,63 @@ def bench_serving(rows: list[dict], path: Path) -> None:
 
     load = [r for r in rows if r["kind"] == "load"]
     fo = [r for r in rows if r["kind"] == "failover"]
-    panels = (2 if load else 0) + (1 if fo else 0)
+    panels = (3 if load else 0) + (1 if fo else 0)
     if not panels:
         print("plot skipped: no rows to plot", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.9), squeeze=False)
     axes = list(axes[0])
-    colours = {"dmlsys": OURS, "nginx": PEER}
+
+    def series_of(r):  # (variant, system, policy) -> label, colour, line style
+        variant, system, policy = r.get("variant", "system"), r["system"], r.get("policy", "")
+        if system == "dmlsys":
+            return (f"dmlsys gateway ({variant})", OURS if variant == "same-replicas" else OURS_ALT,
+                    "-" if variant == "same-replicas" else "--")
+        if variant == "same-replicas":
+            return (f"nginx {policy} (same replicas)", PEER if policy == "round-robin" else "#d62728", "-")
+        return ("nginx + aiohttp replicas (system)", FLOOR, "--")
+
     if load:
         ns = sorted({r["replicas"] for r in load})
-        for ax, key, ylabel, title in ((axes[0], "rps", "requests per second (higher is better)", "Throughput"),
-                                       (axes[1], "p99_ms", "p99 latency, ms (lower is better)", "p99 latency")):
-            for system in ("dmlsys", "nginx"):
-                pts = [(r["replicas"], r[key]) for r in load if r["system"] == system]
+        labels = {}
+        for r in load:
+            labels.setdefault(series_of(r), []).append(r)
+        for ax, key, ylabel, title in (
+                (axes[0], "rps", "requests per second (higher is better)", "Throughput"),
+                (axes[1], "p99_ms", "p99 latency, ms (lower is better)", "p99 latency"),
+                (axes[2], "cpu_us_per_req", "balancer CPU µs per request (lower is better)", "Balancer CPU")):
+            for (label, colour, style), rs in labels.items():
+                pts = [(r["replicas"], r[key]) for r in rs if r.get(key) is not None]
                 if not pts:
                     continue
                 xs = [n for n in ns if any(p[0] == n for p in pts)]
                 med = [statistics.median(v for m, v in pts if m == n) for n in xs]
-                ax.plot(xs, med, "-o", color=colours[system], label=f"{system} (median)")
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=colours[system], alpha=0.4,
-                           label=f"{system} (each round)")
+                ax.plot(xs, med, style, marker="o", color=colour, label=label)
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=colour, alpha=0.4)
             ax.set_xticks(ns)
             ax.set_xlabel("replicas")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.set_ylim(bottom=0)
             conns = load[0].get("conns")
-            ax.set_title(f"{title}, wrk -c{conns}" if conns else title)
-        axes[0].legend(fontsize=7)
+            ax.set_title(f"{title}, wrk -c{conns}" if conns else title, fontsize=9)
+        axes[0].legend(fontsize=6)
     if fo:
         ax = axes[-1]
-        keys = sorted({(r["system"], r["variant"]) for r in fo}, key=lambda k: (k[0] != "dmlsys", k[1]))
-        failed = [statistics.median(r["failed"] for r in fo if (r["system"], r["variant"]) == k) for k in keys]
-        reqs = [statistics.median(r["requests"] for r in fo if (r["system"], r["variant"]) == k) for k in keys]
-        bars = ax.bar(range(len(keys)), failed, color=[colours.get(k[0], FLOOR) for k in keys])
+        keys = sorted({(r.get("variant", "system"), r["system"], r.get("fo_variant", r.get("variant"))) for r in fo},
+                      key=lambda k: (k[0] != "same-replicas", k[1] != "dmlsys", k[2]))
+        def of(k):
+            return [r for r in fo if (r.get("variant", "system"), r["system"], r.get("fo_variant", r.get("variant"))) == k]
+        failed = [statistics.median(r["failed"] for r in of(k)) for k in keys]
+        reqs = [statistics.median(r["requests"] for r in of(k)) for k in keys]
+        colours = [OURS if k[1] == "dmlsys" else (PEER if k[0] == "same-replicas" else FLOOR) for k in keys]
+        bars = ax.bar(range(len(keys)), failed, color=colours)
         for b, f, n in zip(bars, failed, reqs):
             ax.annotate(f"{f:g} of {n:,.0f}", (b.get_x() + b.get_width() / 2, f), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(keys)), [f"{s}\n{v}" for s, v in keys], fontsize=8)
-        ax.set_ylabel("failed requests per run (lower is better)")
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(keys)), [f"{s}\n{v}\n({w})" for w, s, v in keys], fontsize=6)
+        ax.set_ylabel("failed requests per run, median (lower is better)", fontsize=8)
         ax.set_ylim(0, max(failed + [1]) * 1.25)
-        r0 = fo[0]
-        ax.set_title(f"Failover: {r0['replicas']} replicas, one SIGKILLed")
+        ax.set_title(f"Failover: {fo[0]['replicas']} replicas, one SIGKILLed", fontsize=9)
         ax.grid(axis="x", visible=False)
     fig.tight_layout()
     _save(plt, fig, path)
