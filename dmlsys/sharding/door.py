@@ -133,7 +133,7 @@ class RouterDoor:
             await self._runner.cleanup()
             raise OSError(e.errno, f"router cannot listen for HTTP on {self.host}:{self.port} ({e.strerror}); set "
                                    f"[nodes.config] http to another HOST:PORT") from None
-        self.port = site._server.sockets[0].getsockname()[1]  # the port picked for :0
+        self.port = self._runner.addresses[0][1]  # the port picked for :0
         self.url = f"http://{self.host}:{self.port}"
         log.info("router %s: HTTP door on %s", self.router.node.name, self.url)
 
