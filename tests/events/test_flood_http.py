@@ -162,9 +162,9 @@ def test_anonymous_flood_leaves_authenticated_clients_unrefused(tmp_path):
               "gate": stats["gate"]}
     print(json.dumps(report))
     assert [s for s, _ in quiet + loud if s != 200] == [], report  # zero 429s (and no other failure)
-    assert len(loud) >= 2 * 20  # they really sent near their rate for the whole flood
+    assert len(loud) >= 2 * 15, report  # they kept sending through the whole flood
     refused = [ra for s, ra in anon if s == 429]
-    assert len(anon) >= 3 * 4 * 20 * 3 and refused, report  # several times what the anonymous tier admits
+    assert len(anon) >= 2 * 4 * 20 * 3 and refused, report  # at least twice what the anonymous tier admits
     assert {s for s, _ in anon} <= {200, 429, 503}, report
     assert all(ra is not None and ra.isdigit() and 1 <= int(ra) <= 2 for ra in refused), set(refused)
     assert rss_after - rss_before < 64 * 1024, report  # bounded: no per-request state kept
