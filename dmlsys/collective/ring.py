@@ -79,14 +79,21 @@ async def allreduce(link: PassLink, ufunc, flat: np.ndarray, gather: bool) -> np
     # into it and it moves on. So the fold goes into the received frame itself (a private
     # buffer that only this pass holds), which is then forwarded zero-copy: no private copy of
     # the whole input (the fresh pages of such a copy cost the kernel more to zero than the
-    # copy itself, measured with perf). Only our first segment leaves from copies of the
-    # caller's buffer, which must be reusable when we return.
+    # copy itself, measured with perf). Our first segment leaves from the caller's buffer
+    # itself when the all-gather follows (see below), else from a copy of it.
     sent, _ = schedule.reduce_scatter_step(r, n, 0)
     lo, hi = segs[sent]
-    src = link.pool.take(hi - lo, flat.dtype)
-    src[:] = flat[lo:hi]
+    if gather:
+        # With the all-gather, our first segment leaves straight from the caller's buffer: by
+        # the time we return, every rank's final segments came back to us, and the final
+        # value of the segment we sent first (``sent``, never ours) folds in our chunks, so
+        # they were on the wire before we return; the caller may write its buffer then.
+        src, base = flat, 0
+    else:  # reduce-scatter returns before anything of ours need have left
+        src, base = link.pool.take(hi - lo, flat.dtype), lo
+        src[:] = flat[lo:hi]
     for ci, (a, b) in enumerate(schedule.chunks(lo, hi, step)):
-        link.send(nxt, 0, ci, src[a - lo:b - lo])
+        link.send(nxt, 0, ci, src[a - base:b - base])
     del src  # its in-flight chunks hold it; the pool sees when they are gone
     for k in range(n - 1):
         _, got = schedule.reduce_scatter_step(r, n, k)
