@@ -90,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     events_cli.add_key_actions(actions)  # API keys of the events door: add, ls, revoke
     events_cli.add_deploy(sub)
 
+    k8s = sub.add_parser("k8s", help="render a spec as Kubernetes manifests (StatefulSets, Services, volumes, "
+                                     "the key as a Secret); see docs/deploy.md")
+    k8s.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"cluster spec TOML (default: {DEFAULT_SPEC})")
+    k8s.add_argument("-o", "--output", help="a directory for one file per manifest (default: one List on stdout)")
+    k8s.add_argument("--image", default="dmlsys:0.1.0", help="the image built from the Dockerfile (default dmlsys:0.1.0)")
+    k8s.add_argument("--namespace", default="default")
+    k8s.add_argument("--storage-class", help="for the model store's and the cache's ReadWriteMany volumes")
+
     node = sub.add_parser("node")  # what the supervisor runs per member; no help: not listed
     node.add_argument("--name", required=True)
 
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("dmlsys.node").setLevel(logging.WARNING)  # the CLI's own short-lived client node
     handler = {"up": cmd_up, "status": cmd_status, "down": cmd_down, "scale": cmd_scale,
                "rollout": cmd_rollout, "train": cmd_train, "keys": cmd_keys,
-               "deploy": events_cli.cmd_deploy}[args.command]
+               "deploy": events_cli.cmd_deploy, "k8s": cmd_k8s}[args.command]
     try:
         code = handler(args, state_dir)
     except CliError as e:
@@ -329,6 +337,31 @@ def cmd_down(args: argparse.Namespace, state_dir: Path) -> int:
 def cmd_scale(args: argparse.Namespace, state_dir: Path) -> int:
     doc, rows = tell_supervisor(state_dir, "scale", {"group": args.group, "replicas": args.replicas}, timeout=300.0)
     print_table({"nodes": rows, "cluster": doc.get("cluster")})
+    return 0
+
+
+def cmd_k8s(args: argparse.Namespace, state_dir: Path) -> int:
+    """The spec as manifests; the key is this state directory's (made if there is none yet)."""
+    from dmlsys.cluster import k8s, keys
+    from dmlsys.cluster.spec import load
+
+    try:
+        spec = load(args.spec)
+        key = keys.load(state_dir)
+        if key is None:
+            keys.secure_state_dir(state_dir)
+            key, _ = keys.ensure(state_dir)
+            print(f"made the cluster key {keys.key_path(state_dir)} (fingerprint {key.fingerprint})", file=sys.stderr)
+        manifests = k8s.render(spec, key_text=key.to_text(), image=args.image, namespace=args.namespace,
+                               storage_class=args.storage_class)
+    except (SpecError, keys.KeyFileError) as e:
+        raise CliError(str(e)) from None
+    if args.output:
+        paths = k8s.write(manifests, Path(args.output))
+        print(f"wrote {len(paths)} manifests to {args.output}/ (the Secret holds the cluster key: keep it private); "
+              f"apply them with `kubectl apply -f {args.output}`")
+    else:
+        print(json.dumps(k8s.as_list(manifests), indent=2))
     return 0
 
 
