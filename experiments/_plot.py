@@ -361,6 +361,47 @@ def train_data_parallel(rows: list[dict], path: Path) -> None:
     _save(plt, fig, path)
 
 
+# ----------------------------------------------------------------------------- bench_allreduce
+def bench_allreduce(rows: list[dict], path: Path) -> None:
+    """busbw against buffer size, one panel per world size: the fair pair (our socket path over
+    TCP, gloo over TCP) in solid lines, Open MPI's tcp BTL dashed, the shared-memory rows
+    (ours, MPI's vader) dotted; the x gloo ratio of the fair pair under each size."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    worlds = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(4.6 * len(worlds), 3.8), squeeze=False)
+    for ax, n in zip(axes[0], worlds):
+        mine = [r for r in rows if r["n"] == n]
+        sizes = sorted({r["bytes"] for r in mine})
+        x = {b: i for i, b in enumerate(sizes)}
+        fair = sorted((r for r in mine if r.get("headline")), key=lambda r: r["bytes"])
+        shm = sorted((r for r in mine if r["path"] == "shm"), key=lambda r: r["bytes"])
+        series = [
+            ("dmlsys ring/direct, tcp", fair, "ours_busbw", OURS, "-"),
+            ("gloo, tcp", fair, "gloo_busbw", PEER, "-"),
+            ("Open MPI, tcp BTL", fair, "mpi_tcp_busbw", FLOOR, "--"),
+            ("dmlsys shm", shm, "ours_busbw", OURS_ALT, ":"),
+            ("Open MPI, vader (shm)", fair, "mpi_shm_busbw", "#bbbbbb", ":"),
+        ]
+        for label, rs, key, colour, style in series:
+            pts = [(x[r["bytes"]], r[key]) for r in rs if key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, color=colour, label=label)
+        ticks = []
+        for b in sizes:
+            head = next((r for r in fair if r["bytes"] == b), None)
+            ratio = f"\n{head['ours_vs_gloo']:.2f}× gloo" if head and "ours_vs_gloo" in head else ""
+            ticks.append(f"{b >> 20} MiB{ratio}" if b >= 1 << 20 else f"{b >> 10} KiB{ratio}")
+        ax.set_xticks(range(len(sizes)), ticks, fontsize=7)
+        ax.set_ylabel("busbw, GB/s (higher is better)")
+        ax.set_title(f"N = {n}", fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    machine = rows[0].get("machine", "") if rows else ""
+    fig.suptitle("allreduce busbw over loopback (float32 sum, no keys)" + (f"\n{machine}" if machine else ""), fontsize=8)
+    _save(plt, fig, path)
+
+
 def load_json(path: str) -> Any:
     import json
 
