@@ -170,7 +170,7 @@ async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
             g = groups.get(path, group)
             got = await g.allreduce(buf, "sum")
             verified[path] = bool(np.array_equal(got, want)) and bool(np.array_equal(buf, pattern(n, rank)))
-            impls[path] = lambda g=g: g.allreduce(buf, "sum")
+            impls[path] = lambda g=g, buf=buf: g.allreduce(buf, "sum")
         if gloo_port:
             t = torch.from_numpy(pattern(n, rank))
             dist.all_reduce(t)
