@@ -59,6 +59,7 @@ class Dashboard:
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task | None = None
         self._http: ClientSession | None = None
+        self._closing = False
 
     @property
     def url(self) -> str:
@@ -75,7 +76,7 @@ class Dashboard:
             web.post("/api/rollout", self._rollout),
             web.post("/api/drain", self._drain),
         ])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         try:
@@ -94,8 +95,11 @@ class Dashboard:
         log.info("dashboard on %s", self.url)
 
     async def stop(self) -> None:
-        # The poller first (it uses the client session), then the session, then the server,
-        # whose cleanup ends every open event stream.
+        # The event streams first (each wakes and ends: the server's cleanup would otherwise wait
+        # for them), the poller (it uses the client session), the session, then the server.
+        self._closing = True
+        async with self._changed:
+            self._changed.notify_all()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -201,7 +205,7 @@ class Dashboard:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await response.prepare(request)
         try:
-            while True:
+            while not self._closing:
                 if self.snapshot:
                     await response.write(b"data: " + json.dumps(self.snapshot).encode() + b"\n\n")
                 async with self._changed:

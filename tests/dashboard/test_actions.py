@@ -1,0 +1,101 @@
+"""The dashboard's actions: the supervisor's admin handlers, only for a page of its own.
+
+A stand-in supervisor records what it is asked; the dashboard runs in this process on a free
+loopback port. Pinned down: a confirmed scale and drain reach the supervisor's ``scale`` and
+``pool_stop``; its refusal comes back as the page's error; a request naming another host
+(DNS rebinding), from another origin, or not JSON (a cross-site form) is refused and reaches
+nothing; the state and the event stream carry the nodes the supervisor reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import aiohttp
+import pytest
+
+from dmlsys.cluster.dashboard import Dashboard
+from dmlsys.cluster.spec import parse
+
+SPEC = parse({"cluster": {"name": "t"}, "nodes": [{"name": "replica", "role": "replica", "replicas": 2}]}, "t.toml")
+
+
+@dataclasses.dataclass
+class FakeSupervisor:
+    spec: object = SPEC
+    link: object = None
+    node: object = None
+    procs: dict = dataclasses.field(default_factory=dict)  # nothing local to look at
+    asked: list = dataclasses.field(default_factory=list)
+
+    def status_document(self):
+        return {"cluster": "t", "state": "ready", "error": None, "supervisor": {"pid": 1}, "http": None,
+                "nodes": [{"name": f"replica-{i}", "role": "replica", "state": "ready", "pid": 100 + i,
+                           "restarts": i, "host": "local", "admin": None} for i in range(2)]}
+
+    async def scale(self, group, replicas):
+        self.asked.append(("scale", group, replicas))
+        if replicas > 64:
+            raise ValueError(f"replicas must be from 0 to 64, got {replicas}")
+        return []
+
+    async def pool_stop(self, name):
+        self.asked.append(("drain", name))
+        return {"name": name}
+
+
+def run(check):
+    async def main():
+        sup = FakeSupervisor()
+        dash = Dashboard(sup, "127.0.0.1:0", period=0.05)
+        await dash.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                await check(sup, dash, http)
+        finally:
+            await dash.stop()
+    asyncio.run(main())
+
+
+def test_scale_and_drain_reach_the_supervisors_handlers():
+    async def check(sup, dash, http):
+        async with http.post(f"{dash.url}/api/scale", json={"group": "replica", "replicas": 3}) as r:
+            assert r.status == 200 and (await r.json())["ok"]
+        async with http.post(f"{dash.url}/api/drain", json={"name": "replica-1"}) as r:
+            assert r.status == 200
+        async with http.post(f"{dash.url}/api/scale", json={"group": "replica", "replicas": 99}) as r:
+            assert r.status == 409 and "0 to 64" in (await r.json())["error"]
+        assert sup.asked == [("scale", "replica", 3), ("drain", "replica-1"), ("scale", "replica", 99)]
+    run(check)
+
+
+@pytest.mark.parametrize("headers, body, status", [
+    ({"Host": "evil.example:80"}, json.dumps({"group": "replica", "replicas": 3}), 421),
+    ({"Origin": "http://evil.example"}, json.dumps({"group": "replica", "replicas": 3}), 403),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, "group=replica&replicas=3", 415),
+    ({}, json.dumps({"group": "replica", "replicas": "3"}), 400),
+])
+def test_an_action_from_anywhere_but_its_own_page_is_refused(headers, body, status):
+    async def check(sup, dash, http):
+        h = {"Content-Type": "application/json", **headers}
+        async with http.post(f"{dash.url}/api/scale", data=body, headers=h) as r:
+            assert r.status == status
+        assert sup.asked == []
+    run(check)
+
+
+def test_the_state_and_the_event_stream_carry_the_nodes():
+    async def check(sup, dash, http):
+        async with http.get(f"{dash.url}/events") as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            line = await asyncio.wait_for(r.content.readline(), 5)
+            doc = json.loads(line.removeprefix(b"data: "))
+        assert [n["name"] for n in doc["nodes"]] == ["replica-0", "replica-1"]
+        assert doc["groups"] == {"replica": {"role": "replica", "replicas": 2}}
+        async with http.get(f"{dash.url}/") as r:
+            assert r.status == 200 and "<script src=\"/static/app.js\">" in await r.text()
+        async with http.get(f"{dash.url}/static/app.js") as r:
+            assert r.status == 200
+    run(check)
