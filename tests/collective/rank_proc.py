@@ -6,9 +6,11 @@ Protocol on stdio (one JSON object per line):
   out  {"ok": PASS}                       after each allreduce that returned
   out  {"error": TYPE, "missing": [...], "message": ..., "at": TIME}   if one raised; then exit
 
-Modes: ``check`` runs --passes allreduces of seeded random arrays (``array_for``) and saves
-each result to --out/rank{R}_pass{P}.npy; ``loop`` allreduces --length float32s until a
-collective fails (the SIGKILL test).
+Modes: ``check`` runs --passes allreduces of seeded random arrays (``array_for``, or
+``odd_array_for`` with --odd) and saves each result to --out/rank{R}_pass{P}.npy; ``loop``
+allreduces --length float32s until a collective fails (the SIGKILL test). ``--shm off`` keeps
+the group off shared memory (the socket ring over TCP, as between hosts); ``--direct-bytes 0``
+sends every size around the ring.
 
     python tests/collective/rank_proc.py --rank 0 --size 3 --mode check --out DIR
 """
@@ -43,6 +45,22 @@ def array_for(rank: int, pass_: int) -> np.ndarray:
     return (rng.standard_normal(length) * 10).astype(dtype)
 
 
+# (dtype, length) of the --odd passes: lengths that no world size of 2..4 divides, nor any
+# chunk, in the dtypes whose itemsizes differ (2, 4, 8 bytes), and one length shorter than the ring.
+ODD = [("float16", 100_003), ("float64", 77_777), ("int32", 65_537), ("float32", 3), ("float64", 1),
+       ("float16", 5), ("int32", 250_001)]
+
+
+def odd_array_for(rank: int, pass_: int) -> np.ndarray:
+    """Pass p of the --odd run: ``ODD[p % len(ODD)]``, values depending on rank; float16 values
+    are small integers, so that their sums are exact in any order of addition."""
+    rng = np.random.default_rng(7000 * pass_ + rank)
+    dtype, length = ODD[pass_ % len(ODD)]
+    if dtype in ("int32", "float16"):
+        return rng.integers(-50, 50, length).astype(dtype)
+    return (rng.standard_normal(length) * 10).astype(dtype)
+
+
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
@@ -57,11 +75,14 @@ async def main(args: argparse.Namespace) -> None:
     for peer, address in peers.items():
         if peer != name:
             node.transport.add_peer(peer, address)
-    group = ProcessGroup(node, [f"r{i}" for i in range(args.size)], timeout=args.timeout, chunk_bytes=256 << 10)
+    group = ProcessGroup(node, [f"r{i}" for i in range(args.size)], timeout=args.timeout,
+                         chunk_bytes=args.chunk_bytes, direct_bytes=args.direct_bytes,
+                         shm=False if args.shm == "off" else None)
+    make = odd_array_for if args.odd else array_for
     try:
         if args.mode == "check":
             for p in range(args.passes):
-                out = await group.allreduce(array_for(args.rank, p), "sum")
+                out = await group.allreduce(make(args.rank, p), "sum")
                 np.save(Path(args.out) / f"rank{args.rank}_pass{p}.npy", out, allow_pickle=False)
                 emit(ok=p)
         else:
@@ -86,4 +107,9 @@ if __name__ == "__main__":
     parser.add_argument("--length", type=int, default=1 << 20, help="floats per allreduce in loop mode")
     parser.add_argument("--timeout", type=float, default=3.0, help="the group's collective timeout, seconds")
     parser.add_argument("--out", default=".", help="where check mode saves results")
+    parser.add_argument("--odd", action="store_true", help="check mode: the odd sizes and dtypes (odd_array_for)")
+    parser.add_argument("--shm", choices=["auto", "off"], default="auto",
+                        help="off: never shared memory (the socket ring), auto: the group decides")
+    parser.add_argument("--chunk-bytes", type=int, default=256 << 10, help="the group's chunk_bytes")
+    parser.add_argument("--direct-bytes", type=int, default=64 << 10, help="the group's direct_bytes")
     asyncio.run(main(parser.parse_args()))
