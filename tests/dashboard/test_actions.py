@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -28,6 +29,7 @@ class FakeSupervisor:
     link: object = None
     node: object = None
     procs: dict = dataclasses.field(default_factory=dict)  # nothing local to look at
+    state_dir: Path = Path("/nonexistent")
     asked: list = dataclasses.field(default_factory=list)
 
     def status_document(self):
@@ -46,9 +48,9 @@ class FakeSupervisor:
         return {"name": name}
 
 
-def run(check):
+def run(check, state_dir: Path = Path("/nonexistent")):
     async def main():
-        sup = FakeSupervisor()
+        sup = FakeSupervisor(state_dir=state_dir)
         dash = Dashboard(sup, "127.0.0.1:0", period=0.05)
         await dash.start()
         try:
@@ -99,3 +101,18 @@ def test_the_state_and_the_event_stream_carry_the_nodes():
         async with http.get(f"{dash.url}/static/app.js") as r:
             assert r.status == 200
     run(check)
+
+
+def test_a_pipeline_report_in_the_state_directory_shows_as_a_timeline_with_its_cache_hits(tmp_path):
+    (tmp_path / "runs").mkdir()
+    steps = [{"name": "ingest", "state": "done", "start": 0.0, "end": 0.0, "cache": "hit", "attempts": 0},
+             {"name": "train_cnn", "state": "done", "start": 0.1, "end": 4.0, "cache": "miss", "attempts": 1}]
+    (tmp_path / "runs" / "last.json").write_text(json.dumps({"wall_s": 4.2, "hits": ["ingest"], "steps": steps}))
+
+    async def check(sup, dash, http):
+        await dash.refresh()
+        async with http.get(f"{dash.url}/api/state") as r:
+            runs = (await r.json())["runs"]
+        assert [(st["name"], st["cache"]) for st in runs[0]["steps"]] == [("ingest", "hit"), ("train_cnn", "miss")]
+        assert runs[0]["hits"] == ["ingest"] and runs[0]["name"] == "last"
+    run(check, tmp_path)

@@ -41,6 +41,8 @@ PERIOD = 1.0  # seconds between looks at the nodes
 ASK_TIMEOUT = 1.5  # a node that does not answer its admin port within this is shown as it was
 MAX_ACTION_BYTES = 4096
 SECTIONS = ("shard", "router", "events", "ps", "function")  # roles whose service status has a section
+RUNS_DIR = "runs"  # under the state directory: pipeline reports (`pipeline --json .dmlsys/runs/NAME.json`)
+MAX_RUN_BYTES = 4 << 20
 
 
 class Dashboard:
@@ -54,6 +56,7 @@ class Dashboard:
         self.series: dict[str, Series] = {}
         self.statuses: dict[str, dict] = {}  # node -> its last /status
         self.training: dict[str, dict] = {}  # worker -> its last train.progress with epochs
+        self.runs: dict[str, tuple[float, dict]] = {}  # report file -> (its mtime, the run's timeline)
         self.snapshot: dict[str, Any] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -125,6 +128,7 @@ class Dashboard:
         rows = [r for r in doc["nodes"] if r.get("pid") and r.get("admin") and r["name"] in self.sup.procs]
         await asyncio.gather(*(self._look(r) for r in rows))
         await self._ask_training([r["name"] for r in rows if r["role"] == "worker"])
+        self._read_runs()
         live = {r["name"] for r in doc["nodes"]}
         for gone in set(self.series) - live:
             self.series.pop(gone, None)
@@ -163,6 +167,31 @@ class Dashboard:
             if isinstance(reply, dict) and reply.get("epochs"):
                 self.training[name] = reply
 
+    def _read_runs(self, keep: int = 3) -> None:
+        """The newest pipeline reports in the state directory's ``runs/`` (what the pipeline's
+        ``--json`` writes): each step's start, end, state and cache hit or miss."""
+        try:
+            files = sorted((self.sup.state_dir / RUNS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)[-keep:]
+        except OSError:
+            files = []
+        runs = {}
+        for path in files:
+            try:
+                mtime, size = path.stat().st_mtime, path.stat().st_size
+                if path.name in self.runs and self.runs[path.name][0] == mtime:
+                    runs[path.name] = self.runs[path.name]
+                    continue
+                if size > MAX_RUN_BYTES:
+                    continue
+                doc = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or not a report: the next look may read it
+            steps = [{k: st.get(k) for k in ("name", "state", "start", "end", "cache", "attempts")}
+                     for st in doc.get("steps", []) if isinstance(st, dict)]
+            runs[path.name] = (mtime, {"name": path.stem, "finished": mtime, "wall_s": doc.get("wall_s"),
+                                       "steps": steps, "hits": doc.get("hits", [])})
+        self.runs = runs
+
     # -- the picture -------------------------------------------------------------------------
 
     def build(self, doc: dict) -> dict[str, Any]:
@@ -187,7 +216,8 @@ class Dashboard:
                 sections.setdefault(row["role"], {})[row["name"]] = self.statuses[row["name"]].get("services") or {}
         training = [{"worker": w, "job": p.get("job"), "model": p.get("model"), "epochs_total": p.get("epochs_total"),
                      "epochs": p.get("epochs", [])} for w, p in sorted(self.training.items())]
-        return {"cluster": doc["cluster"], "state": doc["state"], "error": doc.get("error"),
+        runs = [run for _, run in sorted(self.runs.values(), key=lambda r: r[0], reverse=True)]
+        return {"cluster": doc["cluster"], "state": doc["state"], "error": doc.get("error"), "runs": runs,
                 "supervisor": doc["supervisor"].get("pid"), "http": doc.get("http"), "updated": time.time(),
                 "nodes": nodes, "groups": groups, "models": models, "training": training, "sections": sections}
 

@@ -101,6 +101,27 @@ function renderTraining(jobs) {
   }).join("");
 }
 
+// A pipeline run as a timeline: one bar per step, cache hits marked.
+function renderRuns(runs) {
+  $("#runs-section").hidden = !runs.length;
+  $("#runs").innerHTML = runs.map((run) => {
+    const steps = run.steps.filter((st) => st.start != null || st.cache === "hit");
+    const end = Math.max(1e-6, ...steps.map((st) => st.end ?? st.start ?? 0));
+    const W = 640, X = 150, row = 16;
+    const bars = steps.map((st, i) => {
+      const a = st.start ?? 0, b = st.end ?? a, x = X + (a / end) * (W - X - 40);
+      const w = Math.max(2, ((b - a) / end) * (W - X - 40)), hit = st.cache === "hit";
+      return `<g class="step ${hit ? "hit" : ""}" data-step="${esc(st.name)}" data-cache="${esc(st.cache)}">` +
+        `<text x="${X - 6}" y="${i * row + 12}" text-anchor="end">${esc(st.name)}</text>` +
+        `<rect x="${x.toFixed(1)}" y="${i * row + 3}" width="${w.toFixed(1)}" height="${row - 5}" class="s-${esc(st.state)}"/>` +
+        `<text x="${(x + w + 4).toFixed(1)}" y="${i * row + 12}">${hit ? "hit" : (b - a).toFixed(2) + " s"}</text></g>`;
+    }).join("");
+    return `<div class="run"><b>${esc(run.name)}</b> ${run.wall_s != null ? run.wall_s.toFixed(1) + " s" : ""}, ` +
+      `finished ${new Date(run.finished * 1000).toLocaleTimeString()}, cache hits: ${esc(run.hits.join(", ") || "none")}` +
+      `<svg class="timeline" viewBox="0 0 ${W} ${steps.length * row + 4}" width="${W}" height="${steps.length * row + 4}">${bars}</svg></div>`;
+  }).join("");
+}
+
 // A service's status as rows of scalars (nested keys joined with dots): whatever it exposes.
 function kv(obj, prefix = "", out = []) {
   for (const [k, v] of Object.entries(obj || {})) {
@@ -139,6 +160,7 @@ function render(s) {
   renderGroups(s.groups);
   renderModels(s.models);
   renderTraining(s.training);
+  renderRuns(s.runs || []);
   renderSections(s.sections);
 }
 
