@@ -95,7 +95,7 @@ role = "worker"
 host = "alpha"
 replicas = 2
 [nodes.config]
-limit = 3000
+limit = 2000
 test_limit = 500
 single_thread = true
 
@@ -106,7 +106,7 @@ replicas = 1
 hosts = ["beta", "alpha"]         # spread: replica-0 on beta, replica-1 on alpha
 [nodes.config]
 model = "tiny"
-buckets = [1, 8]
+buckets = [1]                     # one shape to compile: each start is seconds shorter
 """
 
 STREAM = textwrap.dedent(f"""
@@ -185,13 +185,13 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         assert now["replica-1"]["state"] == "ready"
 
         # Every process of beta dies while requests flow: none is lost.
-        stream = subprocess.Popen(["ip", "netns", "exec", ns["alpha"], sys.executable, "-c", STREAM, "8"], env=env,
+        stream = subprocess.Popen(["ip", "netns", "exec", ns["alpha"], sys.executable, "-c", STREAM, "6"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)
+        time.sleep(1.5)
         assert kill_all(ns["beta"])
         out, err = stream.communicate(timeout=60)
         result = json.loads(out)
-        assert result["failed"] == 0 and result["ok"] > 50, (result, err)
+        assert result["failed"] == 0 and result["ok"] > 30, (result, err)
         lost = wait_for(lambda: (s := status("alpha")).get("hosts", {}).get("beta", {}).get("state") == "lost" and s,
                         20, "alpha to count beta lost")
         assert {r["name"]: r["state"] for r in lost["nodes"]}["replica-0"] == "lost"
