@@ -395,9 +395,14 @@ class Supervisor:
                                        f"starting:\n{self.log_tail(proc.member.name)}")
                 if await self._probe(proc) == "ready":
                     pending.remove(proc)  # _probe marked it was_ready: from now on it is restarted
+            if any("from the cluster's store" in (p.why or "") for p in pending):
+                # waiting for a model the primary is still training: the replica's own wait bounds it
+                deadline = max(deadline, time.monotonic() + PROBE_PERIOD)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.member.name for p in pending)
-                raise ClusterError(f"node(s) {names} not ready within {READY_TIMEOUT:g}s; see {self.log_dir}")
+                why = "; ".join(f"{p.member.name}: {p.why}" for p in pending if p.why)
+                raise ClusterError(f"node(s) {names} not ready within {READY_TIMEOUT:g}s{f' ({why})' if why else ''}; "
+                                   f"see {self.log_dir}")
             if pending:
                 await asyncio.sleep(0.1)
 
