@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from typing import Any
 
@@ -130,11 +131,53 @@ class Balancer:
         await self.coalescer.stop()
         await self.pins.stop()
 
-    async def predict(self, model: str, body: dict[str, Any], *, deadline: float, key: str | None = None) -> dict:
+    def predict_nowait(self, model: str, body: dict[str, Any], *, deadline: float,
+                       key: str | None = None) -> asyncio.Future | None:
+        """:meth:`predict` without a task of its own for the common case: a replica has a free
+        slot now and its first try succeeds. A future of what ``predict`` returns or raises; or
+        None when nobody is free at once (then await ``predict``, which queues).
+
+        The first try is sent here; its outcome is handled by a callback when it is a reply
+        from the served version, and otherwise handed to ``predict`` as its first try, which
+        goes on exactly as if it had sent it (retries, errors, the contract above). At 64
+        clients this spares the door a task and two coroutine frames per request.
+        """
+        pool = self.membership.pools.get(model)
+        if pool is None:
+            return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline <= now:
+            return None
+        r = self.admission.try_acquire(pool, now, key, ())
+        if r is None:
+            return None
+        sent = self.coalescer.send(r.name, body, min(self.config.try_timeout, deadline - now))
+        out = loop.create_future()
+        sent.add_done_callback(functools.partial(self._first_try_done, pool, r, model, body, deadline, key, out))
+        return out
+
+    def _first_try_done(self, pool: Pool, r, model: str, body: dict, deadline: float, key: str | None,
+                        out: asyncio.Future, sent: asyncio.Future) -> None:
+        if not sent.cancelled() and sent.exception() is None and not out.cancelled():
+            reply = sent.result()
+            version = reply.get("version")
+            if version is None or self.pins.may_serve(pool, r.name, version):
+                pool.record_success(r)
+                self.admission.release(pool, r)
+                out.set_result(reply)
+                return
+        rest = asyncio.get_running_loop().create_task(self.predict(model, body, deadline=deadline, key=key,
+                                                                   first=(r, sent)))
+        rest.add_done_callback(functools.partial(_settle, out))
+
+    async def predict(self, model: str, body: dict[str, Any], *, deadline: float, key: str | None = None,
+                      first: tuple | None = None) -> dict:
         """Send one predict to a replica of ``model``; retry once elsewhere if that replica fails.
 
         ``body`` is a predict message (:mod:`dmlsys.serving.messages`); ``deadline`` is loop
         time; ``key`` feeds the consistent-hash policy. See the class docstring for what it raises.
+        ``first``: (replica, its finished try) from ``predict_nowait``, whose slot this releases.
         """
         pool = self.membership.pools.get(model)
         if pool is None:
@@ -145,15 +188,22 @@ class Balancer:
         failed_tries = refusals = 0
         last: Exception | None = None
         while True:
-            r = admission.try_acquire(pool, loop.time(), key, tried)
-            if r is None:
-                r = await admission.acquire(pool, deadline, key, tried)
+            if first is not None:
+                (r, done), first = first, None
+            else:
+                done = None
+                r = admission.try_acquire(pool, loop.time(), key, tried)
+                if r is None:
+                    r = await admission.acquire(pool, deadline, key, tried)
             remaining = deadline - loop.time()
             try:
-                if remaining <= 0:
-                    raise DeadlineExceeded(f"deadline passed before a replica of {model!r} was free")
-                timeout = min(config.try_timeout, remaining) if failed_tries == 0 else remaining
-                reply = await self.coalescer.send(r.name, body, timeout)
+                if done is not None:
+                    reply = done.result()  # raises what the try raised
+                else:
+                    if remaining <= 0:
+                        raise DeadlineExceeded(f"deadline passed before a replica of {model!r} was free")
+                    timeout = min(config.try_timeout, remaining) if failed_tries == 0 else remaining
+                    reply = await self.coalescer.send(r.name, body, timeout)
                 pool.record_success(r)
                 version = reply.get("version")
                 if (version is not None and refusals < config.max_not_ready_retries
@@ -215,3 +265,15 @@ class Balancer:
                           "ready_replicas": sorted(r.name for r in ready), "replicas": len(pool.replicas),
                           "queued": self.admission.queued(model), **pool.summary(now)}
         return out
+
+
+def _settle(out: asyncio.Future, task: asyncio.Task) -> None:
+    """``out`` ends as ``task`` did (unless its waiter is gone)."""
+    if out.done():
+        return
+    if task.cancelled():
+        out.cancel()
+    elif task.exception() is not None:
+        out.set_exception(task.exception())
+    else:
+        out.set_result(task.result())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -79,6 +80,10 @@ class GatewayConfig:
 def _error(status: int, message: str, retry_after: float | None = None) -> Reply:
     return error_reply(status, message, {"Retry-After": str(max(1, round(retry_after)))}
                        if retry_after is not None else None)
+
+
+def _ok(reply: dict) -> Reply:
+    return Reply(200, messages.received(reply["body"]), headers={"X-Model-Version": str(reply.get("version"))})
 
 
 _PREFIX = "/v1/models/"
@@ -167,18 +172,48 @@ class GatewayService(Service):
         return error_reply(404, f"no such resource: {method} {path} (POST /v1/models/NAME:predict, "
                                 "GET /v1/models/NAME, GET /v1/models)")
 
-    async def _predict(self, name: str, request: Request) -> Reply:
+    def _predict(self, name: str, request: Request) -> Reply | asyncio.Future | Any:
+        """A Reply now (bad input), a future of one (a replica was free: no task, see
+        ``Balancer.predict_nowait``), or a coroutine that waits for a replica."""
         self.requests += 1
         headers = request.headers
         try:
             deadline = asyncio.get_running_loop().time() + self._deadline(headers.get("x-deadline-ms"))
-            reply = await self.balancer.predict(
-                name, {"json": messages.carry(request.body), "max_instances": self.config.max_instances},
-                deadline=deadline, key=headers.get("x-request-key"))
         except ServingError as e:
-            self.errors[e.status] = self.errors.get(e.status, 0) + 1
-            return _error(e.status, str(e), e.retry_after if e.status == 503 else None)
-        return Reply(200, messages.received(reply["body"]), headers={"X-Model-Version": str(reply.get("version"))})
+            return self._failed(e)
+        body = {"json": messages.carry(request.body), "max_instances": self.config.max_instances}
+        key = headers.get("x-request-key")
+        sent = self.balancer.predict_nowait(name, body, deadline=deadline, key=key)
+        if sent is None:
+            return self._predict_waiting(name, body, deadline, key)
+        answer = asyncio.get_running_loop().create_future()
+        sent.add_done_callback(functools.partial(self._replied, answer))
+        return answer
+
+    def _replied(self, answer: asyncio.Future, sent: asyncio.Future) -> None:
+        if answer.done():
+            return
+        if sent.cancelled():
+            answer.cancel()
+            return
+        e = sent.exception()
+        if e is None:
+            answer.set_result(_ok(sent.result()))
+        elif isinstance(e, ServingError):
+            answer.set_result(self._failed(e))
+        else:
+            answer.set_exception(e)
+
+    async def _predict_waiting(self, name: str, body: dict, deadline: float, key: str | None) -> Reply:
+        try:
+            reply = await self.balancer.predict(name, body, deadline=deadline, key=key)
+        except ServingError as e:
+            return self._failed(e)
+        return _ok(reply)
+
+    def _failed(self, e: ServingError) -> Reply:
+        self.errors[e.status] = self.errors.get(e.status, 0) + 1
+        return _error(e.status, str(e), e.retry_after if e.status == 503 else None)
 
     def _deadline(self, raw: str | None) -> float:
         if raw is None:

@@ -111,7 +111,7 @@ def error_reply(status: int, message: str, headers: dict[str, str] | None = None
     return Reply(status, orjson.dumps({"error": message}), headers=headers)
 
 
-Handler = Callable[[Request], "Reply | Coroutine[Any, Any, Reply]"]
+Handler = Callable[[Request], "Reply | asyncio.Future | Coroutine[Any, Any, Reply]"]
 
 
 class _Date:
@@ -164,8 +164,8 @@ class HttpServer:
     """Serves ``handler`` on ``host:port`` within ``limits``. ``start()`` binds (``port`` 0 picks
     one: see ``port``), ``stop()`` closes the listener and every connection.
 
-    ``handler(request)`` returns a ``Reply`` or a coroutine that returns one (run as a task);
-    an exception either raises is answered 500 naming it. ``name`` goes into log lines and errors.
+    ``handler(request)`` returns a ``Reply``, a future of one, or a coroutine that returns one
+    (run as a task); an exception any of them raises is answered 500 naming it. ``name`` goes into log lines and errors.
     """
 
     def __init__(self, handler: Handler, limits: HttpLimits = HttpLimits(), *, name: str = "http") -> None:
@@ -502,11 +502,12 @@ class _Connection(asyncio.Protocol):
         except Exception as e:
             log.exception("%s: handler failed on %s %s", server.name, request.method, request.path)
             result = error_reply(500, f"{type(e).__name__}: {e}")
-        if isinstance(result, Reply):
+        if type(result) is Reply:
             self._answer(result, parse_on=False)  # the caller (_advance) goes on parsing
-            return
-        task = server.loop.create_task(result)
-        task.add_done_callback(self._answered)
+        elif isinstance(result, asyncio.Future):
+            result.add_done_callback(self._answered)
+        else:
+            server.loop.create_task(result).add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Future) -> None:
         if task.cancelled():

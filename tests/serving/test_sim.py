@@ -27,6 +27,7 @@ class Cluster:
         self.directory = Directory(members({name: "m" for name in self.names}))
         self.gw = Node("gw", self.net.transport("gw"), role="gateway", directory=self.directory)
         self.balancer = Balancer(self.gw, config or BalancerConfig(probe_period=0.2, try_timeout=1.0))
+        self.nowait = False  # stream() through predict_nowait, as the door does
 
     def loader(self, store, model, version):
         return fake_runtime(model, version or self.store_versions[model])
@@ -51,8 +52,12 @@ class Cluster:
 
         async def one(i):
             await asyncio.sleep(i * gap)
-            return await self.balancer.predict("m", {"json": body(1, i), "max_instances": 4},
-                                               deadline=loop.time() + deadline)
+            request = {"json": body(1, i), "max_instances": 4}
+            if self.nowait:  # as the door sends: the first try from a callback, predict only past it
+                sent = self.balancer.predict_nowait("m", request, deadline=loop.time() + deadline)
+                if sent is not None:
+                    return await sent
+            return await self.balancer.predict("m", request, deadline=loop.time() + deadline)
 
         results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
         return [r for r in results if isinstance(r, dict)], [r for r in results if not isinstance(r, dict)]
@@ -71,10 +76,11 @@ def run(scenario):
 
 
 @pytest.mark.parametrize("fault", ["crash", "partition"])
-@pytest.mark.parametrize("seed", [1, 2])
-def test_losing_a_replica_mid_stream_fails_no_request_whose_deadline_allows_a_retry(fault, seed):
+@pytest.mark.parametrize("seed, nowait", [(1, False), (2, False), (1, True), (2, True)])
+def test_losing_a_replica_mid_stream_fails_no_request_whose_deadline_allows_a_retry(fault, seed, nowait):
     async def scenario():
         c = Cluster(seed)
+        c.nowait = nowait
         await c.start()
 
         async def strike():
@@ -97,9 +103,11 @@ def test_losing_a_replica_mid_stream_fails_no_request_whose_deadline_allows_a_re
     run(scenario)
 
 
-def test_requests_whose_deadline_is_too_short_for_a_retry_fail_with_504_not_hang():
+@pytest.mark.parametrize("nowait", [False, True])
+def test_requests_whose_deadline_is_too_short_for_a_retry_fail_with_504_not_hang(nowait):
     async def scenario():
         c = Cluster(3, n=1)
+        c.nowait = nowait
         await c.start()
         c.net.partition({"gw"}, {"r0"})
         replies, errors = await c.stream(3, 0.01, deadline=0.5)
@@ -109,9 +117,11 @@ def test_requests_whose_deadline_is_too_short_for_a_retry_fail_with_504_not_hang
     run(scenario)
 
 
-def test_rolling_update_under_load_fails_nothing_and_answers_from_old_or_new():
+@pytest.mark.parametrize("nowait", [False, True])
+def test_rolling_update_under_load_fails_nothing_and_answers_from_old_or_new(nowait):
     async def scenario():
         c = Cluster(4)
+        c.nowait = nowait
         await c.start()
         c.store_versions["m"] = 2
 
