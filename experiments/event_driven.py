@@ -125,8 +125,8 @@ def run_config(name: str, args, seed: int) -> dict:
         specs = [FunctionSpec("hotel", min=n_peak_h, max=n_peak_h),
                  FunctionSpec("fashion", min=n_fashion, max=n_fashion)]
     else:
-        specs = [FunctionSpec("hotel", min=0, max=args.slots, priority=1),
-                 FunctionSpec("fashion", min=0, max=args.slots, priority=1),
+        specs = [FunctionSpec("hotel", min=0, max=args.slots, priority=1, target=args.target),
+                 FunctionSpec("fashion", min=0, max=args.slots, priority=1, target=args.target),
                  FunctionSpec("batch", min=0, max=args.slots, priority=-1, target=1.0)]
     slots = args.slots if name == "autoscaled" else sum(s.max for s in specs)
     service = {"hotel": s_hotel, "fashion": s_fashion, "batch": s_batch}
@@ -628,6 +628,7 @@ def main() -> None:
     y.add_argument("--utilization", type=float, default=0.7, help="what static-peak sizing aims at, at the peak")
     y.add_argument("--cold-start", type=float, default=0.6, help="seconds from a start to ready (measured)")
     y.add_argument("--stable", type=float, default=6.0, help="KPA stable window (panic: a tenth)")
+    y.add_argument("--target", type=float, default=1.0, help="events in flight per instance the autoscaler aims at")
     y.add_argument("--slots", type=int, default=6, help="the shared pool's slots (autoscaled)")
     y.add_argument("--batch-workers", type=int, default=3, help="the batch step's parallelism (autoscaled only)")
     y.add_argument("--queue", type=int, default=64, help="the gate's queue per function")
