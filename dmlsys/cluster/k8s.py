@@ -62,7 +62,7 @@ def render(spec: ClusterSpec, *, key_text: str, image: str = IMAGE, namespace: s
                                             "digits and -, starting with a letter, at most 42 characters")
     prefix = spec.name
     labels = {"app.kubernetes.io/part-of": "dmlsys", "dmlsys/cluster": spec.name}
-    meta = lambda name, **extra: {"name": name, "namespace": namespace, "labels": {**labels, **extra}}  # noqa: E731
+    meta = lambda name, **extra: {"name": name, "namespace": namespace, "labels": {**labels, **extra}}
     members = [_member(n, name) for n in spec.nodes for name in n.member_names()]
     resolved = {"name": spec.name, "members": members, "store": STORE_DIR, "state_dir": STATE_DIR,
                 "http": None, "supervisor": f"tcp://supervisor:{ZMQ_PORT}"}  # none runs: nodes keep the list above
@@ -106,7 +106,7 @@ def _member(node: NodeSpec, name: str) -> dict[str, Any]:
 
 def _statefulset(spec: ClusterSpec, node: NodeSpec, metadata: dict, selector: dict, image: str) -> dict[str, Any]:
     prefix = spec.name
-    probe = lambda path, period, failures: {  # noqa: E731
+    probe = lambda path, period, failures: {
         "httpGet": {"path": path, "port": "admin"}, "periodSeconds": period, "failureThreshold": failures,
         "timeoutSeconds": 2}
     ports = [{"name": "zmq", "containerPort": ZMQ_PORT}, {"name": "admin", "containerPort": ADMIN_PORT}]
@@ -134,8 +134,8 @@ def _statefulset(spec: ClusterSpec, node: NodeSpec, metadata: dict, selector: di
     }
     copy_key = {  # the key at 0600 in a 0700 directory: a node refuses a key others could read
         "name": "key", "image": image, "imagePullPolicy": "IfNotPresent",
-        "command": ["sh", "-c", f"install -d -m 700 {STATE_DIR}/keys && "
-                                f"install -m 600 /etc/dmlsys-key/cluster.key {STATE_DIR}/keys/cluster.key"],
+        "command": ["sh", "-c", (f"install -d -m 700 {STATE_DIR}/keys && "
+                                 f"install -m 600 /etc/dmlsys-key/cluster.key {STATE_DIR}/keys/cluster.key")],
         "volumeMounts": [{"name": "state", "mountPath": STATE_DIR},
                          {"name": "key", "mountPath": "/etc/dmlsys-key", "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},

@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -34,7 +33,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
     pytest.skip("headless Chromium needs Debian's chromium and chromium-driver (apt-get install -y chromium "
                 "chromium-driver)", allow_module_level=True)
 
-from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.by import By
 
 SPEC = """
 [cluster]

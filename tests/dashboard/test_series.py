@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dmlsys.cluster.dashboard.series import Series, histogram_from_text, quantile
 from dmlsys.node.metrics import RPC_BUCKETS, LatencyHistogram, NodeMetrics
@@ -45,7 +46,7 @@ def test_the_control_planes_rpcs_are_left_out_of_a_nodes_latency():
     m.rpc_seconds.observe("model.predict", 0.002)
     from prometheus_client import generate_latest
 
-    bounds, cumulative = histogram_from_text(generate_latest(m.registry).decode())
+    _, cumulative = histogram_from_text(generate_latest(m.registry).decode())
     assert cumulative[-1] == 1
     assert histogram_from_text("") == ((), [])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 WINDOW_S = 300.0  # what a chart shows: the last five minutes
 RATE_SPAN_S = 10.0  # a point's rate and quantiles cover the samples of (at least) the last 10 s
@@ -85,7 +85,7 @@ class Series:
     5.0
     """
 
-    __slots__ = ("bounds", "window", "span", "_samples")
+    __slots__ = ("_samples", "bounds", "span", "window")
 
     def __init__(self, bounds: tuple[float, ...] = (), *, window: float = WINDOW_S, span: float = RATE_SPAN_S) -> None:
         self.bounds = bounds

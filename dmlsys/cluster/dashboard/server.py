@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from dmlsys.cluster.dashboard.series import Series, histogram_from_text
 from dmlsys.node import NodeError
@@ -48,7 +48,7 @@ MAX_RUN_BYTES = 4 << 20
 class Dashboard:
     """``await Dashboard(sup, "127.0.0.1:8080").start()``; ``url``; ``await stop()``."""
 
-    def __init__(self, sup: "Supervisor", address: str, *, period: float = PERIOD) -> None:
+    def __init__(self, sup: Supervisor, address: str, *, period: float = PERIOD) -> None:
         host, _, port = address.rpartition(":")
         self.sup = sup
         self.host, self.port = host, int(port)
@@ -144,7 +144,7 @@ class Dashboard:
                 status = await r.json()
             async with self._http.get(f"{admin}/metrics") as r:
                 metrics = await r.text()
-        except Exception:  # starting, restarting or stuck: its row says so; its chart pauses
+        except (ClientError, OSError, TimeoutError, ValueError):  # starting, restarting or stuck: its row says so
             return
         self.statuses[name] = status
         bounds, cumulative = histogram_from_text(metrics)
