@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 SHAPES = {"lan": "netem rate 1gbit delay 0.2ms", "unshaped": None}
 # Without the sch_netem module (containers often lack it) the LAN keeps its rate, not its delay.
@@ -68,7 +68,7 @@ class Net:
         net = f"10.{100 + pid % 50}.{pid % 250}"
         self.addr = {"alpha": f"{net}.1", "beta": f"{net}.2"}
 
-    def __enter__(self) -> "Net":
+    def __enter__(self) -> Net:
         if shutil.which("ip") is None or shutil.which("tc") is None:
             sys.exit("needs iproute2 (`ip`, `tc`)")
         self._run("ip", "netns", "add", self.ns["alpha"])
@@ -181,10 +181,10 @@ async def _allreduce(rank: int, dev: str, addrs: list[str], port: int, cfg: dict
         ok_gloo = bool(np.array_equal(t.numpy(), want))
         tbuf = torch.from_numpy(buf.copy())
 
-        async def gloo_op():
-            dist.all_reduce(tbuf)
+        async def gloo_op(tbuf=tbuf):
+            dist.all_reduce(tbuf)  # synchronous: blocks this loop, as nothing else runs now
 
-        impls = {"ours": lambda: group.allreduce(buf, "sum"), "gloo": gloo_op}
+        impls = {"ours": lambda buf=buf: group.allreduce(buf, "sum"), "gloo": gloo_op}
         inner = max(1, min(20, (8 << 20) // nbytes))
         for fn in impls.values():
             await fn()
@@ -372,7 +372,7 @@ async def _load(url: str, seconds: float, concurrency: int) -> dict:
         await asyncio.gather(*(client(i, session) for i in range(concurrency)))
         took = time.monotonic() - t0
     latencies.sort()
-    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] if latencies else float("nan")  # noqa: E731
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] if latencies else float("nan")
     return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / took,
             "p50_ms": q(0.5) * 1e3, "p99_ms": q(0.99) * 1e3}
 

@@ -138,7 +138,7 @@ class Hosts:
 class Link:
     """A secondary's reports to the primary, from a client node of its own (``cli-host-NAME``)."""
 
-    def __init__(self, sup: "Supervisor", primary_address: str) -> None:
+    def __init__(self, sup: Supervisor, primary_address: str) -> None:
         self.sup = sup
         self.primary_address = primary_address
         self.node = None
@@ -225,8 +225,10 @@ class Link:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         if self.node is not None:
+            from dmlsys.node import NodeError
+
             try:
                 await self.report(bye=True, timeout=2.0)
-            except Exception:
-                pass  # the primary is gone already
+            except NodeError as e:  # the primary is gone already: it will count us lost instead
+                log.info("host %s: no bye to the primary (%s)", self.sup.host, e)
             await self.node.stop(drain_timeout=0)

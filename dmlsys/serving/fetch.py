@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from dmlsys.serving.errors import ModelLoadError
 
@@ -30,6 +30,7 @@ RETRY = 1.0
 
 
 def _local_version(store: str, model: str, version: int | None) -> int | None:
+    from dmlsys.train.errors import TrainError
     from dmlsys.train.store import ModelStore
 
     s = ModelStore(store)
@@ -37,11 +38,11 @@ def _local_version(store: str, model: str, version: int | None) -> int | None:
         return s.intact_version(model)
     try:
         return version if version in s.versions(model) else None
-    except Exception:  # ModelNotFound, StoreError: not here
+    except TrainError:  # ModelNotFound, StoreError: not here
         return None
 
 
-async def ensure_model(node, store: str, model: str, version: int | None, *, on_wait: Callable[[str], None] = None,
+async def ensure_model(node, store: str, model: str, version: int | None, *, on_wait: Callable[[str], None] | None = None,
                        wait: float = WAIT, retry: float = RETRY) -> int | None:
     """The version to load from ``store``, fetched there first if needed (see the module doc).
 

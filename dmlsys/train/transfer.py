@@ -35,15 +35,16 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
 from dmlsys.node import Service, rpc
 from dmlsys.wire.sim import to_thread
 
-from .errors import ModelNotFound, StoreError, TrainError
+from .errors import ModelNotFound, TrainError
 
 log = logging.getLogger("dmlsys.train")
 
@@ -242,18 +243,24 @@ class Fetcher:
                 results[offset] = data
 
         await asyncio.gather(*(get(o) for o in offsets))
-        h = hashlib.sha256()
-        with open(path, "wb") as f:
-            for offset in offsets:
-                h.update(results[offset])
-                f.write(results[offset].tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        digest = await to_thread(_write_chunks, path, [results[o] for o in offsets])
         self.bytes += size
-        if h.hexdigest() != sha:
+        if digest != sha:
             path.unlink(missing_ok=True)
-            raise TransferCorrupt(f"{key['file']} from {self.peer}: sha256 {h.hexdigest()[:16]}... differs from the "
+            raise TransferCorrupt(f"{key['file']} from {self.peer}: sha256 {digest[:16]}... differs from the "
                                   f"manifest's {sha[:16]}... (corrupted in transfer)")
+
+
+def _write_chunks(path: Path, chunks: list[np.ndarray]) -> str:
+    """Write ``chunks`` to ``path`` (fsynced); their SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            h.update(chunk)
+            f.write(chunk.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
 
 
 async def fetch_model(node, peer: str, root: str | os.PathLike, model: str, version: int | None = None,
@@ -269,7 +276,7 @@ async def fetch_model(node, peer: str, root: str | os.PathLike, model: str, vers
     """
     from dmlsys.node import NodeError, RemoteError
 
-    from .store import ModelStore, TMP_PREFIX, _fsync_dir
+    from .store import TMP_PREFIX, ModelStore, _fsync_dir
 
     fetcher = fetcher or Fetcher(node, peer)
     if manifest is None:

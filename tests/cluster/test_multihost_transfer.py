@@ -13,7 +13,6 @@ from dmlsys.train.store import ModelStore
 from dmlsys.train.transfer import TransferError, TransferService, fetch_model
 from dmlsys.wire import sim
 from dmlsys.wire.sim import SimNetwork
-
 from tests.serving.helpers import fake_runtime, make_store
 
 
@@ -32,7 +31,7 @@ def test_a_corrupted_chunk_is_refused_by_its_checksum_and_the_file_fetched_again
     alpha = make_store(tmp_path / "alpha", "tiny", versions=2)
 
     async def main():
-        sup, store, replica = _pair(SimNetwork(1), alpha, corrupt_chunks=1)
+        sup, _, replica = _pair(SimNetwork(1), alpha, corrupt_chunks=1)
         await sup.start()
         await replica.start()
         try:
@@ -47,7 +46,7 @@ def test_a_corrupted_chunk_is_refused_by_its_checksum_and_the_file_fetched_again
 
     version, refused = sim.run(main())
     assert (version, refused) == (2, 1)
-    params, card = ModelStore(tmp_path / "beta").load("tiny", 2)  # checks params_sha again
+    params, _ = ModelStore(tmp_path / "beta").load("tiny", 2)  # checks params_sha again
     want, _ = ModelStore(alpha).load("tiny", 2)
     assert np.array_equal(params["dense0"]["w"], want["dense0"]["w"])
     assert not [p for p in (tmp_path / "beta" / "tiny").iterdir() if p.name.startswith(".")]  # no temporary left
@@ -77,7 +76,7 @@ def test_a_replica_on_another_host_waits_for_the_model_then_fetches_it_before_it
     loaded = []
 
     def loader(store, model, version):
-        params, card = ModelStore(store).load(model, version)  # only what is on beta's disk
+        _, card = ModelStore(store).load(model, version)  # only what is on beta's disk
         loaded.append((store, card["version"]))
         return fake_runtime(model, card["version"])
 
