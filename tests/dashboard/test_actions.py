@@ -116,3 +116,66 @@ def test_a_pipeline_report_in_the_state_directory_shows_as_a_timeline_with_its_c
         assert [(st["name"], st["cache"]) for st in runs[0]["steps"]] == [("ingest", "hit"), ("train_cnn", "miss")]
         assert runs[0]["hits"] == ["ingest"] and runs[0]["name"] == "last"
     run(check, tmp_path)
+
+
+def test_a_workers_epochs_and_an_events_nodes_queue_come_from_what_they_expose():
+    """Two stand-in nodes' admin ports (/status, /metrics) and a worker's train.progress: the
+    picture carries the worker's epochs, the events node's gate and pool, and a rate."""
+    from aiohttp import web
+
+    statuses = {
+        "worker-0": {"uptime_s": 5.0, "in_flight": 1, "services": {"train": {"job": "j1", "epochs_done": 2}},
+                     "metrics": {"messages_in": 10}},
+        "events": {"uptime_s": 7.0, "in_flight": 0, "services": {"events": {
+            "gate": {"waiting": {"anonymous": 3}, "refused": {"anonymous:rate": 42}},
+            "pool": {"slots": 4, "slots_used": 2, "instances": {"fashion": 2}}}}, "metrics": {"messages_in": 5}},
+    }
+
+    class Node:
+        async def call(self, peer, service, method, body, timeout):
+            assert (peer, service, method) == ("worker-0", "train", "progress")
+            return {"job": "j1", "model": "fashion-mlp", "epochs_total": 5,
+                    "epochs": [{"epoch": 1, "loss": 0.6, "test_accuracy": 0.8}, {"epoch": 2, "loss": 0.4, "test_accuracy": 0.85}]}
+
+    async def main():
+        app = web.Application()
+        async def status(request):
+            return web.json_response(statuses[request.match_info["node"]])
+
+        async def metrics(request):
+            return web.Response(text="")
+
+        app.router.add_get("/{node}/status", status)
+        app.router.add_get("/{node}/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        admin = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        spec = parse({"cluster": {"name": "t"}, "nodes": [{"name": "worker", "role": "worker", "replicas": 1},
+                                                           {"name": "events", "role": "events"}]}, "t.toml")
+        sup = FakeSupervisor(spec=spec, node=Node(), procs={"worker-0": None, "events": None})
+        sup.status_document = lambda: {
+            "cluster": "t", "state": "ready", "error": None, "supervisor": {"pid": 1}, "http": None,
+            "nodes": [{"name": n, "role": r, "state": "ready", "pid": 10 + i, "restarts": 0, "admin": f"{admin}/{n}"}
+                      for i, (n, r) in enumerate((("worker-0", "worker"), ("events", "events")))]}
+        dash = Dashboard(sup, "127.0.0.1:0", period=3600)
+        await dash.start()
+        try:
+            await dash.refresh()
+            statuses["worker-0"]["metrics"]["messages_in"] = 30
+            await asyncio.sleep(0.05)
+            await dash.refresh()
+            return dash.snapshot
+        finally:
+            await dash.stop()
+            await runner.cleanup()
+
+    snap = asyncio.run(main())
+    job = snap["training"][0]
+    assert (job["worker"], job["model"], job["epochs_total"], len(job["epochs"])) == ("worker-0", "fashion-mlp", 5, 2)
+    events = snap["sections"]["events"]["events"]["events"]
+    assert events["gate"]["refused"] == {"anonymous:rate": 42} and events["pool"]["slots_used"] == 2
+    worker = next(n for n in snap["nodes"] if n["name"] == "worker-0")
+    assert worker["uptime_s"] == 5.0 and worker["group"] == "worker"
+    assert worker["points"][-1]["rate"] > 0  # 20 more messages between the two looks
