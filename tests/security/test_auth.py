@@ -228,12 +228,17 @@ def test_every_admin_rpc_declares_who_may_call_it():
     """The audit: the handlers issue 12 names carry an ``allow`` that does not admit plain members."""
     from dmlsys.cluster.supervisor import ClusterService
     from dmlsys.collective.roles import TrainingService
+    from dmlsys.events.instance import FunctionService
+    from dmlsys.events.service import EventsService
     from dmlsys.node.service import NodeService
     from dmlsys.serving.gateway import GatewayService
     from dmlsys.serving.replica import ModelService
 
     expected = {
-        ClusterService: ["cluster.shutdown", "cluster.scale", "cluster.train", "cluster.status"],
+        ClusterService: ["cluster.shutdown", "cluster.scale", "cluster.train", "cluster.status", "cluster.pool_start",
+                         "cluster.pool_stop"],
+        EventsService: ["events.deploy", "events.status"],
+        FunctionService: ["function.load"],
         GatewayService: ["serving.rollout"],
         ModelService: ["model.reload"],
         TrainingService: ["train.run"],
