@@ -2,8 +2,8 @@
 its own working directory (its own model store), one `up --host NAME` each.
 
 One scenario, in the order a user would live it (the slowest test of the suite, so one cluster
-for all of it): train on alpha's workers, serve on beta's replica, which fetches the model that
-only alpha's store has, predict through alpha's gateway; scale the replica group onto both hosts;
+for all of it): beta is up first and waits for the primary; train on alpha's workers, serve on
+beta's replica, which fetches the model that only alpha's store has, predict through alpha's gateway; scale the replica group onto both hosts;
 kill every process of beta while requests flow: none is lost, alpha's replica answers, beta's
 nodes are counted lost; beta comes back and rejoins; scale back; `down` on alpha stops beta too.
 """
@@ -160,14 +160,16 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         return json.loads(out.stdout)
 
     try:
-        # alpha first: it trains the model on its workers, then waits for beta, which has the replica.
-        up_a = cluster("alpha", "up", str(spec), "--host", "alpha", "--detach", timeout=240)
-        assert "waiting for host(s) beta to join" in up_a.stdout, up_a.stdout
-        cluster("alpha", "keys", "export", str(tmp_path / "key.txt"))
-        cluster("beta", "keys", "import", str(tmp_path / "key.txt"))
-        assert not (tmp_path / "beta" / ".dmlsys" / "models").exists()
-        cluster("beta", "up", str(spec), "--host", "beta", "--detach", timeout=180)
-        wait_for(lambda: status("alpha").get("state") == "ready", 60, "alpha ready once beta's replica is")
+        # beta first: it waits for the primary (alpha), which has the cluster's key from it.
+        up_b = cluster("beta", "up", str(spec), "--host", "beta", "--detach", timeout=120)
+        assert "waiting for the primary supervisor" in up_b.stdout, up_b.stdout
+        assert status("beta")["state"] == "waiting"
+        cluster("beta", "keys", "export", str(tmp_path / "key.txt"))
+        cluster("alpha", "keys", "import", str(tmp_path / "key.txt"))
+        # alpha trains the model on its workers; beta's replica waits for it, then fetches it; `up`
+        # returns ready only once beta's replica is.
+        cluster("alpha", "up", str(spec), "--host", "alpha", "--detach", timeout=240)
+        assert status("alpha")["state"] == "ready" and status("beta")["state"] == "ready"
 
         # Trained and stored on alpha only; beta's replica fetched it into beta's own store.
         assert (tmp_path / "alpha" / ".dmlsys" / "models" / "tiny" / "1" / "card.json").exists()
