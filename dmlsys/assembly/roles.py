@@ -26,6 +26,8 @@ ROLES: dict[str, str] = {
     "gateway": "dmlsys.serving.roles:build_gateway",
     "events": "dmlsys.events.roles:build_events",
     "function": "dmlsys.events.roles:build_function",
+    "ps": "dmlsys.ps.roles:build_ps",
+    "ps-worker": "dmlsys.ps.roles:build_ps_worker",
     "router": "dmlsys.sharding.roles:build_router",
     "shard": "dmlsys.sharding.roles:build_shard",
 }
