@@ -5,7 +5,8 @@ numpy first: no training); headless Chromium, driven by selenium, loads the dash
 thread sends predict requests. Pinned down: the nodes and the model appear; a node's rate chart
 grows without the page reloading; a replica killed with SIGKILL shows as restarting (or
 starting again) with its restart counted, then ready; the scale action, confirmed in its
-dialog, starts a second replica that appears ready. The screenshot is saved under the test's
+dialog, starts a second replica that appears ready; rolling out another version shows it served;
+draining a replica takes it away. The screenshot is saved under the test's
 temporary directory, and to ``$DMLSYS_DASHBOARD_SCREENSHOT`` when set (docs/dashboard.png is
 made that way).
 """
@@ -60,7 +61,7 @@ model = "tiny"
 def cluster(tmp_path):
     from tests.serving.helpers import make_store
 
-    make_store(tmp_path / "store", "tiny")
+    make_store(tmp_path / "store", "tiny", versions=2)  # serves v2, the latest; the test rolls out v1
     cli = Cli(tmp_path)
     seen: set[int] = set()
     try:
@@ -117,6 +118,12 @@ def _node(driver, name: str) -> dict | None:
     """, name)
 
 
+def _confirm(driver, text: str) -> None:
+    wait_for(lambda: driver.find_element(By.ID, "confirm").is_displayed(), 5, "the confirmation dialog")
+    assert text in driver.find_element(By.ID, "confirm-text").text
+    driver.find_element(By.ID, "confirm-ok").click()
+
+
 def _points(driver, name: str) -> int:
     return (_node(driver, name) or {}).get("points", 0)
 
@@ -135,7 +142,7 @@ def test_dashboard_shows_the_cluster_live_restarts_and_scales(cluster, browser, 
         browser.execute_script("window.__same_page = 1")  # gone if the page reloads
         wait_for(lambda: _node(browser, "gateway") and _node(browser, "replica-0"), 30, "the nodes' rows")
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#models tr[data-model="tiny"]'), 30, "the model's row")
-        assert "v1" in browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny"] .versions').text
+        assert browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny"] .versions').text == "v2"
 
         # The chart grows as events arrive, on the same page.
         first = wait_for(lambda: _points(browser, "gateway") >= 2 and _points(browser, "gateway"), 30, "a chart")
@@ -143,6 +150,15 @@ def test_dashboard_shows_the_cluster_live_restarts_and_scales(cluster, browser, 
         rate = float(_node(browser, "gateway")["last"] or 0)
         assert rate > 0, "requests were sent: the gateway's rate is above zero"
         assert browser.execute_script("return window.__same_page") == 1
+
+        # Roll out version 1 through the gateway, confirming in the dialog.
+        row = browser.find_element(By.CSS_SELECTOR, '#models tr[data-model="tiny"]')
+        row.find_element(By.CSS_SELECTOR, "input").send_keys("1")
+        row.find_element(By.CSS_SELECTOR, "button.rollout").click()
+        _confirm(browser, "Roll out tiny v1")
+        wait_for(lambda: browser.execute_script(
+            "return document.querySelector('#models tr[data-model=\"tiny\"] .versions').textContent") == "v1",
+            60, "the model to be served at v1")
 
         # A killed replica shows as restarting (or starting), its restart counted, then ready.
         pid = next(n["pid"] for n in _state(cluster)["nodes"] if n["name"] == "replica-0")
@@ -165,9 +181,7 @@ def test_dashboard_shows_the_cluster_live_restarts_and_scales(cluster, browser, 
         box.clear()
         box.send_keys("2")
         group.find_element(By.CSS_SELECTOR, "button.scale").click()
-        wait_for(lambda: browser.find_element(By.ID, "confirm").is_displayed(), 5, "the confirmation dialog")
-        assert "replica from 1 to 2" in browser.find_element(By.ID, "confirm-text").text
-        browser.find_element(By.ID, "confirm-ok").click()
+        _confirm(browser, "replica from 1 to 2")
         wait_for(lambda: (_node(browser, "replica-1") or {}).get("state") == "ready",
                  120, "replica-1 to appear ready after scaling")
         wait_for(lambda: _points(browser, "replica-1") >= 2, 30, "replica-1's chart")
@@ -178,6 +192,12 @@ def test_dashboard_shows_the_cluster_live_restarts_and_scales(cluster, browser, 
         assert shot.stat().st_size > 10_000
         if os.environ.get("DMLSYS_DASHBOARD_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["DMLSYS_DASHBOARD_SCREENSHOT"])
+
+        # Drain replica-1: stopped, not restarted, gone from the page.
+        browser.find_element(By.CSS_SELECTOR, '#nodes tr[data-node="replica-1"] button.drain').click()
+        _confirm(browser, "Drain and stop replica-1")
+        wait_for(lambda: _node(browser, "replica-1") is None, 60, "replica-1 to leave the page")
+        assert _node(browser, "replica-0")["state"] == "ready"
     finally:
         stop.set()
         sender.join(timeout=10)
