@@ -8,7 +8,8 @@ What the supervisor does on one machine, Kubernetes does here, so no supervisor 
   one that runs the member ``NAME``. Every member's address is its stable DNS name
   (``tcp://replica-0.replica:7000``), listed in the resolved cluster (a **ConfigMap**, the
   ``resolved.json`` the supervisor would write), so members find each other by DNS. The headless
-  Service publishes pods before they are ready: peers reach a member while it loads.
+  Service publishes pods before they are ready: peers reach a member while it loads. A node
+  binds its own name, so an init container waits until that name resolves.
 * The kubelet restarts what dies (liveness on the node's admin ``/healthz``) and a Service sends
   work only to ready pods (readiness on ``/readyz``): the supervisor's probes and restarts.
 * The front door (a gateway's, an events node's or a router's ``http``) is a **Service**.
@@ -140,6 +141,15 @@ def _statefulset(spec: ClusterSpec, node: NodeSpec, metadata: dict, selector: di
                          {"name": "key", "mountPath": "/etc/dmlsys-key", "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    # A node binds its own DNS name (its member address): wait until the headless Service
+    # publishes it, rather than fail the bind and back off in CrashLoopBackOff.
+    own = f"$(POD_NAME).{node.name}" if node.replicas is not None else f"{node.name}.{node.name}"
+    wait_dns = {
+        "name": "dns", "image": image, "imagePullPolicy": "IfNotPresent",
+        "command": ["sh", "-c", f"until getent hosts {own}; do sleep 1; done"],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
     return {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata,
         "spec": {
@@ -151,7 +161,7 @@ def _statefulset(spec: ClusterSpec, node: NodeSpec, metadata: dict, selector: di
                 "spec": {
                     "securityContext": {"runAsNonRoot": True, "runAsUser": USER, "runAsGroup": USER, "fsGroup": USER},
                     "terminationGracePeriodSeconds": 40,  # the supervisor's STOP_TIMEOUT and a little
-                    "initContainers": [copy_key],
+                    "initContainers": [copy_key, wait_dns],
                     "containers": [container],
                     "volumes": [{"name": "state", "emptyDir": {}},
                                 {"name": "resolved", "configMap": {"name": f"{prefix}-resolved"}},

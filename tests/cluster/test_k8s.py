@@ -83,6 +83,14 @@ def test_each_group_is_a_statefulset_with_stable_names_through_a_headless_servic
     assert addresses["gateway"] == f"tcp://gateway.gateway:{k8s.ZMQ_PORT}"
 
 
+def test_a_pod_starts_its_node_once_its_own_dns_name_resolves(manifests):
+    for s in by_kind(manifests, "StatefulSet").values():
+        inits = {c["name"]: c for c in s["spec"]["template"]["spec"]["initContainers"]}
+        name = s["metadata"]["name"]
+        own = f"$(POD_NAME).{name}" if name != "gateway" else "gateway.gateway"
+        assert inits["dns"]["command"][-1] == f"until getent hosts {own}; do sleep 1; done"
+
+
 def test_probes_ask_the_admin_port_for_readyz_and_healthz(manifests):
     resolved = json.loads(by_kind(manifests, "ConfigMap")["shop-resolved"]["data"]["resolved.json"])
     for s in by_kind(manifests, "StatefulSet").values():
