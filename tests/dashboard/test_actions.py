@@ -179,3 +179,19 @@ def test_a_workers_epochs_and_an_events_nodes_queue_come_from_what_they_expose()
     worker = next(n for n in snap["nodes"] if n["name"] == "worker-0")
     assert worker["uptime_s"] == 5.0 and worker["group"] == "worker"
     assert worker["points"][-1]["rate"] > 0  # 20 more messages between the two looks
+
+
+def test_a_shard_is_not_drained_its_keys_would_go_with_it():
+    spec = parse({"cluster": {"name": "t"}, "nodes": [{"name": "shard", "role": "shard", "replicas": 2}]}, "t.toml")
+
+    async def check(sup, dash, http):
+        sup.spec = spec
+        sup.status_document = lambda: {"cluster": "t", "state": "ready", "error": None, "supervisor": {"pid": 1},
+                                       "http": None, "nodes": [{"name": "shard-1", "role": "shard", "state": "ready",
+                                                                "pid": 5, "restarts": 0, "admin": None}]}
+        await dash.refresh()
+        assert dash.snapshot["nodes"][0]["drainable"] is False
+        async with http.post(f"{dash.url}/api/drain", json={"name": "shard-1"}) as r:
+            assert r.status == 409 and "scale its group down" in (await r.json())["error"]
+        assert sup.asked == []
+    run(check)

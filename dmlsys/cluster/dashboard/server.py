@@ -43,6 +43,9 @@ MAX_ACTION_BYTES = 4096
 SECTIONS = ("shard", "router", "events", "ps", "function")  # roles whose service status has a section
 RUNS_DIR = "runs"  # under the state directory: pipeline reports (`pipeline --json .dmlsys/runs/NAME.json`)
 MAX_RUN_BYTES = 4 << 20
+# Roles whose members hold no state another member needs: drained, they are simply gone. A shard's
+# keys and a parameter server's slice must move first, which `scale` does (its group shrinks).
+DRAINABLE = ("replica", "function", "worker", "echo")
 
 
 class Dashboard:
@@ -201,6 +204,7 @@ class Dashboard:
             series = self.series.get(row["name"])
             nodes.append({**{k: row.get(k) for k in ("name", "role", "state", "pid", "restarts", "host", "why", "model")},
                           "group": (g.name if (g := self.sup.spec.group_of(row["name"])) else None),
+                          "drainable": bool(g) and row["role"] in DRAINABLE,
                           "uptime_s": status.get("uptime_s"), "in_flight": status.get("in_flight"),
                           "points": series.points() if series is not None and row.get("pid") else []})
         groups = {n.name: {"role": n.role, "replicas": sum(1 for r in doc["nodes"] if self.sup.spec.group_of(r["name"]) is n)}
@@ -291,6 +295,10 @@ class Dashboard:
         body = await self._action(request, {"name": str})
         if not isinstance(body.get("name"), str):
             raise web.HTTPBadRequest(text='drain takes {"name": node}')
+        role = next((n["role"] for n in self.snapshot.get("nodes", []) if n["name"] == body["name"]), None)
+        if role is not None and role not in DRAINABLE:
+            return web.json_response({"ok": False, "error": f"{body['name']} is a {role}: its state must move first; "
+                                      f"scale its group down instead"}, status=409)
         return await self._run(f"drain {body['name']}", ClusterService(self.sup).pool_stop({"name": body["name"]}))
 
     async def _rollout(self, request: web.Request) -> web.Response:

@@ -31,7 +31,7 @@ function chart(points, field, cls) {
 function renderNodes(nodes) {
   const rows = nodes.map((n) => {
     const p = n.points.length ? n.points[n.points.length - 1] : {};
-    const drain = n.group && n.pid ? `<button class="drain" data-node="${esc(n.name)}">drain</button>` : "";
+    const drain = n.drainable && n.pid ? `<button class="drain" data-node="${esc(n.name)}">drain</button>` : "";
     return `<tr data-node="${esc(n.name)}" data-state="${esc(n.state)}" data-restarts="${n.restarts ?? 0}">` +
       `<td>${esc(n.name)}</td><td>${esc(n.role)}</td><td title="${esc(n.why || "")}">${badge(n.state)}</td>` +
       `<td class="num">${esc(n.pid ?? "–")}</td><td class="num restarts">${esc(n.restarts ?? 0)}</td>` +
@@ -107,10 +107,10 @@ function renderRuns(runs) {
   $("#runs").innerHTML = runs.map((run) => {
     const steps = run.steps.filter((st) => st.start != null || st.cache === "hit");
     const end = Math.max(1e-6, ...steps.map((st) => st.end ?? st.start ?? 0));
-    const W = 640, X = 150, row = 16;
+    const W = 700, X = 150, R = 80, row = 16;
     const bars = steps.map((st, i) => {
-      const a = st.start ?? 0, b = st.end ?? a, x = X + (a / end) * (W - X - 40);
-      const w = Math.max(2, ((b - a) / end) * (W - X - 40)), hit = st.cache === "hit";
+      const a = st.start ?? 0, b = st.end ?? a, x = X + (a / end) * (W - X - R);
+      const w = Math.max(2, ((b - a) / end) * (W - X - R)), hit = st.cache === "hit";
       return `<g class="step ${hit ? "hit" : ""}" data-step="${esc(st.name)}" data-cache="${esc(st.cache)}">` +
         `<text x="${X - 6}" y="${i * row + 12}" text-anchor="end">${esc(st.name)}</text>` +
         `<rect x="${x.toFixed(1)}" y="${i * row + 3}" width="${w.toFixed(1)}" height="${row - 5}" class="s-${esc(st.state)}"/>` +
