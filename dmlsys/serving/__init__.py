@@ -12,8 +12,9 @@
 * :mod:`dmlsys.serving.versions`    one version per model
 * :mod:`dmlsys.serving.rollout`     rolling update
 * :mod:`dmlsys.serving.gateway`     the HTTP front door (KServe v1 JSON) and ``serving`` RPCs
+* :mod:`dmlsys.serving.http`        the small HTTP/1.1 server of the door and of a replica's own endpoint
 * :mod:`dmlsys.serving.errors`      one error class per answer a client gets
 * :mod:`dmlsys.serving.roles`       cluster roles ``replica`` and ``gateway``
 
-Heavy imports (JAX, aiohttp) happen in the modules that need them, not here.
+Heavy imports (JAX) happen in the modules that need them, not here.
 """

@@ -4,7 +4,9 @@ Each error carries the HTTP status the front door answers with, so that the mapp
 failure to status lives in one place. Errors raised inside a replica reach the gateway as
 ``RemoteError`` with the class name as ``type``; :func:`from_remote` turns them back into the
 typed error, so a replica's ``BadInput`` becomes the client's 400 and nothing is retried that
-would fail again.
+would fail again. What is wrong with the HTTP request itself (413 over ``max_body_bytes``, 408
+past ``read_timeout``, a malformed head) is answered by :mod:`dmlsys.serving.http` before any
+of this code sees the request.
 """
 
 from __future__ import annotations
@@ -21,18 +23,6 @@ class BadInput(ServingError):
     """The request is malformed: wrong shape, non-numeric values, too many instances, too large."""
 
     status = 400
-
-
-class BodyTooLarge(ServingError):
-    """The request body is over ``max_body_bytes``; the message names the limit."""
-
-    status = 413
-
-
-class SlowClient(ServingError):
-    """The request body did not arrive within ``read_timeout`` seconds (a slow or stuck client)."""
-
-    status = 408
 
 
 class UnknownModel(ServingError):

@@ -24,7 +24,8 @@ one travels as an array frame).
 answered 503 naming the limit and closed. A connection that has not sent a whole request line
 and headers within ``idle_timeout`` seconds (idle keep-alive, or headers that trickle in) is
 closed, and a body must arrive within ``read_timeout`` seconds of its headers (else 408): a
-slow client holds a connection for a bounded time, and never a replica's in-flight slot.
+slow client holds a connection for a bounded time, and never a replica's in-flight slot. The
+door is :class:`dmlsys.serving.http.HttpServer`, which enforces these and answers 408/413 itself.
 
 The gateway node also answers ``serving.models`` and ``serving.rollout {model, version}`` over
 RPC, for the cluster CLI.
