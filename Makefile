@@ -31,10 +31,13 @@ data: venv
 up: data
 	$(BIN)/python -m dmlsys.cluster up
 
-# `ip` (iproute2) for the two-host network-namespace test, which skips with its reason without it.
+# `ip` (iproute2) for the two-host network-namespace tests and Chromium for the dashboard's
+# browser test; each skips with its reason without them.
 test: data
 	@if ! command -v ip >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y iproute2 || true; fi
+	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y chromium chromium-driver || (apt-get update && apt-get install -y chromium chromium-driver) || true; fi
 	$(BIN)/python -m pytest -q
 
 bench-deps: venv
