@@ -45,3 +45,31 @@ def test_a_host_that_says_bye_is_stopped_not_lost_and_its_nodes_deaths_reach_the
     view, joined = hosts.report(_report(bye=True), now=1.0)
     assert view.state == "stopped" and not joined
     assert hosts.expire(now=100.0) == [] and hosts.members() == []
+
+
+def test_the_primary_says_which_host_has_not_joined_and_why_a_node_there_is_not_ready(tmp_path, capsys):
+    from dmlsys.cluster.__main__ import print_table
+    from dmlsys.cluster.spec import parse
+    from dmlsys.cluster.supervisor import Supervisor
+
+    spec = parse({"cluster": {"name": "t", "supervisor": "tcp://10.0.0.1:7000"},
+                  "hosts": {"alpha": {"address": "10.0.0.1"}, "beta": {"address": "10.0.0.2"}},
+                  "nodes": [{"name": "gateway", "role": "gateway", "host": "alpha"},
+                            {"name": "replica", "role": "replica", "replicas": 1, "hosts": ["beta"],
+                             "config": {"model": "m"}}]}, "two.toml")
+    sup = Supervisor(spec, tmp_path, host="alpha")
+    assert sup.primary and sup.served_models() == {"m"}
+    sup.assignment = spec.placement()
+    assert sup._hosts_not_ready() == ["host beta has not joined (run `python -m dmlsys.cluster up two.toml "
+                                      "--host beta` there)"]
+    row = {"name": "replica-0", "role": "replica", "state": "alive", "pid": 7, "zmq": "tcp://10.0.0.2:9",
+           "why": "model: waiting for m (latest) from the cluster's store at supervisor: not in the store"}
+    sup.hosts.report({"host": "beta", "members": [], "rows": [row]}, now=0.0)
+    assert sup._hosts_not_ready() == ["replica-0 on beta is alive (model: waiting for m (latest) from the "
+                                      "cluster's store at supervisor: not in the store)"]
+    sup.hosts.expire(now=10.0)
+    doc = sup.status_document()
+    assert doc["hosts"]["beta"]["state"] == "lost"
+    print_table(doc)
+    out = capsys.readouterr().out
+    assert "host beta: lost (no report from its supervisor" in out and "replica-0" in out
