@@ -239,6 +239,11 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
         config = _table(raw.get("config", {}), f"{where}.config", err)
         if role == "gateway" and tls and not ({"tls_cert", "tls_key"} & set(config)):
             config = {**config, **tls}
+        if role == "gateway" and replicas is not None and "reuse_port" not in config and _door_shares_ports():
+            # A gateway group shares one HTTP address: every member binds it with SO_REUSEPORT and
+            # the kernel spreads new connections over the live ones, so the door stays open while
+            # one member dies and restarts (docs/reliability.md, "The front door").
+            config = {**config, "reuse_port": True}
         if len(allowed) > 1 and not zmq_auto and not zmq.startswith("ipc://"):
             raise err(f"{where}.zmq", "left out for a group placed on several hosts: each member binds its own "
                       "host's address, on a port picked there")
@@ -264,6 +269,13 @@ def parse(data: dict[str, Any], path: str | Path = "<spec>") -> ClusterSpec:
     except ClusterError as e:
         raise err("hosts", str(e)) from None
     return result
+
+
+def _door_shares_ports() -> bool:
+    """Whether the gateway role takes ``reuse_port`` (SO_REUSEPORT on the front door's socket)."""
+    from dmlsys.serving.roles import GATEWAY_KEYS
+
+    return "reuse_port" in GATEWAY_KEYS
 
 
 # AF_UNIX paths hold 107 bytes; a longer socket path falls back to a TCP port.

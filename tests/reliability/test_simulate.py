@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
-import simulate  # noqa: E402
+import simulate
 
 SEEDS = range(5)
 KNOWN = {("functions", 3)}  # found by this suite; see test_known_function_pool_livelock
