@@ -88,6 +88,8 @@ async def allreduce(link: PassLink, ufunc, flat: np.ndarray, gather: bool) -> np
         # the time we return, every rank's final segments came back to us, and the final
         # value of the segment we sent first (``sent``, never ours) folds in our chunks, so
         # they were on the wire before we return; the caller may write its buffer then.
+        # (After a failed pass some may still be queued, read later; the other ranks are
+        # told to abort that pass, so what those chunks carry is never used.)
         src, base = flat, 0
     else:  # reduce-scatter returns before anything of ours need have left
         src, base = link.pool.take(hi - lo, flat.dtype), lo
