@@ -398,7 +398,8 @@ def bench_allreduce(rows: list[dict], path: Path) -> None:
         ax.set_title(f"N = {n}", fontsize=10)
     axes[0][0].legend(fontsize=7)
     machine = rows[0].get("machine", "") if rows else ""
-    fig.suptitle("allreduce busbw over loopback (float32 sum, no keys)" + (f"\n{machine}" if machine else ""), fontsize=8)
+    fig.suptitle("allreduce busbw over loopback (float32 sum, no keys)" + (f"\n{machine}" if machine else ""),
+                 fontsize=8, y=1.05)
     _save(plt, fig, path)
 
 
