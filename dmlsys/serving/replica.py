@@ -60,7 +60,7 @@ class ReplicaConfig:
     max_instances: int = 64  # per request; a caller (the door) may ask for a lower limit
     max_queue: int = 1024  # requests waiting for the batcher; past it a request is refused QueueFull
     buckets: tuple[int, ...] = BUCKETS
-    http: str | None = None  # HOST:PORT (port 0 picks one) for its own KServe v1 endpoint; None: RPC only
+    http: str | None = None  # HOST:PORT (port 0 picks one) for its own KServe v1 endpoint, once loaded; None: RPC only
     http_limits: HttpLimits = HttpLimits()
 
     def __post_init__(self) -> None:
@@ -121,20 +121,25 @@ class ModelService(Service):
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._batch_loop())
         self._loader_task = loop.create_task(self._initial_load())
-        if self.config.http is not None:
-            await self._start_http(self.config.http)
 
-    async def _start_http(self, address: str) -> None:
+    async def _start_http(self, address: str) -> bool:
+        """Listen on ``address`` once the model is loaded: a balancer without probes of its own
+        (nginx) then meets a refused connection, which it retries elsewhere, rather than a 503
+        while the replica loads. A port it cannot take closes the readiness gate, naming it."""
         host, _, port = address.rpartition(":")
         server = HttpServer(self._route, self.config.http_limits, name=f"replica {self.node.name}")
         try:
             await server.start(host, int(port))
         except OSError as e:
-            raise OSError(e.errno, f"replica {self.node.name!r} cannot listen for HTTP on {address}: {e.strerror}; "
-                                   "pick another http or stop what holds the port") from None
+            self.last_error = (f"replica {self.node.name!r} cannot listen for HTTP on {address}: {e.strerror}; "
+                               "pick another http or stop what holds the port")
+            self.gate.close(self.last_error)
+            log.error("%s", self.last_error)
+            return False
         self._http = server
         self.url = f"http://{host}:{server.port}"
         log.info("replica %s: HTTP on %s", self.node.name, self.url)
+        return True
 
     async def stop(self) -> None:
         if self._http is not None:  # no new requests first; those queued are answered below
@@ -168,6 +173,9 @@ class ModelService(Service):
             self.last_error = str(e)
             self.gate.close(f"load failed: {e}")
             log.error("replica %s: %s", self.node.name, e)
+            return
+        if self.config.http is not None and not await self._start_http(self.config.http):
+            self.phase = "failed"
             return
         self.phase = "ready"
         self.gate.open()

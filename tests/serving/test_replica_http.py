@@ -12,6 +12,14 @@ from dmlsys.wire.sim import SimNetwork
 from tests.serving.helpers import body, fake_runtime
 
 
+async def until(condition, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
 async def replica(scenario, **config):
     net = SimNetwork(0)
     r0 = Node("r0", net.transport("r0"), role="replica")
@@ -21,7 +29,7 @@ async def replica(scenario, **config):
     client = Node("c", net.transport("c"))
     await r0.start()
     await client.start()
-    await asyncio.sleep(0.01)  # the fake load
+    await until(lambda: svc.url is not None)  # loaded, then listening
     try:
         async with aiohttp.ClientSession() as session:
             await scenario(session, svc, client)
@@ -59,6 +67,40 @@ def test_http_errors_name_the_model_the_input_and_the_queue():
             assert r.status == 503
 
     asyncio.run(replica(scenario, max_instances=2))
+
+
+def test_http_listens_only_once_the_model_is_loaded_and_a_taken_port_closes_the_gate():
+    async def scenario():
+        net = SimNetwork(0)
+        loaded = asyncio.Event()
+
+        async def slow_load(store, model, version):
+            await loaded.wait()
+            return fake_runtime(model, 3)
+
+        taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = taken.sockets[0].getsockname()[1]
+        nodes = []
+        for name, address in (("r0", "127.0.0.1:0"), ("r1", f"127.0.0.1:{port}")):
+            node = Node(name, net.transport(name), role="replica")
+            svc = ModelService(ReplicaConfig("m", "unused", http=address), loader=None, offload=False)
+            svc._load = lambda version: slow_load(None, "m", version)
+            node.add_service(svc)
+            await node.start()
+            nodes.append((node, svc))
+        await asyncio.sleep(0.01)
+        assert all(svc.url is None for _, svc in nodes)  # loading: not listening
+        loaded.set()
+        (r0, ok), (r1, bad) = nodes
+        await until(lambda: ok.phase != "loading" and bad.phase != "loading")
+        assert ok.url is not None and ok.phase == "ready"
+        assert bad.url is None and bad.phase == "failed" and str(port) in bad.last_error
+        assert str(port) in r1.status()["failing_gates"]["model"]
+        taken.close()
+        for node, _ in nodes:
+            await node.stop(0)
+
+    asyncio.run(scenario())
 
 
 def test_http_requests_share_the_replica_queue_and_its_bound():
