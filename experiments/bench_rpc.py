@@ -8,6 +8,11 @@ Three measurements, each against a server in its own process:
 The raw side is a pyzmq ROUTER echo server and a DEALER client with zero-copy sends: the floor
 any framework on ZeroMQ pays. Ratios are what to read: this machine is shared and noisy.
 
+Both sides run with the same allocator settings: ``--malloc tuned`` (default) gives the raw
+processes the glibc thresholds our transport sets for itself (dmlsys.wire.zmq_transport), and
+``--malloc default`` runs both sides with glibc's defaults (DMLSYS_MALLOC_TUNE=0). The table and
+every row say which.
+
 ``--curve`` adds a third side, ours with a cluster key, alternated with the other two, and rows
 whose ratio is keys on over keys off: ``tcp+curve`` (CurveZMQ: authenticated and encrypted)
 and ``ipc+plain`` (ipc authenticates with a per-name token and does not encrypt, because the
@@ -38,7 +43,16 @@ CLUSTER_KEY = None  # set in main() when --curve: one key for every CURVE run of
 # -- servers (each runs in its own process) ---------------------------------------------------
 
 
+def same_allocator() -> None:
+    """The raw side gets exactly the malloc settings ours gives itself (none when
+    DMLSYS_MALLOC_TUNE=0, which --malloc default sets for every process)."""
+    from dmlsys.wire.zmq_transport import tune_malloc
+
+    tune_malloc()
+
+
 def raw_server(address: str, ready) -> None:
+    same_allocator()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(address)
@@ -98,6 +112,7 @@ def dmlsys_server(address: str, ready, key: str | None = None) -> None:
 
 
 def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
+    same_allocator()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(address)
@@ -230,7 +245,8 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
         raw = [r[metric] for r in runs["raw"]]
         ratio = float(np.median([o / r for o, r in zip(ours, raw)]))
         rows.append({"metric": metric, "ours": round(float(np.median(ours)), 3), "raw": round(float(np.median(raw)), 3),
-                     "unit": unit, "ratio": round(ratio, 3), "transport": transport, "repeats": args.repeats})
+                     "unit": unit, "ratio": round(ratio, 3), "transport": transport, "repeats": args.repeats,
+                     "malloc": args.malloc})
     if args.curve:  # one more row set: ours with CURVE against ours without, pairwise as above
         for metric, unit in UNITS.items():
             curve = [r[metric] for r in runs["curve"]]
@@ -239,7 +255,7 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
             rows.append({"metric": metric, "ours": round(float(np.median(curve)), 3),
                          "raw": round(float(np.median(plain)), 3), "unit": unit, "ratio": round(ratio, 3),
                          "transport": f"{transport}+{'plain' if transport == 'ipc' else 'curve'}",
-                         "baseline": "ours without keys", "repeats": args.repeats})
+                         "baseline": "ours without keys", "repeats": args.repeats, "malloc": args.malloc})
     return rows
 
 
@@ -256,7 +272,11 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--plot", metavar="PNG", help="bar chart of the rows (default: the --json path with .png)")
     parser.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="allocator settings of BOTH sides: our transport's glibc thresholds (default) or glibc's own")
     args = parser.parse_args()
+    if args.malloc == "default":
+        os.environ["DMLSYS_MALLOC_TUNE"] = "0"  # inherited by every spawned process, ours and raw
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.from_json:
@@ -281,7 +301,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dmlsys RPC vs raw pyzmq (medians of {args.repeats} alternating runs; ratio = median of per-run ratios)"
+    table = Table(title=f"dmlsys RPC vs raw pyzmq (medians of {args.repeats} alternating runs; ratio = median of per-run ratios; "
+                        f"malloc {args.malloc} on both sides)"
                   + ("; +curve/+plain rows: dmlsys with keys vs dmlsys without" if args.curve else ""))
     for col in ("transport", "metric", "dmlsys", "baseline", "unit", "ratio", "target"):
         table.add_column(col, justify="left" if col in ("transport", "metric", "unit") else "right")

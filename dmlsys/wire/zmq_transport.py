@@ -56,7 +56,7 @@ _POLLIN = int(zmq.POLLIN)
 _malloc_tuned = False
 
 
-def _tune_malloc() -> None:
+def tune_malloc() -> None:
     """Keep glibc from handing every multi-MiB message buffer back to the kernel.
 
     libzmq mallocs each received message in its I/O thread, and large numpy arrays come from
@@ -141,7 +141,7 @@ class ZmqTransport(Transport):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        _tune_malloc()
+        tune_malloc()
         router = self._socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises, not vanishes
         if self._keys is None:
