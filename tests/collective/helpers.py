@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
+from dmlsys.assembly import SimTransports, System
 from dmlsys.collective import CollectiveService, ProcessGroup
 from dmlsys.node import Node
 from dmlsys.wire import sim
@@ -46,16 +47,14 @@ def run_groups(n: int, body: Callable[[SimGroup], Awaitable[Any]], *, seed: int 
     async def main() -> Any:
         net = SimNetwork(seed, link=link) if link is not None else SimNetwork(seed)
         names = [f"w{i}" for i in range(n)]
-        nodes = [Node(name, net.transport(name), admin=None) for name in names]
-        for node in nodes:
-            node.add_service(CollectiveService())
-            await node.start()
+        system = System(SimTransports(net))
+        nodes = [system.add(name, services=[CollectiveService()]) for name in names]
+        await system.start()
         try:
             groups = [ProcessGroup(node, names, **group_kw) for node in nodes]
             return await body(SimGroup(net, names, nodes, groups))
         finally:
-            for node in nodes:
-                await node.stop(drain_timeout=0.1)
+            await system.stop(drain_timeout=0.1)
 
     return sim.run(main())
 
