@@ -11,6 +11,7 @@
     timeout = 30.0                                  # seconds a collective waits for the other ranks
     chunk_bytes = 2097152                           # ring pipelining unit
     single_thread = false                           # true: XLA on one core (several workers per host)
+    memory_cap = 67108864                           # optional: bytes of parameters a worker may hold
 
 A worker hosts the ``collective`` service (the receiving end of its process groups) and the
 ``train`` service. ``train.run`` runs one job (see :mod:`dmlsys.collective.job` for the
@@ -22,6 +23,11 @@ job has finished so far (the caller polls it to report progress).
 
 Every bad config value raises ``ConfigError(key, what was expected)``; the cluster CLI adds the
 file and node name. Every bad run request raises :class:`~dmlsys.collective.errors.JobRejected`.
+
+**Memory cap.** Every rank holds a full replica of the model, so a job whose model's parameters
+exceed the worker's ``memory_cap`` (or the request's, whichever is tighter) is refused before
+any data is loaded, with an error naming the cap (``dmlsys.train.memory.check_fits``); such a
+model (the wide hashed-feature model, ``{"kind": "wide"}``) trains through parameter servers.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from dmlsys.node import ADMIN, ConfigError, Service, oneway, rpc
 
 log = logging.getLogger(__name__)
 
-WORKER_KEYS = {"data_dir", "limit", "test_limit", "timeout", "chunk_bytes", "single_thread"}
+WORKER_KEYS = {"data_dir", "limit", "test_limit", "timeout", "chunk_bytes", "single_thread", "memory_cap"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,7 @@ class WorkerConfig:
     test_limit: int | None = None
     timeout: float = 30.0
     chunk_bytes: int = 2 << 20
+    memory_cap: int | None = None  # bytes of parameters a worker may hold (a full replica must fit)
 
 
 def _int(config: dict, key: str, default: int | None) -> int | None:
@@ -76,7 +83,8 @@ def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerCon
         raise ConfigError("single_thread", f"true or false, got {config['single_thread']!r}")
     return WorkerConfig(store=str(store), data_dir=data_dir, limit=_int(config, "limit", None),
                         test_limit=_int(config, "test_limit", None), timeout=float(timeout),
-                        chunk_bytes=_int(config, "chunk_bytes", 2 << 20))
+                        chunk_bytes=_int(config, "chunk_bytes", 2 << 20),
+                        memory_cap=_int(config, "memory_cap", None))
 
 
 def build_worker(ctx) -> list[Service]:
@@ -104,7 +112,7 @@ def _run_request(body: Any, me: str) -> dict[str, Any]:
     for key in ("arch", "hyperparams"):
         if not isinstance(body.get(key), dict):
             raise JobRejected(f"job {job!r}: {key}: a dict, got {body.get(key)!r}")
-    for key in ("epochs", "limit", "test_limit"):
+    for key in ("epochs", "limit", "test_limit", "memory_cap"):
         value = body.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise JobRejected(f"job {job!r}: {key}: an integer >= 1 or null, got {value!r}")
@@ -176,6 +184,7 @@ class TrainingService(Service):
             known = ", ".join(f.name for f in dataclasses.fields(Hyperparams))
             raise JobRejected(f"job {req['job']!r}: hyperparams: {e} (known: {known})") from None
         self.epochs_total = req.get("epochs") or hp.epochs
+        self._check_memory(req)
         dataset = await self._dataset(req.get("limit"), req.get("test_limit"))
         group = ProcessGroup(self.node, req["members"], name=f"job:{req['job']}", timeout=self.config.timeout,
                              chunk_bytes=self.config.chunk_bytes)
@@ -197,6 +206,20 @@ class TrainingService(Service):
             "comm_fraction": last.comm_fraction if last else None,
             "data_fingerprint": dataset.fingerprint,
         }
+
+    def _check_memory(self, req: dict[str, Any]) -> None:
+        """Refuse a model whose full replica exceeds the memory cap, naming the cap."""
+        from dmlsys.train.errors import TrainError
+        from dmlsys.train.memory import MemoryCap, check_fits, param_bytes
+
+        cap = _tighter(self.config.memory_cap, req.get("memory_cap"))
+        if cap is None:
+            return
+        try:
+            check_fits(param_bytes(req["arch"]), MemoryCap(cap),
+                       f"model {req['model']!r} (a full replica on worker {self.node.name})")
+        except TrainError as e:
+            raise JobRejected(f"job {req['job']!r}: {e}", job=req["job"], worker=self.node.name) from None
 
     def _on_epoch(self, stats) -> None:
         self.epochs_done = stats.epoch

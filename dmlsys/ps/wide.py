@@ -8,8 +8,9 @@ of its features' rows plus ``b``. With ``rows = 2**22`` the table is 160 MiB of 
 batch of 64 images touches at most 64·F rows (a few MiB): the parameter servers hold the table,
 a worker pulls only the rows of its batch.
 
-**The memory cap.** ``MemoryCap(bytes)`` is what a worker may hold of the parameters.
-``check_fits(specs, cap)`` is the test the collective must pass (a full replica on every worker)
+**The memory cap.** ``MemoryCap(bytes)`` (from :mod:`dmlsys.train.memory`, shared with the
+collective's workers) is what a worker may hold of the parameters.
+``check_fits(specs, cap)`` is the test the collective passes (a full replica on every worker)
 and refuses with an error naming the cap; a ``WideWorker`` checks every pull against the cap
 before it is made, so it never holds more than the rows it pulled plus the dense leaves.
 """
@@ -23,39 +24,19 @@ import numpy as np
 
 from dmlsys.ps.errors import PsError
 from dmlsys.ps.partition import LeafSpec
+from dmlsys.train.memory import MemoryCap, MemoryCapExceeded
+from dmlsys.train.memory import check_fits as _check_fits
+
+__all__ = ["MemoryCap", "MemoryCapExceeded", "WideConfig", "WideWorker", "check_fits", "features", "specs"]
 
 NUM_CLASSES = 10
 _P1, _P2, _P3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9)
 
 
-class MemoryCapExceeded(PsError):
-    """Parameters (or a pull) would not fit a worker's memory cap; names the cap and the need."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryCap:
-    """How many bytes of parameters one worker may hold."""
-
-    bytes: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.bytes, int) or self.bytes < 1:
-            raise PsError(f"memory cap: a positive number of bytes, got {self.bytes!r}")
-
-    def check(self, need: int, what: str) -> None:
-        if need > self.bytes:
-            raise MemoryCapExceeded(f"{what} needs {_mib(need)} but the per-worker memory cap is "
-                                    f"{_mib(self.bytes)}; train it through parameter servers "
-                                    f"(the model's tables stay on the shards) or raise the cap")
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB ({n} bytes)"
-
-
 def check_fits(specs: list[LeafSpec], cap: MemoryCap, what: str = "a full replica of the model") -> None:
-    """Raise MemoryCapExceeded when the whole model (every leaf) would not fit ``cap``."""
-    cap.check(sum(s.nbytes for s in specs), what)
+    """Raise MemoryCapExceeded when the whole model (every leaf) would not fit ``cap``
+    (``dmlsys.train.memory.check_fits``, the one the collective's workers apply)."""
+    _check_fits(specs, cap, what)
 
 
 @dataclasses.dataclass(frozen=True)
