@@ -125,6 +125,18 @@ def test_requests_come_out_whole_and_in_order_however_the_bytes_are_split(stream
     assert all(s == 200 for s, _, _ in got) and not t.closed and server.requests == len(sent)
 
 
+def test_blanks_around_a_value_are_dropped_in_linear_time():
+    import time
+
+    started = time.process_time()
+    t, _ = feed([b"GET / HTTP/1.1\r\nX-Path-Of-Blanks: a" + b" \t" * 30_000 + b"b  \r\nY:\r\n\r\n"],
+                lambda r: Reply(200, (r.headers["x-path-of-blanks"][:1] + r.headers["x-path-of-blanks"][-1:]
+                                      + "|" + r.headers["y"]).encode()))
+    assert time.process_time() - started < 0.5  # a quadratic match of the blanks takes seconds
+    [(status, _, body)] = responses(bytes(t.out))
+    assert status == 200 and body == b"ab|"
+
+
 def test_query_strings_are_dropped_and_the_path_is_percent_decoded():
     t, _ = feed([b"GET /v1/models/a%2Db?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"])
     [(status, headers, _)] = responses(bytes(t.out))
