@@ -268,7 +268,7 @@ class _Refuse(asyncio.Protocol):
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "state", "since", "buf", "paused", "_method", "_path", "_headers",
-                 "_keep_alive", "_length", "_chunked", "_body", "_chunk_left", "_linger")
+                 "_keep_alive", "_length", "_chunked", "_body", "_chunk_left", "_linger", "_seen")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -278,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self._seen = 0  # bytes at the buffer's start already searched for a head's end
         self._reset()
 
     def _reset(self) -> None:
@@ -334,11 +335,14 @@ class _Connection(asyncio.Protocol):
         limits = self.server.limits
         while True:
             if self.state == _HEAD:
-                end = data.find(b"\r\n\r\n", pos)
+                # A head trickling in a byte at a time is searched once, not once per byte.
+                end = data.find(b"\r\n\r\n", pos if pos else max(0, self._seen - 3))
                 if end < 0:
                     if len(data) - pos > limits.max_head_bytes:
                         raise _Refused(431, f"request head over {limits.max_head_bytes} bytes")
+                    self._seen = len(data) - pos
                     break
+                self._seen = 0
                 if end - pos > limits.max_head_bytes:
                     raise _Refused(431, f"request head over {limits.max_head_bytes} bytes")
                 self._head(bytes(data[pos:end]))

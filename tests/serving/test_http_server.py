@@ -137,6 +137,26 @@ def test_blanks_around_a_value_are_dropped_in_linear_time():
     assert status == 200 and body == b"ab|"
 
 
+def test_a_head_trickling_in_byte_by_byte_is_searched_once():
+    """Each arrival searches only its own bytes and the 3 before them for the head's end (the
+    buffer's searched part is remembered), and the head split anywhere still parses."""
+    raw = request(b"{}", extra=b"X: " + b"y" * 2_000 + b"\r\n")
+    head_end = raw.index(b"\r\n\r\n") + 4
+
+    async def run():
+        conn = _Connection(HttpServer(echo))
+        t = FakeTransport()
+        conn.connection_made(t)
+        for i in range(len(raw)):
+            conn.data_received(raw[i:i + 1])
+            if i + 1 < head_end:
+                assert conn._seen == len(conn.buf) == i + 1
+        return t
+
+    [(status, _, body)] = responses(bytes(asyncio.run(run()).out))
+    assert status == 200 and body == b"{}"
+
+
 def test_query_strings_are_dropped_and_the_path_is_percent_decoded():
     t, _ = feed([b"GET /v1/models/a%2Db?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"])
     [(status, headers, _)] = responses(bytes(t.out))
