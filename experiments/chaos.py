@@ -408,8 +408,9 @@ class Suite:
             except RuntimeError as e:
                 why = str(e).strip().splitlines()[-1]
                 with contextlib.suppress(OSError):
-                    lines = (c.dir / ".dmlsys" / "logs" / "gateway-1.log").read_text().splitlines()
-                    why = next((ln for ln in reversed(lines) if "listen" in ln or "in use" in ln), why)
+                    for log in (c.dir / ".dmlsys" / "logs").glob("gateway-*.log"):
+                        lines = log.read_text().splitlines()
+                        why = next((ln for ln in reversed(lines) if "cannot listen" in ln or "in use" in ln), why)
                 self.row("gateway-pair-kill", None, None, f"skipped: two gateways cannot share the port: {why[-200:]}")
                 return
             self.under_load(c, lambda: f"killed pid {c.signal('gateway-0', signal.SIGKILL)}", after=3,

@@ -96,6 +96,10 @@ TABLE: tuple[Limit, ...] = (
           "none: the rest wait for the next batch"),
     Limit("batch queue", _RC.max_queue, "requests", f"{_R}: ReplicaConfig.max_queue", "replica max_queue",
           "QueueFull to the balancer, which tries another replica; all full: 503"),
+    Limit("a replica's own HTTP listener", _RC.http_limits.max_body_bytes, "bytes",
+          f"{_R}: ReplicaConfig.http_limits (HttpLimits: the door's defaults for body, head, "
+          "connections, timeouts)", "replica http (the listener; its limits are the defaults)",
+          "the same answers as the front door: 413, 408, 431, 503"),
     # -- every node ---------------------------------------------------------------------------
     Limit("handlers in flight per node", _NL.max_in_flight, "tasks", f"{_N}: NodeLimits.max_in_flight", None,
           "RemoteError NodeBusy: node X busy: N in flight (limit 1024, NodeLimits.max_in_flight); the balancer "
