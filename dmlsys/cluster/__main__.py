@@ -70,6 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     train = sub.add_parser("train", help="train a new version of a model from its [cluster.train.MODEL] recipe, "
                                          "on the worker nodes if the cluster has any")
     train.add_argument("model")
+    train.add_argument("--via", choices=("allreduce", "ps"), default="allreduce",
+                       help="allreduce: the worker nodes (ring, data parallel; default); ps: the ps-worker nodes "
+                            "through the ps nodes (parameter servers; see cluster/ps.toml)")
+    train.add_argument("--consistency", choices=("bsp", "ssp", "asp"), default="bsp",
+                       help="with --via ps: bulk synchronous (default), stale synchronous, asynchronous")
+    train.add_argument("--staleness", type=int, default=None,
+                       help="with --via ps --consistency ssp: clocks a worker may run ahead (default 2)")
+    train.add_argument("--epochs", type=int, help="with --via ps: override the recipe's epochs")
+    train.add_argument("--limit", type=int, help="with --via ps: train on the first N samples only")
+    train.add_argument("--test-limit", type=int, help="with --via ps: test on the first N samples only")
 
     rollout = sub.add_parser("rollout", help="reload every replica of a model with a new version, one at a time")
     rollout.add_argument("model")
@@ -369,10 +379,21 @@ def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
     doc = running_state(state_dir)
     from dmlsys.node import RemoteError
 
+    via = getattr(args, "via", "allreduce")
     try:
-        result = asyncio.run(train_with_progress(doc, args.model, cluster_key(state_dir)))
+        if via == "ps":
+            result = asyncio.run(train_ps_with_progress(doc, args.model, cluster_key(state_dir), ps_options(args)))
+        else:
+            result = asyncio.run(train_with_progress(doc, args.model, cluster_key(state_dir)))
     except RemoteError as e:
         raise CliError(e.message) from None
+    if via == "ps":
+        mode = result["consistency"] + (f" s={result['staleness']}" if result["consistency"] == "ssp" else "")
+        print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
+              f" (through parameter servers {', '.join(result['shards'])}, {mode}; "
+              f"ps-workers {', '.join(result['workers'])})")
+        print(f"serve it with: python -m dmlsys.cluster rollout {result['model']} --version {result['version']}")
+        return 0
     print(f"trained {result['model']} version {result['version']}: test accuracy {result['test_accuracy']:.4f}"
           f" ({'workers ' + ', '.join(result['workers']) if result['workers'] else 'in the supervisor'})")
     print(f"serve it with: python -m dmlsys.cluster rollout {result['model']} --version {result['version']}")
@@ -413,6 +434,64 @@ async def train_with_progress(doc: dict, model: str, keys=None) -> dict:
                 bar.update(task, total=done["epochs"], completed=done["epochs"],
                            stats=f"test accuracy {done['test_accuracy']:.4f}")
         return job.result()
+
+
+def ps_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``train --via ps`` flags -> keyword arguments of ``recipes.train_ps``; CliError names a bad one."""
+    if args.consistency != "ssp" and args.staleness not in (None, 0):
+        raise CliError(f"--staleness {args.staleness}: only with --consistency ssp")
+    staleness = (2 if args.staleness is None else args.staleness) if args.consistency == "ssp" else 0
+    if staleness < 0:
+        raise CliError(f"--staleness: clocks >= 0, got {staleness}")
+    for flag in ("epochs", "limit", "test_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CliError(f"--{flag.replace('_', '-')}: an integer >= 1, got {value}")
+    return {"consistency": args.consistency, "staleness": staleness, "epochs": args.epochs,
+            "limit": args.limit, "test_limit": args.test_limit}
+
+
+async def train_ps_with_progress(doc: dict, model: str, keys=None, options: dict | None = None) -> dict:
+    """``train MODEL --via ps``: this CLI drives the job itself (``recipes.train_ps``) on the
+    running ``ps-worker`` nodes through the running ``ps`` nodes; rank 0's epochs as a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmlsys.cluster.recipes import train_ps
+    from dmlsys.cluster.spec import load
+    from dmlsys.collective.job import follow_progress
+    from dmlsys.ps.errors import PsError
+
+    spec = load(doc["spec"])
+    alive = [n for n in doc["nodes"] if pid_alive(n.get("pid"))]
+    workers = [n for n in alive if n["role"] == "ps-worker"]
+    shards = [n for n in alive if n["role"] == "ps"]
+    async with client_node({n["name"]: n["zmq"] for n in workers + shards}, keys=keys) as node:
+        job = asyncio.ensure_future(train_ps(node, spec, model, [n["name"] for n in workers],
+                                             [n["name"] for n in shards], **(options or {})))
+        columns = (TextColumn(f"training {model} on {len(workers)} ps-workers, {len(shards)} shards"), BarColumn(),
+                   MofNCompleteColumn(), TextColumn("epochs {task.fields[stats]}"), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+            task = bar.add_task("train", total=None, stats="")
+
+            async def show() -> None:
+                async for reply, epoch in follow_progress(node, workers[0]["name"], None, every=1.0):
+                    if reply.get("model") == model:
+                        bar.update(task, total=reply.get("epochs_total"), completed=epoch["epoch"],
+                                   stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
+
+            shower = asyncio.ensure_future(show()) if workers else None
+            try:
+                await asyncio.wait([job])
+            finally:
+                if shower is not None:
+                    shower.cancel()
+            if isinstance(job.exception(), (ClusterError, PsError)):  # names the recipe, node or worker
+                raise CliError(str(job.exception())) from None
+            done = job.result()
+            bar.update(task, total=done["epochs"], completed=done["epochs"],
+                       stats=f"test accuracy {done['test_accuracy']:.4f}")
+        return done
 
 
 def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:

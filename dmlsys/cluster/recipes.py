@@ -31,13 +31,18 @@ log = logging.getLogger("dmlsys.supervisor")
 
 def recipe(sup: "Supervisor", model: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(arch, hyperparams) for ``model`` from ``[cluster.train.MODEL]``, validated."""
+    return recipe_of(sup.spec, model)
+
+
+def recipe_of(spec: Any, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arch, hyperparams) for ``model`` from the ``[cluster.train.MODEL]`` of a ``ClusterSpec``."""
     from dmlsys.train.trainer import Hyperparams
 
-    where = f"{sup.spec.path}: cluster.train.{model}"
-    table = sup.spec.train.get(model)
+    where = f"{spec.path}: cluster.train.{model}"
+    table = spec.train.get(model)
     if not isinstance(table, dict):
-        known = ", ".join(sorted(sup.spec.train)) or "none"
-        raise RecipeError(f"model {model!r} is not in the store at {sup.spec.store} and {sup.spec.path} has no "
+        known = ", ".join(sorted(spec.train)) or "none"
+        raise RecipeError(f"model {model!r} is not in the store at {spec.store} and {spec.path} has no "
                        f"[cluster.train.{model}] recipe to train it (recipes: {known})")
     table = dict(table)
     arch = table.pop("arch", None)
@@ -126,6 +131,32 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
     last = last if isinstance(last, dict) else dataclasses.asdict(last)
     return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
             "epochs": len(result["history"]), "workers": workers,
+            "samples_per_s": last.get("samples_per_s"), "comm_fraction": last.get("comm_fraction")}
+
+
+async def train_ps(node: Any, spec: Any, model: str, workers: list[str], shards: list[str], *,
+                   consistency: str = "bsp", staleness: int = 0, epochs: int | None = None,
+                   limit: int | None = None, test_limit: int | None = None) -> dict[str, Any]:
+    """Train ``model`` from its recipe through parameter servers: the ``ps-worker`` nodes
+    ``workers`` pull from and push to the ``ps`` nodes ``shards`` (``--via ps``); rank 0 (the
+    first worker) saves it to the cluster's store, its card saying ``"via": "ps"``. Returns what
+    :func:`train` returns, plus ``via``, ``consistency``, ``staleness`` and ``shards``."""
+    from dmlsys.ps.worker import train_via_ps
+
+    arch, hyperparams = recipe_of(spec, model)
+    if not workers or not shards:
+        raise RecipeError(f"{spec.path}: training {model!r} through parameter servers needs running nodes of "
+                          f"role \"ps-worker\" and \"ps\" (found {len(workers)} and {len(shards)}); "
+                          f"see cluster/ps.toml")
+    log.info("training %r (%s) through shards %s on ps-workers %s (%s%s)", model, arch, ", ".join(shards),
+             ", ".join(workers), consistency, f" s={staleness}" if consistency == "ssp" else "")
+    result = await train_via_ps(node, workers, shards, model=model, arch=arch, hyperparams=hyperparams,
+                                consistency=consistency, staleness=staleness, epochs=epochs, limit=limit,
+                                test_limit=test_limit)
+    last = result["history"][-1] if result.get("history") else {}
+    return {"model": model, "version": result["version"], "test_accuracy": result["test_accuracy"],
+            "epochs": len(result.get("history") or []), "workers": workers, "via": "ps",
+            "consistency": consistency, "staleness": staleness, "shards": shards,
             "samples_per_s": last.get("samples_per_s"), "comm_fraction": last.get("comm_fraction")}
 
 
