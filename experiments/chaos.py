@@ -13,14 +13,14 @@ replicas-kill-2          SIGKILL replica-0 and replica-1 at once
 replica-stop             SIGSTOP replica-0 for 10 s, then SIGCONT (a hung process, not a dead one)
 gateway-kill             SIGKILL the gateway (the single front door)
 gateway-pair-kill        two gateways share the HTTP port (SO_REUSEPORT); SIGKILL one
-worker-kill-training     SIGKILL worker-1 during ``train`` of a second model
+worker-kill-training     SIGKILL worker-1 during ``train`` of a second model; then ``train`` again
 supervisor-kill          SIGKILL the supervisor; then ``up`` again
 fuzz                     100,000 fuzzed messages (seeded: truncated, oversized, wrong types, random
                          bytes, hostile bodies) to every node's ZeroMQ address in turn, supervisor
                          included, authenticated with the cluster key so they reach the decoder
 disk-full-save           ModelStore.save into a full tmpfs
 disk-full-cache          MemoStore.put (the workflow cache) into a full tmpfs
-netem-loss, -delay      gateway and supervisor on one host, replicas on another (two network
+netem-loss, -delay       gateway and supervisor on one host, replicas on another (two network
                          namespaces joined by a veth pair): 5 % loss, 100 ms delay with
                          ``tc netem`` (skipped, saying so, on a kernel without sch_netem)
 link-slow                the same hosts; the link shaped to 1 Mbit/s (``tc tbf``) for 10 s
