@@ -39,7 +39,9 @@ import functools
 import logging
 from typing import Any
 
-from dmlsys.node import ADMIN, Service, rpc
+import numpy as np
+
+from dmlsys.node import ADMIN, NodeError, Service, rpc
 from dmlsys.serving import messages
 from dmlsys.serving.balancer import Balancer, BalancerConfig
 from dmlsys.serving.errors import BadInput, ServingError
@@ -61,6 +63,10 @@ class GatewayConfig:
     balancer: BalancerConfig = BalancerConfig()
     tls_cert: str | None = None  # PEM certificate chain and key: the door speaks HTTPS (docs/security.md)
     tls_key: str | None = None
+    # POST /v1/models/NAME:tag goes to this sharding router node (None: answered 413 over the cap,
+    # which is what a replica would answer: no replica holds a canvas over it in memory).
+    router: str | None = None
+    replica_max_input_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -89,6 +95,8 @@ def _ok(reply: dict) -> Reply:
 
 _PREFIX = "/v1/models/"
 _PREDICT = ":predict"
+_TAG = ":tag"
+TAG_DEADLINE = 120.0  # seconds for a :tag request that names none: a canvas is many parts
 
 
 class GatewayService(Service):
@@ -166,6 +174,10 @@ class GatewayService(Service):
                 if method != "POST":
                     return error_reply(405, f"{path} takes POST, not {method}", {"Allow": "POST"})
                 return self._predict(name[:-len(_PREDICT)], request)
+            if name.endswith(_TAG):
+                if method != "POST":
+                    return error_reply(405, f"{path} takes POST, not {method}", {"Allow": "POST"})
+                return self._tag(name[:-len(_TAG)], request)
             if name and "/" not in name:
                 return self._model(name) if method == "GET" else error_reply(405, f"{path} takes GET", {"Allow": "GET"})
         elif path == "/v1/models":
@@ -190,6 +202,34 @@ class GatewayService(Service):
         answer = asyncio.get_running_loop().create_future()
         sent.add_done_callback(functools.partial(self._replied, answer))
         return answer
+
+    async def _tag(self, name: str, request: Request) -> Reply:
+        """A canvas to tag: to the sharding router when there is one (it splits what no replica
+        could hold), else 413 over the replicas' input cap, naming it (docs/sharding.md)."""
+        from dmlsys.sharding import door
+        from dmlsys.sharding.errors import InputTooLarge
+
+        self.requests += 1
+        content_type = request.headers.get("content-type", "")
+        if self.config.router is None:
+            try:
+                door.check_input(door.input_bytes(request.body, content_type), self.config.replica_max_input_bytes,
+                                 where="the gateway's replica_max_input_bytes")
+            except InputTooLarge as e:
+                return error_reply(413, str(e))
+            return error_reply(404, f"{name}:tag needs a sharding router: set router = NODE in the gateway's config")
+        try:
+            raw = request.headers.get("x-deadline-ms")
+            timeout = self._deadline(raw) if raw is not None else TAG_DEADLINE
+            reply = await self.node.call(self.config.router, "router", "http", {
+                "model": name, "verb": "tag", "content_type": content_type, "params": {},
+                "body": np.frombuffer(request.body, np.uint8)},  # an array frame: no header limit on the canvas
+                timeout=timeout)
+        except ServingError as e:
+            return self._failed(e)
+        except NodeError as e:
+            return error_reply(503, f"the sharding router {self.config.router!r} did not answer: {e}")
+        return json_reply(int(reply["status"]), reply["json"])
 
     def _replied(self, answer: asyncio.Future, sent: asyncio.Future) -> None:
         if answer.done():

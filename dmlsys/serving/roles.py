@@ -47,7 +47,8 @@ from dmlsys.wire.codec import DEFAULT_LIMITS
 REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets", "http"}
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
-                "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key"}
+                "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key", "router",
+                "replica_max_input_bytes"}
 
 
 def _unknown(config: dict[str, Any], known: set[str]) -> None:
@@ -147,7 +148,16 @@ def build_gateway(ctx) -> list[Service]:
         max_body_bytes=max_body, max_instances=_int(config, "max_instances", 64),
         max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
         idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer, **_tls(config),
+        router=_router(config), replica_max_input_bytes=_int(config, "replica_max_input_bytes", 16 << 20),
     ))]
+
+
+def _router(config: dict[str, Any]) -> str | None:
+    """``router``: the name of the sharding router node that ``:tag`` requests go to."""
+    router = config.get("router")
+    if router is not None and (not isinstance(router, str) or not router):
+        raise ConfigError("router", f"the name of a node of role router (e.g. \"router\"), got {router!r}")
+    return router
 
 
 def _tls(config: dict[str, Any]) -> dict[str, str]:
