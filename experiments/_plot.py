@@ -407,3 +407,28 @@ def load_json(path: str) -> Any:
     import json
 
     return json.loads(Path(path).read_text())
+
+
+def ps_vs_allreduce(rows: list[dict[str, Any]], path: Path) -> None:
+    """experiments/ps_vs_allreduce.py: step time and bytes per step of each configuration, the
+    collective's bars in the peer colour; refused configurations marked, not drawn."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.42 * len(rows) + 1.5), sharey=True)
+    labels = [f"{r['model']} · {r['via']}" + (f" {r['consistency']}" if r.get("consistency") else "")
+              + (f" ×{r['shards']}" if r.get("shards") else "") for r in rows]
+    colours = [PEER if r["via"] == "allreduce" else OURS for r in rows]
+    y = list(range(len(rows)))[::-1]
+    for ax, key, title, scale in ((axes[0], "step_ms", "step time (ms)", 1.0),
+                                  (axes[1], "bytes_per_step", "KiB per step, rank 0 in + out", 1 / 1024)):
+        values = [(r.get(key) or 0) * scale for r in rows]
+        bars = ax.barh(y, values, color=colours)
+        for yi, r, v in zip(y, rows, values):
+            ax.text(v, yi, " refused (memory cap)" if r.get("error") else f" {_num(v)}" if v else "",
+                    va="center", fontsize=8)
+        del bars
+        ax.set_title(title)
+        ax.set_yticks(y, labels, fontsize=8)
+    fig.suptitle("parameter servers (blue) vs ring allreduce (orange), 2 workers, one process (provisional)")
+    _save(plt, fig, path)
