@@ -67,6 +67,10 @@ class GatewayConfig:
     # which is what a replica would answer: no replica holds a canvas over it in memory).
     router: str | None = None
     replica_max_input_bytes: int = 16 << 20
+    # Predicts pass the event gate first (dmlsys.events: tiers by API key, 401/429 with
+    # Retry-After) when ``tiers`` is set; ``api_keys`` is the key file `keys add` writes.
+    tiers: Any = None  # a dict of dmlsys.events.tiers.Tier by name, or None: no gate
+    api_keys: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -112,6 +116,8 @@ class GatewayService(Service):
         self.url: str | None = None
         self.requests = 0
         self.errors: dict[int, int] = {}
+        self.gate = None  # dmlsys.events' EventGate, when config.tiers is set
+        self.gate_refused = 0
 
     async def start(self, node) -> None:
         await super().start(node)
@@ -119,6 +125,14 @@ class GatewayService(Service):
         await self.balancer.start()
         node.metrics.gauge("serving_http_requests", "Predict requests received by the front door", lambda: self.requests)
         node.metrics.gauge("serving_retries", "Predict tries retried on another replica", lambda: self.balancer.retries)
+        self.gate = None
+        if self.config.tiers is not None:
+            from dmlsys.events.gate import EventGate
+            from dmlsys.events.keys import KeyFile
+
+            self.gate = EventGate(self.config.tiers, KeyFile(self.config.api_keys) if self.config.api_keys else None)
+            node.metrics.gauge("serving_gate_refused", "Predicts the event gate refused (401/429/503)",
+                               lambda: self.gate_refused)
         if self.config.http is not None:  # None: reached by RPC only (a pipeline on the simulated network)
             await self._start_http()
 
@@ -173,6 +187,8 @@ class GatewayService(Service):
             if name.endswith(_PREDICT):
                 if method != "POST":
                     return error_reply(405, f"{path} takes POST, not {method}", {"Allow": "POST"})
+                if self.gate is not None:
+                    return self._admitted(name[:-len(_PREDICT)], request)
                 return self._predict(name[:-len(_PREDICT)], request)
             if name.endswith(_TAG):
                 if method != "POST":
@@ -202,6 +218,20 @@ class GatewayService(Service):
         answer = asyncio.get_running_loop().create_future()
         sent.add_done_callback(functools.partial(self._replied, answer))
         return answer
+
+    async def _admitted(self, name: str, request: Request) -> Reply:
+        """A predict through the event gate: who is asking (Bearer key, else the client's
+        address), then a slot of their tier for as long as the predict runs."""
+        from dmlsys.events.errors import EventsError
+
+        try:
+            principal = self.gate.identify(request.headers.get("authorization"), request.remote)
+            async with self.gate.admission(principal):
+                answer = self._predict(name, request)
+                return answer if isinstance(answer, Reply) else await answer
+        except EventsError as e:
+            self.gate_refused += 1
+            return error_reply(e.status, str(e), {"Retry-After": str(e.retry_after)} if e.retry_after else None)
 
     async def _tag(self, name: str, request: Request) -> Reply:
         """A canvas to tag: to the sharding router when there is one (it splits what no replica

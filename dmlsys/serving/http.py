@@ -82,15 +82,17 @@ class HttpLimits:
 class Request:
     """One request: ``method`` and ``path`` as ``str`` (the path percent-decoded, no query),
     ``headers`` with lower-case ``str`` names (a repeated field: its values joined by ", "),
-    and the whole ``body`` as ``bytes``."""
+    and the whole ``body`` as ``bytes``; ``remote``: the client's address (None when unknown)."""
 
-    __slots__ = ("method", "path", "headers", "body")
+    __slots__ = ("method", "path", "headers", "body", "remote")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes,
+                 remote: str | None = None) -> None:
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
+        self.remote = remote
 
 
 class Reply:
@@ -268,11 +270,12 @@ class _Refuse(asyncio.Protocol):
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "state", "since", "buf", "paused", "_method", "_path", "_headers",
-                 "_keep_alive", "_length", "_chunked", "_body", "_chunk_left", "_linger", "_seen")
+                 "_keep_alive", "_length", "_chunked", "_body", "_chunk_left", "_linger", "_seen", "remote")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
         self.state = _HEAD
         self.since = server.tick  # the sweep tick the current state began (a head awaited, a body awaited)
         self.buf = bytearray()
@@ -294,6 +297,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) and peer else None  # who the event gate keys anonymous clients by
         server = self.server
         if server.loop is None:  # a connection made without start() (tests drive the protocol directly)
             server.loop = asyncio.get_running_loop()
@@ -502,7 +507,7 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, body: bytes) -> None:
         server = self.server
         server.requests += 1
-        request = Request(self._method, self._path, self._headers, body)
+        request = Request(self._method, self._path, self._headers, body, self.remote)
         self.state = _BUSY
         try:
             result = server.handler(request)

@@ -48,7 +48,7 @@ REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
                 "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key", "router",
-                "replica_max_input_bytes"}
+                "replica_max_input_bytes", "tiers", "api_keys"}
 
 
 def _unknown(config: dict[str, Any], known: set[str]) -> None:
@@ -149,7 +149,28 @@ def build_gateway(ctx) -> list[Service]:
         max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
         idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer, **_tls(config),
         router=_router(config), replica_max_input_bytes=_int(config, "replica_max_input_bytes", 16 << 20),
+        **_gate(config, ctx),
     ))]
+
+
+def _gate(config: dict[str, Any], ctx) -> dict[str, Any]:
+    """``tiers``: the event gate in front of predicts (dmlsys.events): ``"default"`` for the
+    course's anonymous/authenticated tiers, or a table of tiers as the events role takes;
+    ``api_keys``: the key file (default: the cluster's, which `keys add` writes)."""
+    if "tiers" not in config:
+        return {}
+    from dmlsys.events.service import keys_path
+    from dmlsys.events.tiers import DEFAULT_TIERS, TierError, tiers_from_config
+
+    raw = config["tiers"]
+    try:
+        tiers = dict(DEFAULT_TIERS) if raw == "default" else tiers_from_config({"tiers": raw})
+    except TierError as e:
+        raise ConfigError("tiers", str(e)) from None
+    keys = config.get("api_keys") or str(keys_path(ctx.state_dir))
+    if not isinstance(keys, str):
+        raise ConfigError("api_keys", f"a file path, got {keys!r}")
+    return {"tiers": tiers, "api_keys": keys}
 
 
 def _router(config: dict[str, Any]) -> str | None:

@@ -18,6 +18,9 @@ class FakeTransport:
         self.out = bytearray()
         self.closed = self.eof = self.paused = False
 
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
         self.out += data

@@ -59,3 +59,34 @@ def test_with_a_router_every_canvas_goes_to_it_whole_as_an_array_frame():
     [handed] = seen
     assert handed["verb"] == "tag" and handed["model"] == "canvas" and handed["content_type"] == "image/png"
     assert handed["body"].tobytes() == body
+
+
+def predicts(tiers, keyfile, requests):
+    """Each (authorization, client address) as a predict through a door-less gateway's route."""
+    async def main():
+        system = System(SimTransports(SimNetwork(2)))
+        gateway = system.add("gateway", "gateway", config={"http": "off", "tiers": tiers, "api_keys": keyfile})
+        out = []
+        async with system:
+            route = gateway.service("serving")._route
+            for auth, client in requests:
+                headers = {"x-deadline-ms": "200", **({"authorization": auth} if auth else {})}
+                answer = route(Request("POST", "/v1/models/m:predict", headers, b'{"instances": [[0]]}', client))
+                out.append(answer if hasattr(answer, "status") else await answer)
+        return out
+
+    return sim.run(main())
+
+
+def test_the_event_gate_stands_in_front_of_predicts(tmp_path):
+    from dmlsys.events.keys import KeyFile
+
+    keyfile = str(tmp_path / "api-keys.json")
+    key = KeyFile(keyfile).add("alice", "authenticated")
+    anon, again, other, alice, forged = predicts("default", keyfile, [
+        (None, "10.1.1.1"), (None, "10.1.1.1"), (None, "10.9.9.9"), (f"Bearer {key}", "10.1.1.1"),
+        ("Bearer not-a-key", "10.1.1.1")])
+    # Admitted ones reach the balancer (no model "m" is served here: 404 from serving, not the gate).
+    assert anon.status == 404 and other.status == 404 and alice.status == 404
+    assert again.status == 429 and int(again.headers["Retry-After"]) > 3000  # anonymous: 1 an hour, per address
+    assert forged.status == 401
