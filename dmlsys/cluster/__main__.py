@@ -376,10 +376,16 @@ def cmd_k8s(args: argparse.Namespace, state_dir: Path) -> int:
 
 
 def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
+    via = getattr(args, "via", "allreduce")
+    if via != "ps":
+        given = [f"--{k.replace('_', '-')}" for k in ("staleness", "epochs", "limit", "test_limit")
+                 if getattr(args, k, None) is not None]
+        given += ["--consistency"] if getattr(args, "consistency", "bsp") != "bsp" else []
+        if given:
+            raise CliError(f"{', '.join(given)}: only with --via ps (the collective trains the recipe as written)")
     doc = running_state(state_dir)
     from dmlsys.node import RemoteError
 
-    via = getattr(args, "via", "allreduce")
     try:
         if via == "ps":
             result = asyncio.run(train_ps_with_progress(doc, args.model, cluster_key(state_dir), ps_options(args)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dmlsys.cluster.__main__ import ps_options
+from dmlsys.cluster.__main__ import cmd_train, ps_options
 from dmlsys.cluster.errors import CliError
 from dmlsys.cluster.spec import load
 from dmlsys.train import data
@@ -66,6 +66,14 @@ def test_ps_options_defaults_and_errors_name_the_flag():
         ps_options(_args(consistency="ssp", staleness=-1))
     with pytest.raises(CliError, match="--test-limit"):
         ps_options(_args(test_limit=0))
+
+
+def test_ps_flags_without_via_ps_are_refused_naming_them(tmp_path):
+    args = _args(model="m", via="allreduce", epochs=1, consistency="ssp")
+    with pytest.raises(CliError, match="--epochs, --consistency: only with --via ps"):
+        cmd_train(args, tmp_path)
+    with pytest.raises(CliError, match="no cluster is running"):  # the flags are fine: on to the cluster
+        cmd_train(_args(model="m", via="allreduce"), tmp_path)
 
 
 def test_shipped_spec_has_shards_workers_and_recipes():
