@@ -5,7 +5,7 @@ parameter servers (1 and 2 shards; BSP and SSP s=2); the wide hashed-feature mod
 the per-worker memory cap) through the parameter servers only, and the collective's refusal of
 it (the collective worker's own ``train.run`` with the cap: its error is the row's ``error``); a
 shard sweep (1, 2, 4) for the MLP under BSP; BSP vs SSP(2) with one worker slowed 2x (it sleeps
-as long as its gradient took, after each one).
+as long as its gradient took, after each one; the CNN by default, where compute dominates a step).
 
 Everything runs in this one process over the simulated network in real time (no added delay or
 loss; every message is copied and hashed, as the simulation does): both sides pay the same
@@ -254,8 +254,8 @@ async def drive(args: argparse.Namespace, console: Console) -> list[dict]:
     await add("mlp ps 4 bsp", run_ps(archs["mlp"], hp, ds, steps, 4, BSP), "mlp", "ps", "bsp", 4)
     # one worker slowed 2x: BSP vs SSP(2)
     for cons, label in ((BSP, "bsp"), (ssp(2), "ssp")):
-        await add(f"mlp slowed {label}", run_ps(archs["mlp"], hp, ds, steps, 2, cons, slow=True),
-                  "mlp (w1 slowed 2x)", "ps", label, 2)
+        await add(f"{args.slow_model} slowed {label}", run_ps(archs[args.slow_model], hp, ds, steps, 2, cons, slow=True),
+                  f"{args.slow_model} (w1 slowed 2x)", "ps", label, 2)
     # the large model
     wide_arch = {"kind": "wide", "rows": args.wide_rows}
     cap = args.memory_cap
@@ -313,6 +313,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split among the workers")
     parser.add_argument("--limit", type=int, default=None, help="train on the first samples only")
     parser.add_argument("--test-limit", type=int, default=None, help="test on the first samples only")
+    parser.add_argument("--slow-model", choices=("mlp", "cnn"), default="cnn",
+                        help="model of the slowed-worker runs (default: %(default)s, where compute dominates a step)")
     parser.add_argument("--wide-rows", type=int, default=1 << 22, help="hash buckets of the wide model's table")
     parser.add_argument("--memory-cap", type=int, default=64 << 20, help="per-worker parameter bytes (default 64 MiB)")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the usual places)")
