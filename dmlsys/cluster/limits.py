@@ -66,6 +66,9 @@ TABLE: tuple[Limit, ...] = (
     Limit("request body", _GC.max_body_bytes, "bytes", f"{_G}: GatewayConfig.max_body_bytes",
           "gateway max_body_bytes", '413 {"error": "... over max_body_bytes ..."} as soon as Content-Length '
           "(or the chunks so far) says so"),
+    Limit("input a replica parses", _GC.replica_max_input_bytes, "bytes",
+          f"{_G}: GatewayConfig.replica_max_input_bytes", "gateway replica_max_input_bytes",
+          "413 naming the gateway's replica_max_input_bytes, at the door (before any replica sees it)"),
     Limit("body read time", _GC.read_timeout, "s", f"{_G}: GatewayConfig.read_timeout", "gateway read_timeout",
           '408 {"error": "body not received within 10s (read_timeout)"}'),
     Limit("request deadline", _GC.deadline, "s", f"{_G}: GatewayConfig.deadline (header X-Deadline-Ms, "
