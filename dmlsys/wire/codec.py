@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import reprlib
 import threading
 from typing import Any, Sequence
 
@@ -48,6 +49,16 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 ARRAY_EXT = 1  # msgpack ext code for an array reference: packb([dtype.str, shape, frame index])
+
+# A bounded repr for what a peer sent, for error messages: a header nested 1,000 deep is within
+# msgpack's stack limit but past Python's recursion limit for repr (the fuzzer found it).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 4
+
+
+def _short(value: object) -> str:
+    return _SHORT.repr(value)
 
 
 class Kind(enum.IntEnum):
@@ -237,16 +248,16 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     elif fields == 7:
         version, kind, msg_id, method, sender, body, deadline = header
         if (type(deadline) is not float and type(deadline) is not int) or not 0 <= deadline <= MAX_DEADLINE:
-            raise WireError(f"header field dl must be a number of seconds in [0, {MAX_DEADLINE:g}], got {deadline!r:.40}")
+            raise WireError(f"header field dl must be a number of seconds in [0, {MAX_DEADLINE:g}], got {_short(deadline)}")
     else:
         version = header[0] if header else None
         if version == PROTOCOL_VERSION and type(version) is int:
             raise WireError(f"header has {fields} fields; v{PROTOCOL_VERSION} has 6, or 7 with a deadline")
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise WireError(f"protocol version {version!r:.40} is not supported (this node speaks v{PROTOCOL_VERSION})")
+        raise WireError(f"protocol version {_short(version)} is not supported (this node speaks v{PROTOCOL_VERSION})")
     # type(x) is int, not isinstance: True is an int to Python but not a kind or an id to us.
     if type(kind) is not int or not 0 <= kind < _NKINDS:
-        raise WireError(f"header field kind must be an int in 0..{_NKINDS - 1}, got {kind!r:.40}")
+        raise WireError(f"header field kind must be an int in 0..{_NKINDS - 1}, got {_short(kind)}")
     if type(msg_id) is not int or type(method) is not str or type(sender) is not str:
         raise WireError(
             "header fields id (int), method (str) and sender (str) have the wrong types: got "
@@ -354,15 +365,15 @@ def _array_from_ref(payload: bytes, data: list[memoryview], used: set[int]) -> n
     # Strict types: np.dtype(None) is float64 and int("3") is 3; neither belongs on our wire.
     if type(dtype_str) is not str or type(shape) is not list or any(type(d) is not int for d in shape):
         raise WireError(f"malformed array reference: expected [dtype str, [int, ...], frame], got "
-                        f"[{dtype_str!r:.40}, {shape!r:.60}, {index!r:.20}]")
+                        f"[{_short(dtype_str)}, {_short(shape)}, {_short(index)}]")
     try:
         dtype = np.dtype(dtype_str)
     except Exception as e:
-        raise WireError(f"array reference names an unknown dtype {dtype_str!r:.40}: {e}") from None
+        raise WireError(f"array reference names an unknown dtype {_short(dtype_str)}: {e}") from None
     if dtype.hasobject:
         raise WireError(f"object dtype {dtype_str!r} is not allowed on the wire")
     if dtype.fields is not None or dtype.subdtype is not None:  # encode() never sends these
-        raise WireError(f"structured or subarray dtype {dtype_str!r:.60} is not allowed on the wire")
+        raise WireError(f"structured or subarray dtype {_short(dtype_str)} is not allowed on the wire")
     if dtype.itemsize == 0:
         # np.empty(shape, "S0") allocates one byte per item: a few bytes of header naming a large
         # shape would make a large array out of nothing.
