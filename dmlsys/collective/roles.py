@@ -42,6 +42,7 @@ from typing import Any
 from dmlsys.collective.errors import JobCancelled, JobRejected
 from dmlsys.collective.group import CollectiveService, ProcessGroup
 from dmlsys.node import ADMIN, ConfigError, Service, oneway, rpc
+from dmlsys.node.config import config_int as _int
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ class WorkerConfig:
     timeout: float = 30.0
     chunk_bytes: int = 2 << 20
     memory_cap: int | None = None  # bytes of parameters a worker may hold (a full replica must fit)
-
-
-def _int(config: dict, key: str, default: int | None) -> int | None:
-    value = config.get(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(key, f"an integer >= 1, got {value!r}")
-    return value
 
 
 def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerConfig:

@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 from dmlsys.node import ConfigError, Service
+from dmlsys.node.config import config_int, config_seconds, unknown_keys as _unknown
 
 EVENTS_KEYS = {"http", "slots", "group", "spares", "deadline", "tick", "try_timeout", "stable_window", "panic_window",
                "keys", "functions", "tiers", "max_body_bytes"}
@@ -40,23 +41,11 @@ DEPLOY_KEYS = {"name", "model", "version", "min", "max", "target", "priority"}
 
 
 def _int(config: dict, key: str, default: int, low: int = 0) -> int:
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(key, f"an integer >= {low}, got {value!r}")
-    return value
+    return config_int(config, key, default, low)
 
 
 def _seconds(config: dict, key: str, default: float) -> float:
-    value = config.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
-        raise ConfigError(key, f"a number of seconds in (0, 86400], got {value!r}")
-    return float(value)
-
-
-def _unknown(config: dict, known: set[str], where: str = "") -> None:
-    extra = sorted(set(config) - known)
-    if extra:
-        raise ConfigError(where + extra[0], f"unknown key (known: {', '.join(sorted(known))})")
+    return config_seconds(config, key, default, most=86400.0)
 
 
 def deployment(raw: Any, where: str):

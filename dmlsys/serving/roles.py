@@ -41,6 +41,7 @@ import os
 from typing import Any
 
 from dmlsys.node import ConfigError, Service
+from dmlsys.node.config import config_int as _int, config_seconds as _seconds, unknown_keys as _unknown
 from dmlsys.serving.policies import POLICIES, EjectionConfig
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
@@ -49,28 +50,6 @@ GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout"
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
                 "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key", "router",
                 "replica_max_input_bytes", "tiers", "api_keys"}
-
-
-def _unknown(config: dict[str, Any], known: set[str]) -> None:
-    extra = sorted(set(config) - known)
-    if extra:
-        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(known))})")
-
-
-def _int(config: dict, key: str, default: int | None, low: int = 1) -> int | None:
-    value = config.get(key, default)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(key, f"an integer >= {low}, got {value!r}")
-    return value
-
-
-def _seconds(config: dict, key: str, default: float) -> float:
-    value = config.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 3600:
-        raise ConfigError(key, f"a number of seconds in (0, 3600], got {value!r}")
-    return float(value)
 
 
 def build_replica(ctx) -> list[Service]:

@@ -25,9 +25,9 @@ node name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from dmlsys.node import ConfigError, Service
+from dmlsys.node.config import config_int as _int, config_seconds, unknown_keys as _unknown
 from dmlsys.sharding.app import load_app
 from dmlsys.sharding.errors import AppError
 from dmlsys.sharding.ring import DEFAULT_VNODES
@@ -37,24 +37,8 @@ ROUTER_KEYS = {"app", "app_options", "part_timeout", "deadline", "cache_entries"
 SHARD_KEYS = {"app", "app_options", "snapshot_every", "call_timeout", "fsync", "vnodes"}
 
 
-def _unknown(config: dict[str, Any], known: set[str]) -> None:
-    extra = sorted(set(config) - known)
-    if extra:
-        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(known))})")
-
-
-def _int(config: dict, key: str, default: int, low: int = 1) -> int:
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(key, f"an integer >= {low}, got {value!r}")
-    return value
-
-
 def _seconds(config: dict, key: str, default: float) -> float:
-    value = config.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
-        raise ConfigError(key, f"a number of seconds in (0, 86400], got {value!r}")
-    return float(value)
+    return config_seconds(config, key, default, most=86400.0)
 
 
 def _app(config: dict):
