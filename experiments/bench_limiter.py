@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import bisect
 import json
+import os
 import random
 import statistics
 import sys
@@ -258,7 +259,7 @@ def markdown(rows: list[dict]) -> str:
     get = {(r["impl"], r["path"]): r for r in rows}
     r0 = rows[0]
     out = [f"Decisions per second, median of {r0['reps']} alternating runs ({r0['loop']} loop), one coroutine; "
-           "ratio = ours / peer (medians). Provisional: measured on a shared, loaded machine.", "",
+           f"ratio = ours / peer (medians). 1-minute load average when it ended: {r0.get('loadavg', 'not recorded')}.", "",
            "| path | dmlsys | aiolimiter | limits (moving window) | dmlsys / aiolimiter | dmlsys / limits |",
            "|---|---:|---:|---:|---:|---:|"]
     for path in PATHS:
@@ -360,7 +361,7 @@ def main() -> None:
                    # "limit": what max_in_window is judged against (the accuracy run's), when measured
                    "limit": 10**9 if path == "admit" else 100, "throughput_limit": 10**9 if path == "admit" else 100,
                    "admitted_last_run": admitted[(impl, path)],
-                   "reps": args.reps, "loop": args.loop}
+                   "reps": args.reps, "loop": args.loop, "loadavg": round(os.getloadavg()[0], 2)}
             if not args.skip_accuracy:
                 row["accuracy_limit"] = row["limit"] = args.rate
                 row["max_in_window"] = max(acc[impl]["hammer"] + acc[impl]["late-burst"])
