@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     command = next((i for i, a in enumerate(argv) if a in PASSTHROUGH), None)
     if command is not None and not any(a in sub.choices and a not in PASSTHROUGH for a in argv[:command]):
         if argv[command] == "pipeline":
-            from dmlsys.pipeline.cli import main as passthrough
-        else:
-            from dmlsys.workflow.cli import main as passthrough
-        sys.exit(passthrough(argv[command + 1:] if argv[command] == "pipeline" else argv[command:]))
+            from dmlsys.pipeline.cli import main as pipeline_main
+            sys.exit(pipeline_main(argv[command + 1:], prog="python -m dmlsys.cluster pipeline"))
+        from dmlsys.workflow.cli import main as workflow_main
+        sys.exit(workflow_main(argv[command:]))
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir)
     if args.command == "node":

@@ -13,9 +13,9 @@ from typing import Sequence
 from dmlsys.workflow import DEFAULT_ROOT
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m dmlsys.pipeline") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m dmlsys.pipeline",
+        prog=prog,
         description="The end-to-end pipeline: ingest Fashion-MNIST, train three models at once, serve the first at "
                     "once and the best two as the others finish (replica + gateway nodes on ZeroMQ), and ensemble "
                     "their predictions on the test set. Memoized: a rerun skips what has not changed.")
@@ -113,8 +113,8 @@ def pipeline_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return pipeline_command(build_parser().parse_args(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "python -m dmlsys.pipeline") -> int:
+    return pipeline_command(build_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
