@@ -501,19 +501,12 @@ async def train_ps_with_progress(doc: dict, model: str, keys=None, options: dict
 
 
 def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
-    doc = read_state(state_dir)
-    gateways = [n for n in (doc or {}).get("nodes", []) if n["role"] == "gateway" and pid_alive(n.get("pid"))]
-    if not gateways:
-        raise CliError(f"no running gateway in the cluster of {state_dir}")
-    from dmlsys.node import NodeError, RemoteError
+    """Through the supervisor: it runs the rollout on one gateway and moves every gateway's pin."""
+    from dmlsys.node import NodeError
 
-    gateway = gateways[0]
     try:
-        result = asyncio.run(ask(gateway["name"], gateway["zmq"], "serving", "rollout",
-                                 {"model": args.model, "version": args.version}, timeout=600.0,
-                                 keys=cluster_key(state_dir)))
-    except RemoteError as e:
-        raise CliError(e.message) from None
+        _, result = tell_supervisor(state_dir, "rollout", {"model": args.model, "version": args.version},
+                                    timeout=900.0)
     except NodeError as e:
         raise CliError(str(e)) from None
     print(json.dumps(result, indent=2))

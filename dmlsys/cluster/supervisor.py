@@ -122,6 +122,20 @@ class ClusterService(Service):
             return await self.sup.link.call("scale", body, timeout=300.0)
         return await self.sup.scale(str(body["group"]), int(body["replicas"]))
 
+    @rpc(allow=ADMIN)
+    async def rollout(self, body):
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise ValueError('rollout takes {"model": name, "version": int or null}')
+        if self.sup.link is not None:  # a secondary: the primary holds the pins
+            return await self.sup.link.call("rollout", body, timeout=900.0)
+        return await self.sup.rollout(body["model"], body.get("version"))
+
+    @rpc(allow=ADMIN | allow(roles=("gateway",)))  # every gateway, every SYNC_PERIOD (serving/versions.py)
+    async def pins(self, body):
+        if self.sup.link is not None:
+            return await self.sup.link.call("pins", body, timeout=2.0)
+        return self.sup.sync_pins(body if isinstance(body, dict) else {})
+
     @rpc(allow=ADMIN)  # a secondary host's supervisor, through its link (cluster/hosts.py)
     def report(self, body):
         return self.sup.take_report(body)
@@ -180,6 +194,12 @@ class Supervisor:
         self.join_timeout = READY_TIMEOUT
         self.shard_loads: dict[str, dict[str, int]] = {}  # shard name -> {"keys", "bytes"}, as last asked
         self.dashboard = None  # the web dashboard (cluster.dashboard), on the primary only
+        # The version each model is served at, which every gateway follows (serving/versions.py);
+        # held by the primary, in memory: a cluster brought up again pins what its replicas load.
+        self.pinned: dict[str, int] = {}
+        self.rolling: set[str] = set()
+        self.pins_seq = 0
+        self._rollout_lock = asyncio.Lock()
 
     # -- membership -------------------------------------------------------------------------
 
@@ -593,6 +613,88 @@ class Supervisor:
         if template.replicas is None:
             raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
         return template
+
+    # -- the version pins every gateway follows ---------------------------------------------
+
+    def pins_document(self) -> dict[str, Any]:
+        return {"pinned": dict(self.pinned), "rolling": sorted(self.rolling), "seq": self.pins_seq}
+
+    def sync_pins(self, body: dict) -> dict[str, Any]:
+        """A gateway's ask: it sends what it pinned; a model nobody pinned yet takes its version
+        (the first report wins), and what a rollout run on that gateway moved (``changed``, when
+        it was asked directly) replaces the pin; it gets the cluster's pins back."""
+        for model, version in (body.get("changed") or {}).items():
+            if isinstance(model, str) and isinstance(version, int) and model not in self.rolling \
+                    and self.pinned.get(model) != version:
+                self.pinned[model] = version
+                self.pins_seq += 1
+        for model, version in (body.get("pinned") or {}).items():
+            if isinstance(model, str) and isinstance(version, int) and model not in self.pinned \
+                    and model not in self.rolling:
+                self.pinned[model] = version
+                self.pins_seq += 1
+        return self.pins_document()
+
+    def _gateways(self) -> tuple[list[str], list[str]]:
+        """(every gateway of every host, the ready ones)."""
+        rows = {r["name"]: r for r in self.status_document()["nodes"]}
+        names = sorted(m.name for m in self.members() if m.role == "gateway")
+        return names, [n for n in names if rows.get(n, {}).get("state") == "ready"]
+
+    async def _push_pins(self, gateways: list[str]) -> dict[str, str]:
+        """Tell every gateway the pins now (one that misses it catches up at its next ask)."""
+        doc = self.pins_document()
+
+        async def one(name: str) -> str:
+            try:
+                await self.node.call(name, "serving", "pins", doc, timeout=2.0)
+                return "ok"
+            except NodeError as e:
+                log.warning("gateway %s did not take the version pins (%s); it catches up within %.0fs",
+                            name, e, 1.0)
+                return f"not told now ({type(e).__name__}); it asks again within a second"
+
+        return dict(zip(gateways, await asyncio.gather(*(one(n) for n in gateways))))
+
+    async def rollout(self, model: str, version: int | None) -> dict[str, Any]:
+        """Move every replica of ``model`` to ``version`` (None: latest) through one gateway, the
+        others told first that the model is rolling (so that none reloads a moved replica back),
+        then every gateway told the new pin. One rollout at a time."""
+        from dmlsys.node import RemoteError
+
+        if version is not None and (not isinstance(version, int) or version < 1):
+            raise ValueError(f"version must be a positive integer or null (latest), got {version!r}")
+        async with self._rollout_lock:
+            gateways, ready = self._gateways()
+            if not ready:
+                raise ClusterError(f"no ready gateway in the cluster {self.spec.name!r} to run the rollout of "
+                                   f"{model!r} (gateways: {', '.join(gateways) or 'none'})")
+            self.rolling.add(model)
+            self.pins_seq += 1
+            try:
+                await self._push_pins(gateways)
+                result, tried = None, []
+                for name in ready:  # the first that answers runs it; one that is gone is skipped
+                    try:
+                        result = await self.node.call(name, "serving", "rollout", {"model": model, "version": version},
+                                                      timeout=600.0)
+                        break
+                    except RemoteError as e:
+                        raise ClusterError(f"rollout of {model!r} through gateway {name}: {e.message}") from None
+                    except NodeError as e:
+                        tried.append(f"{name}: {e}")
+                if result is None:
+                    raise ClusterError(f"rollout of {model!r}: no gateway answered ({'; '.join(tried)})")
+                moved = [r["version"] for r in result.get("replicas", [])]
+                if moved:
+                    self.pinned[model] = moved[-1]
+                result["gateway"] = name
+            finally:
+                self.rolling.discard(model)
+                self.pins_seq += 1
+                told = await self._push_pins(gateways)
+            log.info("rollout of %s: v%s pinned on %s", model, self.pinned.get(model), ", ".join(gateways))
+            return {**result, "pinned": self.pinned.get(model), "gateways": told}
 
     # -- several hosts (cluster/hosts.py) ----------------------------------------------------
 

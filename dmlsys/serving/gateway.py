@@ -28,7 +28,11 @@ slow client holds a connection for a bounded time, and never a replica's in-flig
 door is :class:`dmlsys.serving.http.HttpServer`, which enforces these and answers 408/413 itself.
 
 The gateway node also answers ``serving.models`` and ``serving.rollout {model, version}`` over
-RPC, for the cluster CLI.
+RPC, for the cluster CLI, and ``serving.pins`` (the supervisor pushing the version pins every
+gateway follows). In a cluster it asks its supervisor for those pins before it probes a replica
+and every ``versions.SYNC_PERIOD`` seconds after (see :mod:`dmlsys.serving.versions`), so the
+gateways of a group (``reuse_port``: they share the door's port with SO_REUSEPORT) serve one
+version per model.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from dmlsys.node import ADMIN, NodeError, Service, rpc
-from dmlsys.serving import messages
+from dmlsys.serving import messages, versions
 from dmlsys.serving.balancer import Balancer, BalancerConfig
 from dmlsys.serving.errors import BadInput, ServingError
 from dmlsys.serving.http import HttpLimits, HttpServer, Reply, Request, error_reply, json_reply
@@ -71,6 +75,7 @@ class GatewayConfig:
     # Retry-After) when ``tiers`` is set; ``api_keys`` is the key file `keys add` writes.
     tiers: Any = None  # a dict of dmlsys.events.tiers.Tier by name, or None: no gate
     api_keys: str | None = None
+    reuse_port: bool = False  # SO_REUSEPORT: the members of a gateway group share the http address
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -118,10 +123,15 @@ class GatewayService(Service):
         self.errors: dict[int, int] = {}
         self.gate = None  # dmlsys.events' EventGate, when config.tiers is set
         self.gate_refused = 0
+        self._pin_sync: asyncio.Task | None = None
 
     async def start(self, node) -> None:
         await super().start(node)
         self.balancer = Balancer(node, self.config.balancer, rng=self._rng)
+        supervisor = node.directory.supervisor
+        if supervisor and supervisor != node.name:  # in a cluster: the version pins are the cluster's
+            await self._sync_pins(supervisor)  # before the first probe: a restarted gateway pins what is served
+            self._pin_sync = asyncio.get_running_loop().create_task(self._pin_sync_loop(supervisor))
         await self.balancer.start()
         node.metrics.gauge("serving_http_requests", "Predict requests received by the front door", lambda: self.requests)
         node.metrics.gauge("serving_retries", "Predict tries retried on another replica", lambda: self.balancer.retries)
@@ -144,7 +154,7 @@ class GatewayService(Service):
         host, _, port = self.config.http.rpartition(":")
         tls = self._tls_context()
         try:
-            await door.start(host, int(port), ssl=tls)
+            await door.start(host, int(port), ssl=tls, reuse_port=c.reuse_port)
         except OSError as e:
             raise OSError(e.errno, f"gateway {self.node.name!r} cannot listen for HTTP on {self.config.http}: "
                                    f"{e.strerror}; pick another [cluster] http or stop what holds the port") from None
@@ -170,7 +180,30 @@ class GatewayService(Service):
                           f"{self.config.tls_cert} / key {self.config.tls_key}: {e}") from None
         return context
 
+    async def _sync_pins(self, supervisor: str) -> None:
+        pins = self.balancer.pins
+        changed = dict(pins.changed)
+        try:
+            shared = await self.node.call(supervisor, "cluster", "pins", {"pinned": dict(pins.pinned),
+                                                                          "changed": changed},
+                                          timeout=versions.SYNC_PERIOD)
+        except NodeError as e:  # a supervisor restarting, or one without pins: keep ours until it answers
+            log.debug("gateway %s: no version pins from %s: %s", self.node.name, supervisor, e)
+            return
+        pins.reported(changed)
+        if isinstance(shared, dict):
+            pins.apply(shared)
+
+    async def _pin_sync_loop(self, supervisor: str) -> None:
+        while True:
+            await asyncio.sleep(versions.SYNC_PERIOD)
+            await self._sync_pins(supervisor)
+
     async def stop(self) -> None:
+        if self._pin_sync is not None:
+            self._pin_sync.cancel()
+            await asyncio.gather(self._pin_sync, return_exceptions=True)
+            self._pin_sync = None
         # The door closes first (no new requests), then the balancer's probes stop.
         if self._http is not None:
             await self._http.stop()
@@ -321,6 +354,15 @@ class GatewayService(Service):
         if version is not None and (not isinstance(version, int) or version < 1):
             raise BadInput(f"version must be a positive integer or null (latest), got {version!r}")
         return await self.balancer.rollout(body["model"], version)
+
+    @rpc(allow=ADMIN)  # the supervisor pushing them
+    def pins(self, body: Any) -> dict[str, Any]:
+        """The cluster's version pins ``{"pinned", "rolling", "seq"}`` (see ``VersionPins.apply``);
+        answers this gateway's pins after."""
+        if not isinstance(body, dict):
+            raise BadInput('pins takes {"pinned": {model: version}, "rolling": [model], "seq": n}')
+        self.balancer.pins.apply(body)
+        return {"pinned": dict(self.balancer.pins.pinned), "seq": self.balancer.pins.seq}
 
     def status(self) -> dict[str, Any]:
         b = self.balancer

@@ -192,10 +192,11 @@ class HttpServer:
                                       f"(max_connections={limits.max_connections}); retry after 1s"})
         self._refusal %= (len(body), body)
 
-    async def start(self, host: str, port: int, *, ssl=None, backlog: int = 1024) -> None:
+    async def start(self, host: str, port: int, *, ssl=None, backlog: int = 1024, reuse_port: bool = False) -> None:
+        """``reuse_port``: SO_REUSEPORT, for several processes sharing one door (a gateway group)."""
         self.loop = loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, host, port, backlog=backlog, reuse_address=True,
-                                                ssl=ssl)
+                                                reuse_port=reuse_port or None, ssl=ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.create_task(self._sweep())
 

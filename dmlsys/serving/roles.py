@@ -49,7 +49,7 @@ REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
                 "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key", "router",
-                "replica_max_input_bytes", "tiers", "api_keys"}
+                "replica_max_input_bytes", "tiers", "api_keys", "reuse_port"}
 
 
 def build_replica(ctx) -> list[Service]:
@@ -128,8 +128,15 @@ def build_gateway(ctx) -> list[Service]:
         max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
         idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer, **_tls(config),
         router=_router(config), replica_max_input_bytes=_int(config, "replica_max_input_bytes", 16 << 20),
-        **_gate(config, ctx),
+        reuse_port=_flag(config, "reuse_port"), **_gate(config, ctx),
     ))]
+
+
+def _flag(config: dict[str, Any], key: str) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"true or false, got {value!r}")
+    return value
 
 
 def _gate(config: dict[str, Any], ctx) -> dict[str, Any]:

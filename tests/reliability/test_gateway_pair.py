@@ -58,3 +58,48 @@ def test_with_reuse_port_the_port_answers_while_one_listener_is_gone():
 
     both, after = asyncio.run(main())
     assert both == {b"a", b"b"} and after == {b"b"}
+
+
+def _pins():
+    from dmlsys.serving.versions import VersionPins
+
+    async def reprobe(pool, name):
+        pass
+
+    return VersionPins(None, reprobe=reprobe)
+
+
+def test_a_gateway_follows_the_clusters_pins_and_ignores_an_older_document():
+    pins = _pins()
+    assert pins.apply({"pinned": {"m": 2}, "rolling": [], "seq": 3})
+    assert pins.pinned == {"m": 2}
+    assert not pins.apply({"pinned": {"m": 1}, "rolling": [], "seq": 2})  # a reply that crossed a newer push
+    assert pins.pinned == {"m": 2}
+    assert pins.apply({"pinned": {"m": 2}, "rolling": ["m"], "seq": 4})
+    assert "m" in pins._shared_rolling  # while the cluster rolls m out, every version may serve
+
+
+def test_a_rollout_run_on_one_gateway_is_reported_and_not_undone_by_the_next_sync():
+    pins = _pins()
+    pins.apply({"pinned": {"m": 1}, "rolling": [], "seq": 1})
+    pins.begin_rollout("m")
+    pins.end_rollout("m", 2)
+    assert pins.changed == {"m": 2}
+    pins.apply({"pinned": {"m": 1}, "rolling": [], "seq": 1})  # the cluster has not heard yet
+    assert pins.pinned["m"] == 2
+    pins.reported({"m": 2})
+    assert pins.changed == {}
+
+
+def test_the_supervisor_keeps_one_pin_per_model_for_every_gateway(tmp_path):
+    from dmlsys.cluster.supervisor import Supervisor
+
+    sup = Supervisor(spec.parse(GROUP), tmp_path)
+    first = sup.sync_pins({"pinned": {"m": 3}})  # the first gateway to report a model pins it
+    assert first["pinned"] == {"m": 3}
+    second = sup.sync_pins({"pinned": {"m": 4}})  # another that saw v4 first follows v3
+    assert second["pinned"] == {"m": 3} and second["seq"] == first["seq"]
+    moved = sup.sync_pins({"pinned": {"m": 5}, "changed": {"m": 5}})  # a rollout asked of a gateway directly
+    assert moved["pinned"] == {"m": 5} and moved["seq"] > first["seq"]
+    sup.rolling.add("m")
+    assert sup.sync_pins({"changed": {"m": 6}})["pinned"] == {"m": 5}  # not while the cluster rolls it out
