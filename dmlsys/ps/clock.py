@@ -162,6 +162,32 @@ class Clock:
         self.clocks[worker] = mine + 1
         return self._after(before)
 
+    def peek_push(self, worker: str, clock: int) -> Tick:
+        """What ``push(worker, clock)`` would return (its ``completed`` and ``duplicate``; no
+        released reads), without changing anything: a shard computes the update first and moves
+        the clock after, so that no read is let through before the values it needs are in."""
+        self._check(worker)
+        mine = self.clocks[worker]
+        if clock < mine:
+            return Tick(duplicate=True)
+        if clock > mine:
+            raise PsError(f"worker {worker!r} pushed step {clock} but this shard has its steps up to "
+                          f"{mine - 1} only; a push in between was lost")
+        return Tick(tuple(range(self.floor, self._floor_with({worker: mine + 1}))))
+
+    def peek_drop(self, worker: str) -> Tick:
+        """What ``drop(worker)`` would complete, without changing anything (see ``peek_push``)."""
+        if worker not in self.clocks:
+            raise PsError(f"no worker {worker!r} in this job (workers: {', '.join(self.clocks)})")
+        if worker in self.dropped:
+            return Tick()
+        return Tick(tuple(range(self.floor, self._floor_with({}, also_dropped=worker))))
+
+    def _floor_with(self, clocks: dict[str, int], also_dropped: str | None = None) -> int:
+        merged = {**self.clocks, **clocks}
+        live = [c for w, c in merged.items() if w not in self.dropped and w != also_dropped]
+        return min(live) if live else max(merged.values())
+
     def drop(self, worker: str) -> Tick:
         """Take ``worker`` out of the floor (a dead worker must not stall the others)."""
         if worker not in self.clocks:

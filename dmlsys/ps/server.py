@@ -47,6 +47,7 @@ from dmlsys.ps.clock import Clock, Consistency
 from dmlsys.ps.errors import JobUnknown, PsError, WorkerDropped
 from dmlsys.ps.log import WriteAheadLog, read_checkpoint, write_checkpoint
 from dmlsys.ps.partition import PartitionMap
+from dmlsys.wire.sim import to_thread
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class ShardJob:
         self.updates = 0  # optax updates applied (dense or rows)
         self.applied_pushes = 0  # pushes whose gradients are in the values
         self.wal = WriteAheadLog(directory / WAL, fsync=fsync)
+        self.lock = asyncio.Lock()  # one record at a time (log order = apply order), checkpoints too
         self._dense_update = _dense_update_for(optimizer, self.opt)
         self._row_update = _dense_update_for(optimizer, self.opt, scaled=False)
 
@@ -278,25 +280,67 @@ class ShardJob:
         return ids
 
     def accept(self, record: dict[str, Any]) -> Any:
-        """Apply one log record (live or replayed: the same code, so recovery ends in the same
-        state). Returns the clock's Tick."""
-        self.seq = max(self.seq, int(record["seq"]))
+        """Apply one log record, all on the caller's thread (recovery's replay; the live path,
+        ``accept_async``, runs the same steps with the compute on a worker thread, so recovery
+        ends in the same state). Returns the clock's Tick."""
+        tick = self.peek(record)
+        updates = self.collect(record, tick)
+        for update in updates:
+            self.install(self.compute(update))
+        return self.commit(record, tick)
+
+    async def accept_async(self, record: dict[str, Any], *, logged: bool = False) -> Any:
+        """``accept`` for a live record, with the blocking parts on a worker thread
+        (``dmlsys.wire.sim.to_thread``: inline on a simulated loop): appending the record to the
+        log (and its fsync, unless ``logged``), summing BSP pushes and the optax updates. The
+        values pulls read change only on the loop (``install``), and the clock moves only after
+        every update is in (``commit``), so a read the clock lets through finds what it needs;
+        the caller serialises records per job (``ShardJob.lock``), so updates apply in log order."""
+        tick = self.peek(record)
+        updates, first = await to_thread(self._log_and_compute, record, tick, logged)
+        if first is not None:
+            self.install(first)
+        for update in updates[1:]:
+            self.install(await to_thread(self.compute, update))
+        return self.commit(record, tick)
+
+    def _log_and_compute(self, record: dict[str, Any], tick: Any, logged: bool) -> tuple[list, Any]:
+        if not logged:
+            self.wal.append(record)  # on disk before it is applied and acknowledged
+        updates = self.collect(record, tick)
+        return updates, self.compute(updates[0]) if updates else None
+
+    def peek(self, record: dict[str, Any]) -> Any:
+        """What the record will do to the clock (completed steps, duplicate), clock unchanged."""
         if "drop" in record:
-            tick = self.clock.drop(record["drop"])
-        else:
-            tick = self.clock.push(record["w"], int(record["c"]))
+            return self.clock.peek_drop(record["drop"])
+        return self.clock.peek_push(record["w"], int(record["c"]))
+
+    def collect(self, record: dict[str, Any], tick: Any) -> list[tuple]:
+        """The updates the record makes, in order: ``(n, grads, rows, pushes)``. Under BSP it
+        adds the push to its step's pending sum and takes the sums of the steps it completes."""
+        updates: list[tuple] = []
+        if "drop" not in record:
             if tick.duplicate:
-                return tick
+                return updates
             if self.clock.consistency.aggregates:
                 self._add_pending(record)
             else:
-                self._apply(record["n"], record["g"], record["r"])
-                self.applied_pushes += 1
+                updates.append((record["n"], record["g"], record["r"], 1))
         for t in tick.completed:
             p = self.pending.pop(t, None)
             if p is not None:
-                self._apply(p["n"], p["g"], {path: {"i": i, "g": g} for path, (i, g) in p["r"].items()})
-                self.applied_pushes += len(p["from"])
+                updates.append((p["n"], p["g"], {path: {"i": i, "g": g} for path, (i, g) in p["r"].items()},
+                                len(p["from"])))
+        return updates
+
+    def commit(self, record: dict[str, Any], peeked: Any) -> Any:
+        """Move the clock (on the loop, after the updates are installed)."""
+        self.seq = max(self.seq, int(record["seq"]))
+        tick = self.clock.drop(record["drop"]) if "drop" in record else self.clock.push(record["w"], int(record["c"]))
+        if tick.completed != peeked.completed or tick.duplicate != peeked.duplicate:
+            raise PsError(f"job {self.name!r} shard {self.shard}: the clock moved between peek and commit "
+                          f"({peeked} then {tick}); records of a job must be accepted one at a time")
         return tick
 
     def _add_pending(self, record: dict[str, Any]) -> None:
@@ -316,26 +360,39 @@ class ShardJob:
             else:
                 p["r"][path] = (np.array(part["i"]), np.array(part["g"]))
 
-    def _apply(self, n: int, grads: dict[str, np.ndarray], rows: dict[str, dict]) -> None:
+    def compute(self, update: tuple) -> dict[str, Any]:
+        """One update's new values and optimizer state, from the installed ones; changes nothing
+        that a read sees (runs on a worker thread while the loop answers pulls)."""
+        n, grads, rows, pushes = update
+        out: dict[str, Any] = {"pushes": pushes, "dense": None, "rows": []}
         if n <= 0:
-            return
+            return out
         scale = np.float32(1.0 / n)
         if grads:
-            dense, self.dense_state = self._dense_update(self.dense, self.dense_state, grads, scale)
+            dense, state = self._dense_update(self.dense, self.dense_state, grads, scale)
             # New arrays every update, never written in place: a reply still being sent (zero-copy)
             # may hold the old ones.
-            self.dense = {k: np.asarray(v) for k, v in dense.items()}
-            self.updates += 1
-        touched = False
+            out["dense"] = ({k: np.asarray(v) for k, v in dense.items()}, state)
         for path, part in rows.items():
             if part["i"].size:
-                self._apply_rows(path, part["i"] // self.map.shards, part["g"], scale)
-                touched = True
-        self.updates += touched
+                out["rows"].append(self._compute_rows(path, part["i"] // self.map.shards, part["g"], scale))
+        return out
 
-    def _apply_rows(self, path: str, local: np.ndarray, grads: np.ndarray, scale: np.float32) -> None:
+    def install(self, result: dict[str, Any]) -> None:
+        """Put a computed update in place (on the loop: a pull never sees half of one)."""
+        if result["dense"] is not None:
+            self.dense, self.dense_state = result["dense"]
+            self.updates += 1
+        for path, local, new_rows, new_state in result["rows"]:
+            self.rows[path][local] = new_rows
+            self.row_state[path] = _put_rows(self.row_state[path], new_state, local, self.rows[path].shape)
+        self.updates += bool(result["rows"])
+        self.applied_pushes += result["pushes"]
+
+    def _compute_rows(self, path: str, local: np.ndarray, grads: np.ndarray, scale: np.float32) -> tuple:
         """Lazy update: only rows ``local`` and their optimizer state move. The rows are padded
-        to a power of two with the scratch row (zero gradient; whatever it becomes is unused)."""
+        to a power of two with the scratch row (zero gradient; whatever it becomes is unused).
+        Returns (path, local, their new rows, the new state: per-row leaves for those rows only)."""
         import jax
 
         table = self.rows[path]
@@ -351,16 +408,9 @@ class ShardJob:
         per_row = lambda s: np.shape(s) == shape
         sub_state = jax.tree_util.tree_map(lambda s: s[idx] if per_row(s) else s, state)
         new_rows, new_sub_state = self._row_update(table[idx], sub_state, g)
-        new_rows = np.asarray(new_rows)
-        table[local] = new_rows[:k]
-
-        def put(old, new):
-            if per_row(old):
-                old[local] = np.asarray(new)[:k]
-                return old
-            return np.array(new)
-
-        self.row_state[path] = jax.tree_util.tree_map(put, state, new_sub_state)
+        new_state = jax.tree_util.tree_map(lambda old, new: np.asarray(new)[:k] if per_row(old) else new,
+                                           state, new_sub_state)
+        return path, local, np.asarray(new_rows)[:k], new_state
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -404,6 +454,7 @@ class ShardService(Service):
         if self._watchdog is not None:
             self._watchdog.cancel()
         for job in self.jobs.values():
+            await job.lock.acquire()  # a record being accepted finishes first; kept: the job is closed
             try:
                 job.checkpoint()  # on drain: a restart then replays nothing
             except OSError as e:
@@ -504,7 +555,7 @@ class ShardService(Service):
         return job.read(body.get("keys"), body.get("rows"))
 
     @rpc
-    def push(self, body) -> dict[str, Any]:
+    async def push(self, body) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise PsError("ps.push takes a dict")
         job = self._job(body.get("job"))
@@ -514,27 +565,38 @@ class ShardService(Service):
             raise PsError(f"push: c: the step, an integer >= 0, got {clock!r}")
         if worker not in job.clock.clocks:
             raise PsError(f"no worker {worker!r} in job {job.name!r}")
-        if worker in job.clock.dropped:
-            raise WorkerDropped(f"worker {worker!r} was dropped from job {job.name!r}'s barrier "
-                                f"at clock {job.clock.dropped[worker]}")
-        if clock < job.clock.clocks[worker]:
-            return {"clock": job.clock.clocks[worker], "duplicate": True}  # a retry: already logged
-        if clock > job.clock.clocks[worker]:  # refused before it reaches the log, which replays only what applies
-            raise PsError(f"worker {worker!r} pushed step {clock} to job {job.name!r} shard {job.shard}, "
-                          f"which has its steps up to {job.clock.clocks[worker] - 1} only; a push in between was lost")
-        record = job.check_push(body)
-        record["seq"] = job.seq + 1
-        job.wal.append(record)  # on disk before it is applied and acknowledged
-        self._after(job, job.accept(record))
-        return {"clock": job.clock.clocks[worker]}
+        # Shielded: once begun, a push is logged, applied and its clock moved even if this
+        # handler is cancelled (a half-accepted record would leave a BSP sum without its clock).
+        return await asyncio.shield(self._push(job, worker, clock, body))
 
-    def _after(self, job: ShardJob, tick) -> None:
+    async def _push(self, job: ShardJob, worker: str, clock: int, body: dict) -> dict[str, Any]:
+        async with job.lock:  # a push of this job in flight (log, compute) finishes first
+            if worker in job.clock.dropped:
+                raise WorkerDropped(f"worker {worker!r} was dropped from job {job.name!r}'s barrier "
+                                    f"at clock {job.clock.dropped[worker]}")
+            if clock < job.clock.clocks[worker]:
+                return {"clock": job.clock.clocks[worker], "duplicate": True}  # a retry: already logged
+            if clock > job.clock.clocks[worker]:  # refused before it reaches the log, which replays only what applies
+                raise PsError(f"worker {worker!r} pushed step {clock} to job {job.name!r} shard {job.shard}, "
+                              f"which has its steps up to {job.clock.clocks[worker] - 1} only; a push in between "
+                              f"was lost")
+            record = job.check_push(body)
+            record["seq"] = job.seq + 1
+            # Logged (and fsynced) before it is applied and acknowledged; both off the loop.
+            await self._accept(job, record)
+            return {"clock": job.clock.clocks[worker]}
+
+    async def _accept(self, job: ShardJob, record: dict[str, Any]) -> None:
+        await self._after(job, await job.accept_async(record))
+
+    async def _after(self, job: ShardJob, tick) -> None:
+        """Release the reads the tick lets through; checkpoint when due. Under ``job.lock``."""
         for token in tick.released:
             entry = self._waiting.get(token)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(None)
         if job.wal.records >= self.config.checkpoint_every:
-            job.checkpoint()
+            await to_thread(job.checkpoint)  # reads what pulls read, changes none of it
 
     async def _drop_laggards(self) -> None:
         period = max(0.01, self.config.drop_timeout / 4)
@@ -548,12 +610,17 @@ class ShardService(Service):
             now = self._now()
             for job in list(self.jobs.values()):
                 for worker in job.clock.laggards(now, self.config.drop_timeout):
-                    log.warning("job %s shard %d: worker %s silent for %.1fs at clock %d while others wait; "
-                                "dropped from the barrier", job.name, job.shard, worker,
-                                now - job.clock.last_heard[worker], job.clock.clocks[worker])
-                    record = {"seq": job.seq + 1, "drop": worker}
-                    job.wal.append(record)
-                    self._after(job, job.accept(record))
+                    await asyncio.shield(self._drop(job, worker))
+
+    async def _drop(self, job: ShardJob, worker: str) -> None:
+        async with job.lock:
+            now = self._now()
+            if worker in job.clock.dropped or worker not in job.clock.laggards(now, self.config.drop_timeout):
+                return  # it was heard from (or dropped) while this waited for the lock
+            log.warning("job %s shard %d: worker %s silent for %.1fs at clock %d while others wait; "
+                        "dropped from the barrier", job.name, job.shard, worker,
+                        now - job.clock.last_heard[worker], job.clock.clocks[worker])
+            await self._accept(job, {"seq": job.seq + 1, "drop": worker})
 
     @rpc
     def info(self, body) -> dict[str, Any]:
@@ -575,6 +642,20 @@ def _sum_rows(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
     out = np.zeros((unique.size, *grads.shape[1:]), grads.dtype)
     np.add.at(out, inverse.reshape(-1), grads)
     return unique, out
+
+
+def _put_rows(state: Any, new_state: Any, local: np.ndarray, shape: tuple) -> Any:
+    """A table's optimizer state with rows ``local`` of its per-row leaves (shaped like the
+    table) replaced by ``new_state``'s, and its shared leaves (a step count) replaced whole."""
+    import jax
+
+    def put(old, new):
+        if np.shape(old) == shape:
+            old[local] = new
+            return old
+        return np.array(new)
+
+    return jax.tree_util.tree_map(put, state, new_state)
 
 
 def _numpy_tree(tree: Any) -> Any:

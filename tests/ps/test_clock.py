@@ -1,6 +1,7 @@
 """The clock core against random interleavings of workers reading and pushing: the staleness
 bound of SSP, the exact step of BSP, ASP never waiting on others, dead workers dropped, and no
-read left parked once it may go."""
+read left parked once it may go; ``peek_push`` / ``peek_drop`` (asked by the shard before it
+moves the clock) agree with the event that follows."""
 
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def simulate(consistency: Consistency, workers: int, steps: int, seed: int, drop
         w = rng.choice(runnable)
         if drops and rng.random() < 0.05 and len(dead) < drops:
             dead.add(w)
-            apply(clock.drop(w))
+            peeked = clock.peek_drop(w)  # what the shard computes before it moves the clock
+            tick = clock.drop(w)
+            assert peeked.completed == tick.completed and not peeked.released
+            apply(tick)
             continue
         if phase[w] == "read":
             if clock.read(w, step[w], token=w):
@@ -56,7 +60,10 @@ def simulate(consistency: Consistency, workers: int, steps: int, seed: int, drop
             else:
                 phase[w] = "parked"
         else:
+            peeked = clock.peek_push(w, step[w])
             tick = clock.push(w, step[w])
+            assert (peeked.completed, peeked.duplicate) == (tick.completed, tick.duplicate)
+            assert clock.peek_push(w, step[w]).duplicate  # a retry of it now
             if consistency.aggregates:
                 pending.setdefault(step[w], set()).add(w)
             else:
