@@ -479,7 +479,7 @@ class Supervisor:
         self._set(proc, "restarting")
         log.warning("node %s (pid %d) exited with code %s after %.1fs; restarting in %.1fs (restart #%d)",
                     proc.member.name, process.pid, code, ran, delay, proc.restarts)
-        self._tell_peer_lost(proc.member.name, f"exited with code {code}")
+        self._tell_peer_lost(proc.member.name, _exit_reason(code))
         await asyncio.sleep(delay)
         if self.state in ("starting", "waiting", "ready") and not proc.stopping:
             if code == EXIT_BIND:  # its port was taken while it was down
@@ -496,6 +496,8 @@ class Supervisor:
         self._tell_local(name, reason)
 
     def _tell_local(self, name: str, reason: str) -> None:
+        if self.node is not None:  # this node too: a training job it coordinates waits on its workers
+            self.node.peer_lost(name, reason)
         for other in self.procs.values():
             if other.member.name == name or other.process is None or other.process.returncode is not None:
                 continue
@@ -948,6 +950,16 @@ class Supervisor:
         if self.state == "stopping":
             self.state = "stopped"
         self.write_state()
+
+
+def _exit_reason(code: int | None) -> str:
+    """How a node's process ended, for the nodes told it is gone (and the errors they raise)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 def _write_json(path: Path, doc: Any) -> None:

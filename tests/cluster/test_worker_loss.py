@@ -1,0 +1,49 @@
+"""A worker SIGKILLed during `train` fails the job at once, naming it: the supervisor tells its
+own node (the job's coordinator) that the worker is gone, as it tells every other node, so the
+coordinator does not wait out a grace period for a reply that cannot come."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.cluster.helpers import ROOT, wait_for
+
+SPEC = """
+[cluster]
+name = "worker-loss"
+store = "store"
+http = "127.0.0.1:0"
+[cluster.train.slow]
+arch = { kind = "mlp", hidden = [32] }
+epochs = 50
+batch_size = 64
+[[nodes]]
+name = "worker"
+role = "worker"
+replicas = 2
+"""
+
+
+def test_a_killed_worker_fails_train_within_a_second_or_two_naming_it(cli):
+    cli("up", cli.write_spec(SPEC), "--detach", timeout=180)
+    log = cli.cwd / ".dmlsys" / "supervisor.log"
+    train = subprocess.Popen([sys.executable, "-m", "dmlsys.cluster", "train", "slow"], cwd=cli.cwd, env=cli.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "training 'slow'" in log.read_text(errors="replace"), 60, "the job to start")
+        time.sleep(2.0)  # into the job: the workers load data and form their ring
+        assert train.poll() is None, train.communicate()
+        victim = next(n for n in cli.status()["nodes"] if n["name"] == "worker-1")["pid"]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        out, err = train.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        if train.poll() is None:
+            train.kill()
+            train.wait()
+    assert train.returncode != 0, out
+    assert "worker-1" in err and "SIGKILL" in err, err
+    assert took < 4.0, f"train failed {took:.1f}s after the kill: {err}"  # was ~10 s (the cancel grace)
