@@ -14,9 +14,12 @@ processes the glibc thresholds our transport sets for itself (dmlsys.wire.zmq_tr
 every row say which.
 
 ``--curve`` adds a third side, ours with a cluster key, alternated with the other two, and rows
-whose ratio is keys on over keys off: ``tcp+curve`` (CurveZMQ: authenticated and encrypted)
-and ``ipc+plain`` (ipc authenticates with a per-name token and does not encrypt, because the
-first measurement of CURVE on ipc cost 16 MiB arrays 0.17x their speed; docs/security.md).
+whose ratio is keys on over keys off: ``tcp+curve`` (CurveZMQ: authenticated and encrypted;
+messages with 64 KiB of arrays or more take the AES-GCM bulk path, dmlsys.wire.bulk) and
+``ipc+plain`` (ipc authenticates with a per-name token and does not encrypt, because the first
+measurement of CURVE on ipc cost 16 MiB arrays 0.17x their speed; docs/security.md). On TCP a
+fourth side runs with keys and the bulk path off (DMLSYS_BULK=0, every byte through CurveZMQ):
+rows ``tcp+curve-nobulk``, the cost before the bulk path, measured in the same run.
 
     python experiments/bench_rpc.py --transport tcp ipc --json docs/bench_rpc.json
     python experiments/bench_rpc.py --transport tcp ipc --curve --json docs/bench_rpc_curve.json
@@ -193,6 +196,12 @@ def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int
 
 
 def measure(kind: str, address: str, args) -> dict:
+    if kind == "curve-nobulk":  # inherited by the spawned server; read by each transport when it is made
+        os.environ["DMLSYS_BULK"] = "0"
+        try:
+            return measure("curve", address, args)
+        finally:
+            del os.environ["DMLSYS_BULK"]
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     key = CLUSTER_KEY.to_text() if kind == "curve" else None
@@ -233,6 +242,8 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
     a neighbour's load that comes and goes (this machine is shared) cancels within a pair.
     """
     kinds = ("raw", "ours", "curve") if args.curve else ("raw", "ours")
+    if args.curve and transport == "tcp" and not args.no_before:
+        kinds += ("curve-nobulk",)
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     for i in range(args.repeats):
         for kind in kinds:
@@ -247,15 +258,17 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
         rows.append({"metric": metric, "ours": round(float(np.median(ours)), 3), "raw": round(float(np.median(raw)), 3),
                      "unit": unit, "ratio": round(ratio, 3), "transport": transport, "repeats": args.repeats,
                      "malloc": args.malloc})
-    if args.curve:  # one more row set: ours with CURVE against ours without, pairwise as above
+    keyed = [k for k in kinds if k.startswith("curve")]
+    for kind in keyed:  # more row sets: ours with keys against ours without, pairwise as above
+        suffix = "plain" if transport == "ipc" else kind
         for metric, unit in UNITS.items():
-            curve = [r[metric] for r in runs["curve"]]
+            curve = [r[metric] for r in runs[kind]]
             plain = [r[metric] for r in runs["ours"]]
             ratio = float(np.median([c / p for c, p in zip(curve, plain)]))
             rows.append({"metric": metric, "ours": round(float(np.median(curve)), 3),
                          "raw": round(float(np.median(plain)), 3), "unit": unit, "ratio": round(ratio, 3),
-                         "transport": f"{transport}+{'plain' if transport == 'ipc' else 'curve'}",
-                         "baseline": "ours without keys", "repeats": args.repeats, "malloc": args.malloc})
+                         "transport": f"{transport}+{suffix}", "baseline": "ours without keys",
+                         "repeats": args.repeats, "malloc": args.malloc})
     return rows
 
 
@@ -269,6 +282,8 @@ def main() -> None:
     parser.add_argument("--arrays", type=int, default=20)
     parser.add_argument("--curve", action="store_true",
                         help="also run ours with a cluster key (CURVE); rows TRANSPORT+curve compare it to ours without")
+    parser.add_argument("--no-before", action="store_true",
+                        help="with --curve: skip the tcp+curve-nobulk side (keys on, bulk path off: the cost before it)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--plot", metavar="PNG", help="bar chart of the rows (default: the --json path with .png)")
     parser.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")

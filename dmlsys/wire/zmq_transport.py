@@ -16,20 +16,28 @@ PLAIN with a per-name token, unencrypted, as ``dmlsys.wire.curve`` explains). Ev
 message then arrives with the name of the principal that sent it, which the receiver gets as a
 third argument. Dealers set no identity then: the ROUTER numbers connections itself, so no
 newcomer can take over another's reply route by claiming its name.
+
+Large messages over keyed TCP take the bulk path (``dmlsys.wire.bulk``): sealed with AES-GCM by
+us under a session key that travelled inside the CURVE connection, and sent on a second socket
+pair without CURVE, which carries nothing but that ciphertext. See "The bulk path" below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import zmq
 
+from dmlsys.wire import bulk
+from dmlsys.wire.bulk import BULK_MIN_BYTES, BulkError, BulkSession
 from dmlsys.wire.codec import DEFAULT_LIMITS, Limits
 from dmlsys.wire.curve import CLI, ZAP_DOMAIN, ClusterKey, RefusalLog, ZapHandler, principal_of, secure_mechanism
 from dmlsys.wire.transport import Receiver, Route, Transport, TransportError
@@ -126,6 +134,19 @@ class ZmqTransport(Transport):
         self._draining: zmq.Socket | None = None  # the socket _drain is reading right now
         self._recheck_soon: set[zmq.Socket] = set()  # sockets sent on since the loop last polled
         self._closed = False
+        # The bulk path (keys on, TCP only): see "The bulk path" below.
+        self._bulk_router: zmq.Socket | None = None
+        self._bulk_port = 0
+        self._aux: dict[zmq.Socket, Callable[[], None]] = {}  # bulk sockets and monitors: their own drain
+        self._bulk_in: dict[bytes, _Inbound] = {}  # session id -> a session a peer offered us
+        self._bulk_by_route: dict[bytes, list[_Inbound]] = {}  # CURVE route -> its sessions, newest last
+        self._bulk_out: dict[str, _Outbound] = {}  # peer name -> the sessions we offered it
+        self._bulk_pending: dict[bytes, str] = {}  # session id of an offer not yet accepted -> peer name
+        self.bulk_stats: collections.Counter[str] = collections.Counter()  # sealed, opened, rejected_<reason>
+        self._bulk_logged: dict[str, float] = {}
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}  # CURVE dealer -> the monitor of its connection
+        # DMLSYS_BULK=0: no bulk path, every byte by CURVE (to compare, or to rule the bulk path out).
+        self._bulk_enabled = keys is not None and os.environ.get("DMLSYS_BULK", "1") != "0"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -163,6 +184,8 @@ class ZmqTransport(Transport):
         self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
         self._watch(router)
+        if self._bulk_enabled and secure_mechanism(self._bind) == "CURVE":
+            self._start_bulk()
 
     def _start_zap(self, router: zmq.Socket) -> None:
         keys = self._keys
@@ -202,10 +225,19 @@ class ZmqTransport(Transport):
         if self._zap is not None:
             self._zap.close()  # joins its thread first: it reads the router's monitor
             self._zap = None
-        for sock in [self._router, *self._dealers.values()]:
+        for peer in list(self._bulk_out):
+            self._drop_bulk_out(peer)
+        for sock in list(self._monitors.values()):
+            self._close_aux(sock)
+        self._monitors.clear()
+        for sock in [self._router, self._bulk_router, *self._dealers.values()]:
             if sock is not None:
                 self._unwatch(sock)
                 sock.close(linger=0)
+        self._bulk_router = None
+        self._bulk_in.clear()
+        self._bulk_by_route.clear()
+        self._aux.clear()
         self._dealers.clear()
         self._dealer_peer.clear()
         self._recheck_soon.clear()
@@ -220,9 +252,13 @@ class ZmqTransport(Transport):
         self._peers[name] = address
         if self._zap is not None and old is None:
             self._zap.admit(name)
+        if old is not None and old != address:
+            self._drop_bulk_out(name)
         if old is not None and old != address and name in self._dealers:
             sock = self._dealers.pop(name)
             self._dealer_peer.pop(sock, None)
+            if sock in self._monitors:
+                self._close_aux(self._monitors.pop(sock))
             self._unwatch(sock)
             sock.close(linger=0)
 
@@ -237,6 +273,9 @@ class ZmqTransport(Transport):
     # -- sending --------------------------------------------------------------------------
 
     def send(self, peer: str, frames: Sequence[Any]) -> None:
+        if len(frames) > 1 and self._bulk_enabled and _payload(frames) >= BULK_MIN_BYTES \
+                and self._send_bulk(peer, frames):
+            return
         sock = self._dealers.get(peer) or self._connect(peer)
         try:
             _send_frames(sock, frames)
@@ -251,6 +290,9 @@ class ZmqTransport(Transport):
         if self._router is None:
             raise TransportError(f"transport of {self.name!r} is closed")
         router = self._router
+        if len(frames) > 1 and self._bulk_by_route and _payload(frames) >= BULK_MIN_BYTES \
+                and self._reply_bulk(route, frames):
+            return
         try:
             _zsend(router, route, _NOBLOCK_MORE)
             _send_frames(router, frames)
@@ -276,6 +318,7 @@ class ZmqTransport(Transport):
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             self._dealer_peer[sock] = principal_of(peer)
+            self._monitor_dealer(peer, sock)
         else:  # ipc: the socket file sits in a directory only the cluster's user can enter
             sock.setsockopt(zmq.PLAIN_USERNAME, principal_of(self.name).encode())
             sock.setsockopt(zmq.PLAIN_PASSWORD, self._keys.token(self.name))
@@ -329,6 +372,9 @@ class ZmqTransport(Transport):
         self._drain_scheduled.discard(sock)
         if sock.closed:
             return
+        if self._aux and sock in self._aux:
+            self._aux[sock]()
+            return
         receiver = self._receiver
         is_router = sock is self._router
         leading = 2 if is_router else 1
@@ -363,7 +409,12 @@ class ZmqTransport(Transport):
                     if authenticated:
                         if is_router:
                             route, principal = frames[0]
-                            receiver(frames[1:], route, principal)
+                            if frames[1][:1] == bulk.CONTROL_LEAD:  # inside CURVE: a bulk session offer
+                                self._on_offer(route, principal, frames[1:])
+                            else:
+                                receiver(frames[1:], route, principal)
+                        elif frames[0][:1] == bulk.CONTROL_LEAD:
+                            self._on_accept(sock, frames)
                         else:
                             receiver(frames, None, dealer_peer)
                     elif is_router:
@@ -382,6 +433,251 @@ class ZmqTransport(Transport):
         if not sock.closed:  # a full batch: more may be waiting, and the edge may be spent
             self._drain_scheduled.add(sock)
             self._loop.call_soon(self._drain, sock)
+
+    # -- the bulk path ---------------------------------------------------------------------
+    #
+    # Keys on and a TCP bind: besides the CURVE ROUTER, a bulk ROUTER without any mechanism
+    # (NULL, no ZAP domain: libzmq asks ZAP nothing for it) on a port of its own. It accepts a
+    # connection from anyone and delivers nothing but messages that open under a session some
+    # member offered us inside its CURVE connection: see dmlsys.wire.bulk for why that binds
+    # every delivered bulk message to the principal ZAP named for that connection.
+    #
+    # A sender offers a session on its first large message to a peer (which goes by CURVE
+    # meanwhile), and connects a bulk DEALER to the port the peer's ACCEPT names. A session lives
+    # as long as the CURVE connection it was offered on: a monitor on that DEALER drops it when
+    # the connection drops (the peer may come back as a new process that knows no session), and
+    # the next large message offers a new one. Large replies go back on the bulk connection the
+    # request's session last arrived on. A message above BULK_MIN_BYTES and a smaller one to the
+    # same peer travel on different connections, so they may arrive in either order (as on the
+    # simulated network with jitter); each path alone keeps its order.
+
+    OFFER_RETRY_SECONDS = 5.0  # an offer unanswered this long (the peer gone, or old) is made again
+    MAX_INBOUND_SESSIONS = 4096  # bounded: offers come only from members, two kept per connection
+
+    def _start_bulk(self) -> None:
+        host = self._bind[len("tcp://"):].rsplit(":", 1)[0]
+        sock = self._bulk_socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            sock.bind(f"tcp://{host}:*")
+        except zmq.ZMQError as e:  # no bulk path: large messages keep going by CURVE
+            sock.close(linger=0)
+            log.warning("node %r cannot bind a bulk socket on %s (%s); large messages will go by CURVE",
+                        self.name, host, e.strerror)
+            return
+        self._bulk_port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self._bulk_router = sock
+        self._aux[sock] = lambda: self._drain_bulk(sock, None)
+        self._watch(sock)
+
+    def _bulk_socket(self, kind: int) -> zmq.Socket:
+        sock = self._socket(kind)
+        # A sealed frame is its plaintext plus a 16-byte tag per chunk (chunks of at least 4 KiB).
+        most = max(self._limits.max_frame_bytes, self._limits.max_header_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, most + most // 256 + 4096)
+        return sock
+
+    def _send_bulk(self, peer: str, frames: Sequence[Any]) -> bool:
+        """Seal and send on ``peer``'s bulk connection; False: not (yet) possible, send by CURVE."""
+        out = self._bulk_out.get(peer)
+        if out is None:
+            address = self._peers.get(peer)
+            if address is None or not address.startswith("tcp://") or self._closed:
+                return False
+            out = self._bulk_out[peer] = _Outbound()
+        now = time.monotonic()
+        current = out.current
+        if current is None or current.session.due_for_rotation(now):
+            if out.pending is None or now - out.pending.created >= self.OFFER_RETRY_SECONDS:
+                self._offer(peer, out, now)
+            if current is None:
+                return False
+        try:
+            for piece in current.session.seal(frames):  # each piece on its way while the next is sealed
+                _send_frames(current.sock, piece)
+        except zmq.Again:
+            raise TransportError(f"bulk send queue to {peer!r} is full ({self._hwm} messages); is it alive?") from None
+        except zmq.ZMQError as e:
+            raise TransportError(f"bulk send to {peer!r} failed: {e.strerror}") from None
+        self.bulk_stats["sealed"] += 1
+        self._recheck_later(current.sock)
+        return True
+
+    def _offer(self, peer: str, out: "_Outbound", now: float) -> None:
+        sock = self._dealers.get(peer) or self._connect(peer)
+        if sock not in self._dealer_peer or out.disabled:
+            return  # not a CURVE connection, or the peer has no bulk socket
+        session = BulkSession.make(principal_of(peer), now)
+        try:
+            _send_frames(sock, bulk.offer_frames(session))
+        except zmq.ZMQError:
+            return  # the large message itself will say what is wrong
+        if out.pending is not None:
+            self._bulk_pending.pop(out.pending.sid, None)
+        out.pending = session
+        self._bulk_pending[session.sid] = peer
+        self._recheck_later(sock)
+
+    def _on_offer(self, route: bytes, principal: str, frames: list) -> None:
+        """An OFFER, from inside the CURVE connection ``route`` whose key ZAP named ``principal``."""
+        offer = bulk.parse_offer(frames)
+        if offer is None or not principal:
+            self._bulk_rejected("malformed_control", "a malformed bulk control message", principal)
+            return
+        sid, key = offer
+        if self._bulk_router is None:
+            self.reply(route, bulk.accept_frames(sid, 0))  # "no bulk path here": the peer stops asking
+            return
+        if sid in self._bulk_in:
+            return  # a repeated offer: the first one stands
+        inbound = _Inbound(BulkSession(sid, key, principal, offerer=False, now=time.monotonic()), route)
+        sessions = self._bulk_by_route.setdefault(route, [])
+        sessions.append(inbound)
+        if len(sessions) > 2:  # the sender rotated twice: its oldest session is done
+            self._bulk_in.pop(sessions.pop(0).session.sid, None)
+        self._bulk_in[sid] = inbound
+        if len(self._bulk_in) > self.MAX_INBOUND_SESSIONS:  # oldest first (dicts keep insertion order)
+            old = self._bulk_in.pop(next(iter(self._bulk_in)))
+            kept = [s for s in self._bulk_by_route.get(old.route, []) if s is not old]
+            if kept:
+                self._bulk_by_route[old.route] = kept
+            else:
+                self._bulk_by_route.pop(old.route, None)
+        self.reply(route, bulk.accept_frames(sid, self._bulk_port))
+
+    def _on_accept(self, dealer: zmq.Socket, frames: list) -> None:
+        """An ACCEPT, from inside the CURVE connection of ``dealer`` (its server proved its key)."""
+        accept = bulk.parse_accept(frames)
+        peer = self._bulk_pending.get(accept[0]) if accept is not None else None
+        out = self._bulk_out.get(peer) if peer is not None else None
+        if out is None or out.pending is None or out.pending.sid != accept[0] or self._dealers.get(peer) is not dealer:
+            self._bulk_rejected("malformed_control", "a bulk accept for no offer of ours on that connection",
+                                self._dealer_peer.get(dealer, "?"))
+            return
+        sid, port = accept
+        del self._bulk_pending[sid]
+        session, out.pending = out.pending, None
+        if port == 0:
+            out.disabled = True
+            return
+        host = self._peers[peer][len("tcp://"):].rsplit(":", 1)[0]
+        sock = self._bulk_socket(zmq.DEALER)
+        if host.startswith("["):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(f"tcp://{host}:{port}")
+        if out.previous is not None:  # two rotations ago: its replies have long arrived
+            self._close_aux(out.previous.sock)
+        out.previous, out.current = out.current, _Link(session, sock)
+        self._aux[sock] = lambda: self._drain_bulk(sock, session)
+        self._watch(sock)
+
+    def _reply_bulk(self, route: Any, frames: Sequence[Any]) -> bool:
+        sessions = self._bulk_by_route.get(route)
+        inbound = sessions[-1] if sessions else None
+        if inbound is None or inbound.bulk_route is None or self._bulk_router is None:
+            return False
+        try:
+            for piece in inbound.session.seal(frames):
+                _zsend(self._bulk_router, inbound.bulk_route, _NOBLOCK_MORE)
+                _send_frames(self._bulk_router, piece)
+        except zmq.ZMQError:  # that bulk connection is gone (ROUTER_MANDATORY): CURVE still reaches the caller
+            inbound.bulk_route = None
+            return False
+        self.bulk_stats["sealed"] += 1
+        self._recheck_later(self._bulk_router)
+        return True
+
+    def _drain_bulk(self, sock: zmq.Socket, session: BulkSession | None) -> None:
+        """Sealed messages on the bulk ROUTER (``session`` None: look it up by id) or on a bulk
+        DEALER (``session``: the one it was opened for). Whatever fails to open is dropped and counted."""
+        receiver = self._receiver
+        is_router = session is None
+        leading = 2 if is_router else 1
+        for _ in range(64):
+            try:
+                parts = _recv_frames(sock, leading, leading + 4)  # a piece is 3 frames; a 4th is refused
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:
+                if not sock.closed:
+                    log.warning("bulk receive on %s failed: %s", self.name, e.strerror)
+                return
+            sealed = parts[1:] if is_router else parts
+            inbound = None
+            opener = session
+            try:
+                if is_router:
+                    sid = bulk.parse_preamble(sealed[0])[1]
+                    inbound = self._bulk_in.get(sid)
+                    if inbound is None:
+                        raise BulkError("unknown_session", f"bulk message for unknown session {sid.hex()[:8]}")
+                    opener = inbound.session
+                frames = opener.open(sealed, self._limits)
+            except BulkError as e:
+                self._bulk_rejected(e.reason, str(e), opener.principal if opener is not None else "?")
+                continue
+            finally:
+                if opener is not None and opener.abandoned:
+                    opener.abandoned = 0
+                    self._bulk_rejected("truncated", "a bulk message ended before its last piece", opener.principal)
+            if frames is None:
+                continue  # more pieces to come
+            self.bulk_stats["opened"] += 1
+            if receiver is None:
+                continue
+            try:
+                if is_router:
+                    inbound.bulk_route = parts[0]  # where large replies to this session go
+                    receiver(frames, inbound.route, inbound.session.principal)
+                else:
+                    receiver(frames, None, session.principal)
+            except Exception:
+                log.exception("receiver on %s failed; message dropped", self.name)
+        if not sock.closed:
+            self._drain_scheduled.add(sock)
+            self._loop.call_soon(self._drain, sock)
+
+    def _bulk_rejected(self, reason: str, text: str, who: str) -> None:
+        self.bulk_stats[f"rejected_{reason}"] += 1
+        self.bulk_stats["rejected"] += 1
+        now = time.monotonic()
+        if now - self._bulk_logged.get(reason, -60.0) >= 60.0:
+            self._bulk_logged[reason] = now
+            log.warning("node %r dropped a bulk message (%s, session of %s): %s (further ones logged at most once a "
+                        "minute; %d dropped in all)", self.name, reason, who, text, self.bulk_stats["rejected"])
+
+    def _monitor_dealer(self, peer: str, dealer: zmq.Socket) -> None:
+        """Watch a CURVE DEALER's connection: a bulk session dies with it."""
+        if self._keys is None or self._loop is None:
+            return
+        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors[dealer] = monitor
+        self._aux[monitor] = lambda: self._drain_monitor(peer, dealer, monitor)
+        self._watch(monitor)
+
+    def _drain_monitor(self, peer: str, dealer: zmq.Socket, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if self._dealers.get(peer) is dealer:
+                self._drop_bulk_out(peer)
+
+    def _drop_bulk_out(self, peer: str) -> None:
+        out = self._bulk_out.pop(peer, None)
+        if out is not None:
+            for link in (out.current, out.previous):
+                if link is not None:
+                    self._close_aux(link.sock)
+            if out.pending is not None:
+                self._bulk_pending.pop(out.pending.sid, None)
+
+    def _close_aux(self, sock: zmq.Socket) -> None:
+        self._aux.pop(sock, None)
+        self._unwatch(sock)
+        self._recheck_soon.discard(sock)
+        sock.close(linger=0)
 
 
 def _send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
@@ -451,3 +747,42 @@ def _recv_frames_authenticated(sock: zmq.Socket, max_parts: int, principals: dic
 
 def _host_local(address: str) -> bool:
     return address.startswith(("ipc://", "tcp://127.", "tcp://localhost:", "tcp://[::1]:"))
+
+
+def _payload(frames: Sequence[Any]) -> int:
+    """Bytes in the array frames (every frame after the header)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames[1:])
+
+
+class _Link:
+    """An outbound bulk session and the DEALER it sends on."""
+
+    __slots__ = ("session", "sock")
+
+    def __init__(self, session: BulkSession, sock: zmq.Socket) -> None:
+        self.session, self.sock = session, sock
+
+
+class _Outbound:
+    """What a sender has for one peer: the session in use, the one before it (its replies may
+    still come), an offer awaiting its ACCEPT, and whether the peer said it has no bulk path."""
+
+    __slots__ = ("current", "previous", "pending", "disabled")
+
+    def __init__(self) -> None:
+        self.current: _Link | None = None
+        self.previous: _Link | None = None
+        self.pending: BulkSession | None = None
+        self.disabled = False
+
+
+class _Inbound:
+    """A session a peer offered us: bound to the CURVE route it was offered on (replies go
+    there, and its messages are delivered as from that route) and, once a message has opened,
+    to the bulk connection it came on (where large replies go)."""
+
+    __slots__ = ("session", "route", "bulk_route")
+
+    def __init__(self, session: BulkSession, route: bytes) -> None:
+        self.session, self.route = session, route
+        self.bulk_route: bytes | None = None
