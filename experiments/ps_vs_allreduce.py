@@ -17,6 +17,7 @@ epoch, per step; ``accuracy``: test accuracy after the same number of steps.
     python experiments/ps_vs_allreduce.py --quick                 # a few minutes
     python experiments/ps_vs_allreduce.py --json docs/ps_vs_allreduce.json --plot docs/ps_vs_allreduce.png
     python experiments/ps_vs_allreduce.py --from-json docs/ps_vs_allreduce.json   # re-plot only
+    python experiments/ps_vs_allreduce.py --accuracy cnn --consistency ssp --staleness 2   # full data, recipe
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from rich.table import Table
 from experiments import _plot
 
 WORKERS = ["w0", "w1"]
+ARCHS = {"mlp": {"kind": "mlp", "hidden": [512, 256]}, "cnn": {"kind": "cnn", "channels": [32, 64], "dense": 128}}
 
 
 def _network():
@@ -112,7 +114,8 @@ async def run_allreduce(arch, hp, ds, steps) -> dict[str, Any]:
     return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].test_accuracy}
 
 
-async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = False) -> dict[str, Any]:
+async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = False,
+                 on_epoch=None) -> dict[str, Any]:
     from dmlsys.ps.server import ShardConfig, ShardService
     from dmlsys.ps.trainer import PsTrainer
 
@@ -125,7 +128,8 @@ async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = Fal
         try:
             trainers = [PsTrainer(arch, hp, node=nodes[shards + r], shards=shard_names, workers=WORKERS, job="job",
                                   consistency=consistency, progress=False, offload=False,
-                                  on_epoch=meter.on_epoch if r == 0 else None) for r in range(len(WORKERS))]
+                                  on_epoch=_both(meter.on_epoch, on_epoch) if r == 0 else None)
+                        for r in range(len(WORKERS))]
             if slow:
                 _slow_down(trainers[1])
             results = await asyncio.gather(*(t.fit(ds) for t in trainers))
@@ -134,6 +138,15 @@ async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = Fal
                 await n.stop(drain_timeout=0.1)
     step_ms, bps = meter.result(0)
     return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].card["test_accuracy"]}
+
+
+def _both(*fns):
+    def call(stats) -> None:
+        for fn in fns:
+            if fn is not None:
+                fn(stats)
+
+    return call
 
 
 def _slow_down(trainer) -> None:
@@ -234,7 +247,7 @@ async def drive(args: argparse.Namespace, console: Console) -> list[dict]:
     ds = data.load(args.data_dir, limit=args.limit, test_limit=args.test_limit)
     hp = Hyperparams(lr=1e-3, batch_size=args.batch_size, epochs=args.epochs)
     steps = args.limit // args.batch_size if args.limit else 60000 // args.batch_size
-    archs = {"mlp": {"kind": "mlp", "hidden": [512, 256]}, "cnn": {"kind": "cnn", "channels": [32, 64], "dense": 128}}
+    archs = ARCHS
     rows: list[dict] = []
 
     async def add(label, coro, *key):
@@ -266,6 +279,37 @@ async def drive(args: argparse.Namespace, console: Console) -> list[dict]:
     wide = await run_wide(ds, args.wide_rows, cap, wide_steps, args.batch_size, 2)
     rows.append(row("wide", "ps", "bsp", 2, result=wide))
     return rows
+
+
+# The collective's accuracy recipes (cluster/ps.toml, docs/training.md), for --accuracy.
+RECIPES = {"mlp": ({"kind": "mlp", "hidden": [512, 256]}, {"epochs": 12, "schedule": "cosine"}),
+           "cnn": ({"kind": "cnn", "channels": [32, 64], "dense": 128},
+                   {"epochs": 6, "schedule": "cosine", "augment": True})}
+
+
+async def accuracy_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """One model through 2 shards on full data with the collective's recipe: per-epoch test accuracy."""
+    from dmlsys.ps.clock import Consistency
+    from dmlsys.train import data
+    from dmlsys.train.trainer import Hyperparams
+
+    arch, recipe = RECIPES[args.accuracy]
+    hp = Hyperparams(lr=1e-3, batch_size=128, **{**recipe, **({"epochs": args.epochs} if args.epochs else {})})
+    consistency = Consistency(args.consistency, args.staleness if args.consistency == "ssp" else 0)
+    ds = data.load(args.data_dir, limit=args.limit, test_limit=args.test_limit)
+    history: list = []
+
+    def on_epoch(stats) -> None:
+        history.append(stats.test_accuracy)
+        console.print(f"epoch {stats.epoch}/{hp.epochs}: test accuracy {stats.test_accuracy:.4f} ({stats.seconds:.0f}s)")
+
+    t0 = time.perf_counter()
+    result = await run_ps(arch, hp, ds, len(ds.train_labels) // hp.batch_size, 2, consistency, on_epoch=on_epoch)
+    out = {"model": args.accuracy, "via": "ps", "consistency": consistency.model, "staleness": consistency.bound,
+           "workers": len(WORKERS), "shards": 2, "epochs": hp.epochs, "accuracy": result["accuracy"],
+           "per_epoch": history, "seconds": round(time.perf_counter() - t0, 1)}
+    console.print(out)
+    return out
 
 
 def table(rows: list[dict], console: Console) -> None:
@@ -309,7 +353,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps on small data (a few minutes)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the last is measured")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per run; the last is measured (default 3; --quick 2)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split among the workers")
     parser.add_argument("--limit", type=int, default=None, help="train on the first samples only")
     parser.add_argument("--test-limit", type=int, default=None, help="test on the first samples only")
@@ -322,7 +367,19 @@ def main() -> None:
     parser.add_argument("--plot", help="figure path (default: the --json path with .png)")
     parser.add_argument("--from-json", help="re-plot and re-print an earlier run's rows; measure nothing")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    parser.add_argument("--accuracy", choices=sorted(RECIPES),
+                        help="instead of the comparison: this model through 2 shards on the full data with the "
+                             "collective's recipe (mlp 12 epochs, cnn 6 with flips; --epochs overrides), "
+                             "per-epoch test accuracy")
+    parser.add_argument("--consistency", choices=("bsp", "ssp", "asp"), default="ssp", help="for --accuracy")
+    parser.add_argument("--staleness", type=int, default=2, help="for --accuracy with ssp (default: %(default)s)")
     args = parser.parse_args()
+    if args.accuracy:
+        out = asyncio.run(accuracy_run(args, Console()))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return
+    args.epochs = args.epochs or 3
     if args.quick:
         args.limit = args.limit or 1024
         args.test_limit = args.test_limit or 500
