@@ -27,6 +27,14 @@ host's reason. When the host's supervisor comes back (``up --host NAME`` again) 
 is a join like the first. A secondary that loses the primary tells its own nodes the same about
 every other host's members and goes on trying to report.
 
+**A model saved on another host.** Rank 0 of a training job saves into its own host's store;
+when that is not the primary's, the primary pulls the version into the cluster's store at once
+(:func:`pull_model`: a secondary's supervisor serves its own store as service ``hoststore``, and
+the primary reads it with the fetcher replicas use, so streamed, checked by SHA-256 per file
+and by the card's ``params_sha``, written atomically). ``train`` returns only once it is there,
+so replicas of every host find it where they look. ``train`` asked of a secondary goes to the
+primary, which chooses the workers.
+
 The link from a secondary is a client node named ``cli-host-NAME``: every holder of the cluster
 key can act as the command line (docs/security.md), and the primary admits it as it admits
 ``status`` and ``scale`` from a shell.
@@ -35,9 +43,11 @@ key can act as the command line (docs/security.md), and the primary admits it as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmlsys.node import Member
@@ -213,6 +223,9 @@ class Link:
             if self.primary_lost:
                 log.info("host %s: the primary supervisor answers again", self.sup.host)
                 self.primary_lost = False
+                if (self.sup.error or "").startswith("lost the primary"):
+                    self.sup.error = None
+                    self.sup.write_state()
             if not self.joined.is_set():
                 log.info("host %s joined the cluster at %s", self.sup.host, self.primary_address)
             self.seq = int(reply.get("seq", self.seq))
@@ -232,3 +245,85 @@ class Link:
             except NodeError as e:  # the primary is gone already: it will count us lost instead
                 log.info("host %s: no bye to the primary (%s)", self.sup.host, e)
             await self.node.stop(drain_timeout=0)
+
+
+# -- models saved on another host ---------------------------------------------------------------
+
+HOST_STORE = "hoststore"  # a secondary's own model store, served to the primary (read only)
+
+
+def host_store_service(root: str):
+    """The service a secondary's supervisor serves its own model store under: ``store`` there is
+    a relay to the primary's, so a model that rank 0 saved on this host is reachable only here."""
+    from dmlsys.train.transfer import TransferService
+
+    class HostStore(TransferService):
+        name = HOST_STORE
+
+    return HostStore(root)
+
+
+class _AsHostStore:
+    """A node whose calls to service ``store`` go to ``hoststore``: the fetcher of
+    :mod:`dmlsys.train.transfer` (streamed, per-file SHA-256, retried, atomic rename, the card's
+    params_sha) reads the other host's own store through it."""
+
+    def __init__(self, node) -> None:
+        self._node = node
+
+    async def call(self, peer: str, service: str, method: str, body: Any, *, timeout: float) -> Any:
+        return await self._node.call(peer, HOST_STORE if service == "store" else service, method, body, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def _to_host(sup: Supervisor, host: str):
+    """A short-lived client node of the primary that reaches ``host``'s supervisor as "supervisor"."""
+    from dmlsys.assembly import ZmqTransports, build_node
+    from dmlsys.node import Member
+    from dmlsys.train.transfer import TransferError
+
+    view = sup.hosts.views.get(host) if sup.hosts is not None else None
+    if view is None or view.state != "up" or not view.supervisor:
+        raise TransferError(f"host {host} is not up (its supervisor is not known here)")
+    address = sup.spec.hosts.get(sup.host) or "127.0.0.1"
+    client = build_node(Member(f"cli-store-{host}", "client", f"tcp://{address}:0"), ZmqTransports(keys=sup.keys))
+    await client.start()
+    try:
+        client.transport.add_peer("supervisor", view.supervisor)
+        yield client
+    finally:
+        await client.stop(drain_timeout=0)
+
+
+async def sync_model_to(sup: Supervisor, host: str, model: str) -> int | None:
+    """The primary, before rank 0 on ``host`` trains ``model``: that host's store gets the
+    cluster's latest version first (``cluster.sync_model`` there), so rank 0 numbers the new one
+    as the cluster's store would (the store takes the highest version + 1)."""
+    async with _to_host(sup, host) as client:
+        return await client.call("supervisor", "cluster", "sync_model", {"model": model}, timeout=600.0)
+
+
+async def pull_model(sup: Supervisor, host: str, model: str, version: int) -> bool:
+    """The primary: make ``model`` v``version``, saved by a node of ``host`` into that host's own
+    store, present in the cluster's store (this supervisor's). Returns whether it was fetched
+    (False: it is here already, a shared directory say).
+
+    Raises TransferError (names the host and the file) when it cannot be fetched, or when the
+    cluster's store holds another model under that version (its params_sha differs)."""
+    from dmlsys.train.store import ModelStore
+    from dmlsys.train.transfer import Fetcher, TransferError, fetch_model
+
+    target = Path(sup.resolved().store)
+    async with _to_host(sup, host) as client:
+        fetcher = Fetcher(_AsHostStore(client), "supervisor")
+        manifest = await fetcher.manifest({"kind": "model", "model": model, "version": version})
+        if (target / model / str(version) / "card.json").is_file():
+            here = ModelStore(target).card(model, version).get("params_sha")
+            if here != manifest["card"].get("params_sha"):
+                raise TransferError(f"model {model!r} v{version} saved on host {host} differs from the cluster "
+                                    f"store's v{version} (params_sha {str(manifest['card'].get('params_sha'))[:12]} "
+                                    f"vs {str(here)[:12]}): it stays in {host}'s store only")
+            return False
+        await fetch_model(fetcher.node, "supervisor", target, model, version, manifest=manifest, fetcher=fetcher)
+    log.info("pulled model %r v%d from host %s's store into the cluster's (%s)", model, version, host, target)
+    return True

@@ -73,11 +73,38 @@ def missing_models(sup: "Supervisor") -> list[str]:
 async def before_phase(sup: "Supervisor", phase: str) -> None:
     """Called before each phase of ``up``: "base", "serving", then "ready" (every node is)."""
     if phase == "serving" and sup.primary:  # a secondary's replicas fetch from the primary's store
-        for model in await asyncio.to_thread(missing_models, sup):
+        missing = await asyncio.to_thread(missing_models, sup)
+        if missing:
+            await workers_of_joined_hosts(sup)
+        for model in missing:
             log.info("model %r is not in the store yet", model)
             await train(sup, model)
     elif phase == "ready":
         await gateways_see_replicas(sup)
+
+
+async def workers_of_joined_hosts(sup: "Supervisor", timeout: float = 180.0) -> None:
+    """Until the workers placed on the other hosts that have joined are ready (at most
+    ``timeout``): `up` trains on the cluster's workers, not on this host's alone."""
+    if sup.hosts is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        joined = {h for h, v in sup.hosts.views.items() if v.state == "up"}
+        wanted = {n for n, h in sup.assignment.items() if h in joined and _role(sup, n) == "worker"}
+        missing = wanted - set(sup.ready_workers())
+        if not missing:
+            return
+        if loop.time() > deadline:
+            log.warning("training without worker(s) %s: not ready within %.0fs", ", ".join(sorted(missing)), timeout)
+            return
+        await asyncio.sleep(0.2)
+
+
+def _role(sup: "Supervisor", name: str) -> str | None:
+    template = sup.spec.group_of(name) or next((n for n in sup.spec.nodes if n.name == name), None)
+    return template.role if template is not None else None
 
 
 async def gateways_see_replicas(sup: "Supervisor", timeout: float = 30.0) -> None:
@@ -117,8 +144,16 @@ async def train(sup: "Supervisor", model: str) -> dict[str, Any]:
     if workers:
         from dmlsys.collective.job import train_on_workers
 
+        host = sup.assignment.get(workers[0])
+        elsewhere = sup.hosts is not None and host is not None and host != sup.host
+        if elsewhere:  # rank 0 saves into its own host's store: numbered as the cluster's would be
+            from dmlsys.cluster.hosts import pull_model, sync_model_to
+
+            await sync_model_to(sup, host, model)
         result = await train_on_workers(sup.node, workers, model=model, arch=arch, hyperparams=hyperparams,
                                         on_epoch=lambda e: _log_epoch(model, e, hyperparams))
+        if elsewhere:  # and into the cluster's store before anyone looks for it there
+            await pull_model(sup, host, model, int(result["version"]))
     else:
         loop = asyncio.get_running_loop()
 

@@ -42,7 +42,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +49,7 @@ from typing import Any, Callable
 from dmlsys.assembly import ZmqTransports, build_node
 from dmlsys.cluster import keys as cluster_keys
 from dmlsys.cluster.errors import ClusterError
-from dmlsys.cluster.hosts import HOST_TIMEOUT, Hosts, Link
+from dmlsys.cluster.hosts import HOST_TIMEOUT, Hosts, Link, host_store_service
 from dmlsys.cluster.placement import Group, place
 from dmlsys.cluster.nodeproc import EXIT_BIND, node_command, process_start_ticks
 from dmlsys.cluster.spec import ClusterSpec, NodeSpec, ResolvedCluster, port_in_use, resolve_member
@@ -154,7 +153,15 @@ class ClusterService(Service):
 
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise ValueError('train takes {"model": name}')
+        if self.sup.link is not None:  # a secondary: the primary picks the workers of every host
+            return await self.sup.link.call("train", body, timeout=7200.0)
         return await train(self.sup, body["model"])
+
+    @rpc(allow=ADMIN)  # the primary, before rank 0 on this host trains (cluster/hosts.py)
+    async def sync_model(self, body):
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise ValueError('sync_model takes {"model": name}')
+        return await self.sup.sync_model(body["model"])
 
     @rpc(allow=ADMIN)
     def shutdown(self, body):
@@ -346,10 +353,12 @@ class Supervisor:
         from dmlsys.train.transfer import TransferService
 
         relay = None if self.primary else (lambda method, body: self.link.store(method, body))
+        services = [ClusterService(self), TransferService(self.spec.store, upstream=relay)]
+        if not self.primary:  # what rank 0 saves here, for the primary to pull (cluster/hosts.py)
+            services.append(host_store_service(self.spec.store))
         node = build_node(Member("supervisor", "supervisor", address), ZmqTransports(keys=self.keys),
                           store=self.spec.store, state_dir=self.state_dir, http=self.spec.http,
-                          directory=Directory([p.member for p in self.procs.values()]),
-                          services=[ClusterService(self), TransferService(self.spec.store, upstream=relay)])
+                          directory=Directory([p.member for p in self.procs.values()]), services=services)
         try:
             await node.start()
         except TransportError as e:
@@ -616,6 +625,20 @@ class Supervisor:
             raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
         return template
 
+    async def sync_model(self, model: str) -> int | None:
+        """A secondary: fetch the cluster's latest version of ``model`` into this host's store
+        (None: the cluster has none yet)."""
+        from dmlsys.train.errors import ModelNotFound
+        from dmlsys.train.transfer import fetch_model
+
+        if self.link is None:
+            raise ValueError(f"sync_model is for a secondary host's supervisor; this one is "
+                             f"{'the primary' if self.spread else 'single-host'}")
+        try:
+            return await fetch_model(self.link.node, "supervisor", self.spec.store, model, None)
+        except ModelNotFound:
+            return None
+
     # -- the version pins every gateway follows ---------------------------------------------
 
     def pins_document(self) -> dict[str, Any]:
@@ -722,8 +745,12 @@ class Supervisor:
         """A secondary: what the primary answered to a report (see cluster/hosts.py)."""
         self.remote = [Member.from_dict(m) for m in reply.get("members", [])
                        if m.get("host") != self.host and m["name"] != "supervisor"]
-        self.remote_rows = [r for r in reply.get("rows", []) if r.get("host") != self.host]
+        rows = [r for r in reply.get("rows", []) if r.get("host") != self.host]
+        changed = _states(rows) != _states(self.remote_rows)
+        self.remote_rows = rows
         self.remote_hosts = reply.get("hosts") or {}
+        if changed:  # the state file shows every host's nodes as they are
+            self.write_state()
         for event in reply.get("events", []):
             if event["name"] not in self.procs:
                 self._tell_local(event["name"], event["reason"])
@@ -760,8 +787,10 @@ class Supervisor:
             self._tell_local(member.name, reason)
         self.remote = []
         self.remote_rows = [dict(r, state="lost", pid=None) for r in self.remote_rows]
+        self.error = f"lost the primary: {reason}"  # status on this host says so until it answers again
         if self.node is not None:
             self.node.directory.update(self.members())
+        self.write_state()
 
     def take_report(self, body: Any) -> dict:
         """The primary: one report from a secondary; the reply tells it what to run."""
@@ -772,6 +801,7 @@ class Supervisor:
         if host not in self.hosts.views:
             raise ValueError(f"unknown host {host!r} (hosts: {', '.join(self.hosts.views)})")
         before = [m.address for m in self.hosts.members()]
+        rows_before = _states(self.hosts.views[host].rows)
         view, joined = self.hosts.report(body, time.monotonic())
         for lost in body.get("lost", []):
             self._tell_local(str(lost["name"]), str(lost["reason"]))
@@ -779,6 +809,8 @@ class Supervisor:
             log.info("host %s joined: %d node(s), supervisor %s", host, len(view.members), view.supervisor)
         if joined or before != [m.address for m in self.hosts.members()]:
             self.node.directory.update(self.members())
+            self.write_state()
+        elif _states(view.rows) != rows_before:
             self.write_state()
         seq = int(body.get("seq") or 0)
         return {
@@ -950,6 +982,11 @@ class Supervisor:
         if self.state == "stopping":
             self.state = "stopped"
         self.write_state()
+
+
+def _states(rows: list[dict]) -> list[tuple]:
+    """What of a host's rows the state file must follow: each node's state and pid."""
+    return [(r.get("name"), r.get("state"), r.get("pid")) for r in rows]
 
 
 def _exit_reason(code: int | None) -> str:

@@ -2,10 +2,14 @@
 its own working directory (its own model store), one `up --host NAME` each.
 
 One scenario, in the order a user would live it (the slowest test of the suite, so one cluster
-for all of it): beta is up first and waits for the primary; train on alpha's workers, serve on
-beta's replica, which fetches the model that only alpha's store has, predict through alpha's gateway; scale the replica group onto both hosts;
-kill every process of beta while requests flow: none is lost, alpha's replica answers, beta's
-nodes are counted lost; beta comes back and rejoins; scale back; `down` on alpha stops beta too.
+for all of it): beta is up first and waits for the primary; `up` on alpha trains on beta's
+workers (rank 0 saves into beta's store) and pulls the model into the cluster's store (alpha's);
+serve on beta's replica, predict through alpha's gateway; scale the replica group onto both
+hosts (alpha's replica loads the pulled model); kill every process of beta while requests flow:
+none is lost, alpha's replica answers, beta's nodes are counted lost; beta comes back with an
+empty disk and rejoins: its replica fetches the model from the cluster's store; scale back; the
+primary's supervisor SIGKILLed: beta reports it lost, and rejoins when alpha is up again;
+`down` on alpha stops beta too.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ probe_period = 0.2
 [[nodes]]
 name = "worker"
 role = "worker"
-host = "alpha"
+host = "beta"                     # rank 0 saves on beta: the primary pulls the model
 replicas = 2
 [nodes.config]
 limit = 2000
@@ -147,8 +151,14 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         out = cluster(host, "status", "--json", check=False)
         return json.loads(out.stdout) if out.stdout.startswith("{") else {}
 
+    def state(host: str) -> dict:  # what `status` shows, read from the state file (no CLI start-up)
+        try:
+            return json.loads((tmp_path / host / ".dmlsys" / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
     def rows(host: str) -> dict[str, dict]:
-        return {r["name"]: r for r in status(host).get("nodes", [])}
+        return {r["name"]: r for r in state(host).get("nodes", [])}
 
     def predict() -> dict:
         client = ("import json, urllib.request; body = json.dumps({'instances': [[0.0] * 784]}).encode(); "
@@ -163,57 +173,69 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         # beta first: it waits for the primary (alpha), which has the cluster's key from it.
         up_b = cluster("beta", "up", str(spec), "--host", "beta", "--detach", timeout=120)
         assert "waiting for the primary supervisor" in up_b.stdout, up_b.stdout
-        assert status("beta")["state"] == "waiting"
+        assert state("beta")["state"] == "waiting"
         cluster("beta", "keys", "export", str(tmp_path / "key.txt"))
         cluster("alpha", "keys", "import", str(tmp_path / "key.txt"))
-        # alpha trains the model on its workers; beta's replica waits for it, then fetches it; `up`
-        # returns ready only once beta's replica is.
+        # alpha's `up` trains the model on beta's workers (rank 0 saves into beta's store), pulls it
+        # into the cluster's store (alpha's), and returns ready only once beta's replica is.
         cluster("alpha", "up", str(spec), "--host", "alpha", "--detach", timeout=240)
-        assert status("alpha")["state"] == "ready" and status("beta")["state"] == "ready"
-
-        # Trained and stored on alpha only; beta's replica fetched it into beta's own store.
-        assert (tmp_path / "alpha" / ".dmlsys" / "models" / "tiny" / "1" / "card.json").exists()
-        assert (tmp_path / "beta" / ".dmlsys" / "models" / "tiny" / "1" / "params.npz").exists()
-        assert "fetched model 'tiny' v1 from supervisor" in (tmp_path / "beta/.dmlsys/logs/replica-0.log").read_text()
-        seen = rows("beta")  # status on any host shows every host's nodes
+        assert state("alpha")["state"] == "ready" and state("beta")["state"] == "ready"
+        models = {h: tmp_path / h / ".dmlsys" / "models" / "tiny" / "1" for h in ("alpha", "beta")}
+        assert (models["alpha"] / "card.json").exists() and (models["beta"] / "card.json").exists()
+        cards = [json.loads((models[h] / "card.json").read_text()) for h in ("alpha", "beta")]
+        assert cards[0]["params_sha"] == cards[1]["params_sha"]
+        assert "pulled model 'tiny' v1 from host beta" in (tmp_path / "alpha/.dmlsys/supervisor.log").read_text()
+        seen = {r["name"]: r for r in status("beta")["nodes"]}  # `status` on any host shows every host's nodes
         assert {seen["gateway"]["host"], seen["worker-0"]["host"], seen["replica-0"]["host"]} == {"alpha", "beta"}
         assert seen["replica-0"]["host"] == "beta" and seen["gateway"]["state"] == "ready"
         assert predict()["model_version"] == 1  # through alpha's door, answered on beta
 
-        # Scale onto both hosts: the new member goes to alpha (spread).
+        # Scale onto both hosts: the new member goes to alpha (spread) and loads the pulled model.
         cluster("alpha", "scale", "replica", "2", timeout=180)
         now = rows("alpha")
         assert (now["replica-0"]["host"], now["replica-1"]["host"]) == ("beta", "alpha")
         assert now["replica-1"]["state"] == "ready"
 
         # Every process of beta dies while requests flow: none is lost.
-        stream = subprocess.Popen(["ip", "netns", "exec", ns["alpha"], sys.executable, "-c", STREAM, "6"], env=env,
+        stream = subprocess.Popen(["ip", "netns", "exec", ns["alpha"], sys.executable, "-c", STREAM, "5"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         assert kill_all(ns["beta"])
         out, err = stream.communicate(timeout=60)
         result = json.loads(out)
         assert result["failed"] == 0 and result["ok"] > 30, (result, err)
-        lost = wait_for(lambda: (s := status("alpha")).get("hosts", {}).get("beta", {}).get("state") == "lost" and s,
+        lost = wait_for(lambda: (s := state("alpha")).get("hosts", {}).get("beta", {}).get("state") == "lost" and s,
                         20, "alpha to count beta lost")
         assert {r["name"]: r["state"] for r in lost["nodes"]}["replica-0"] == "lost"
 
-        # beta comes back and rejoins: its replica runs again, from its own store now.
+        # beta comes back on an empty disk and rejoins: its replica fetches the model from the
+        # cluster's store, which has it only because alpha pulled it.
+        shutil.rmtree(tmp_path / "beta" / ".dmlsys" / "models")
         cluster("beta", "up", str(spec), "--host", "beta", "--detach", timeout=180)
         wait_for(lambda: rows("alpha").get("replica-0", {}).get("state") == "ready", 60, "replica-0 back on beta")
-        assert status("alpha")["hosts"]["beta"]["joins"] == 2
+        assert state("alpha")["hosts"]["beta"]["joins"] == 2
+        assert "fetched model 'tiny' v1 from supervisor" in (tmp_path / "beta/.dmlsys/logs/replica-0.log").read_text()
 
         # And back to one member: the fullest host (a tie: the later in `hosts`, alpha) gives one up.
         cluster("beta", "scale", "replica", "1", timeout=120)  # from beta: the primary places it
         after = rows("alpha")
         assert "replica-1" not in after and after["replica-0"]["host"] == "beta"
+
+        # The primary's supervisor dies (its nodes with it): beta says so, keeps its own nodes,
+        # and rejoins when alpha is up again (the model is in alpha's store: no training).
+        os.kill(state("alpha")["supervisor"]["pid"], signal.SIGKILL)
+        wait_for(lambda: (state("beta").get("error") or "").startswith("lost the primary"), 20,
+                 "beta to report the primary lost")
+        assert rows("beta")["gateway"]["state"] == "lost" and rows("beta")["replica-0"]["state"] == "ready"
+        cluster("alpha", "up", str(spec), "--host", "alpha", "--detach", timeout=180)
+        wait_for(lambda: state("beta").get("error") is None and rows("beta")["gateway"]["state"] == "ready", 20,
+                 "beta to rejoin the new primary")
+        assert state("alpha")["hosts"]["beta"]["state"] == "up"
         assert predict()["model_version"] == 1
 
-        beta_sup = status("beta")
+        beta_pid = state("beta")["supervisor"]["pid"]
         cluster("alpha", "down", timeout=120)
-        beta_pid = json.loads((tmp_path / "beta/.dmlsys/state.json").read_text())["supervisor"]["pid"]
         wait_for(lambda: not alive(beta_pid), 30, "beta's supervisor to stop when alpha's down stops the cluster")
-        assert beta_sup
     finally:
         for host in ("beta", "alpha"):
             cluster(host, "down", check=False, timeout=120)
