@@ -301,3 +301,23 @@ def test_real_processes_over_tcp_with_curve_move_large_arrays_exactly_by_the_bul
         if proc.is_alive():
             proc.kill()
             proc.join()
+
+
+def test_keys_rotate_without_losing_a_message_and_old_sessions_are_let_go(key, tmp_path, monkeypatch):
+    monkeypatch.setattr(bulk, "ROTATE_BYTES", 1)  # every large message asks for a new session
+
+    async def main():
+        async with cluster(key, "tcp", tmp_path) as c:
+            b = await c.add("b", "", Guarded())
+            a = await c.add("a")
+            await bulk_ready(a, b)
+            seen = set()
+            for seed in range(6):
+                sent = arrays(seed)
+                assert same(sent, await a.call("b", "guarded", "echo", sent, timeout=10))
+                seen.add(a.transport._bulk_out["b"].current.session.sid)
+            assert len(seen) >= 3  # rotated, and every message still arrived exactly
+            assert len(b.transport._bulk_in) <= 2  # the acceptor keeps the newest two of a connection
+            assert b.transport.bulk_stats["rejected"] == 0
+
+    asyncio.run(main())
