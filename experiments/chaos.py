@@ -21,12 +21,15 @@ fuzz                     100,000 fuzzed messages (seeded: truncated, oversized, 
                          included, authenticated with the cluster key so they reach the decoder
 disk-full-save           ModelStore.save into a full tmpfs
 disk-full-cache          MemoStore.put (the workflow cache) into a full tmpfs
-netem-loss, -delay       gateway and supervisor on one host, replicas on another (two network
-                         namespaces joined by a veth pair): 5 % loss, 100 ms delay with
-                         ``tc netem`` (skipped, saying so, on a kernel without sch_netem)
+net-loss                 gateway and supervisor on one host, replicas on another (two network
+                         namespaces joined by a veth pair): 5 % of the packets each host receives
+                         on the veth dropped for 10 s (``iptables -m statistic``)
+net-delay                the same hosts: 100 ms added each way for 10 s by a delaying TCP relay
+                         (``experiments/_relay.py``: this kernel has no sch_netem)
 link-slow                the same hosts; the link shaped to 1 Mbit/s (``tc tbf``) for 10 s
-netem-partition          the same hosts; the veth pair down both ways for 10 s
-netem-training           ``train`` on workers on both hosts; the link down 10 s, 8 s in
+net-partition            the same hosts; the veth pair down both ways for 10 s
+net-loss-training        ``train`` on workers on both hosts with 5 % loss the whole run
+net-partition-training   ``train`` on workers on both hosts; the link down 10 s, 8 s in
 =======================  ====================================================================
 
 For each: requests ``sent``, ``ok`` (200), ``failed`` (an HTTP error with a JSON body naming the
@@ -40,8 +43,11 @@ again, the model store's versions all load, and the scenario's own state check).
     python experiments/chaos.py --only gateway-kill --json chaos.json
     python experiments/chaos.py                        # full: 100,000 fuzzed messages per role
 
-Needs root for the network namespaces and tmpfs mounts; those scenarios say why they were
-skipped when they cannot run. Leaves nothing behind: every cluster is brought down, every
+Needs root for the network namespaces and tmpfs mounts, and ``iptables`` for the loss and the
+delay (``apt-get install -y iptables``; this script installs nothing); those scenarios say why
+they were skipped when they cannot run. Between the two hosts every TCP connection passes a
+relay in the namespace that opened it (an ``iptables -t nat ... REDIRECT`` rule): it forwards at
+once, except during net-delay. Leaves nothing behind: every cluster is brought down, every
 process it started is killed by pid, namespaces and mounts are removed.
 """
 
@@ -722,20 +728,44 @@ def two_hosts():
 
 
 class Unsupported(Exception):
-    """This kernel cannot inject the fault (no sch_netem, for one)."""
+    """This machine cannot inject the fault (no iptables, say)."""
 
 
-def netem(ns: str, dev: str, *rule: str) -> None:
-    """Replace ``dev``'s root qdisc in ``ns`` with ``netem RULE`` (nothing: remove it)."""
-    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False, capture_output=True)
-    if rule:
-        r = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", *rule],
-                           check=False, capture_output=True, text=True)
-        if "unknown" in r.stderr:
-            raise Unsupported(f"`tc qdisc add ... netem {' '.join(rule)}`: {r.stderr.strip().splitlines()[0]} "
-                              f"(this kernel, {os.uname().release}, has no sch_netem)")
+LOSS = 0.05
+RELAY_PORT, RELAY_MARK, DELAY_MS = 7199, "0x64", 100
+
+
+def _iptables(ns: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, "iptables", *args], check=False, capture_output=True, text=True)
+
+
+def loss(ns: str, dev: str, on: bool) -> None:
+    """5 % of the packets ``ns`` receives on ``dev`` dropped (netem's ``loss 5%``, on input)."""
+    rule = ["INPUT", "-i", dev, "-m", "statistic", "--mode", "random", "--probability", str(LOSS), "-j", "DROP"]
+    while _iptables(ns, "-D", *rule).returncode == 0:  # none left over
+        pass
+    if on:
+        r = _iptables(ns, "-A", *rule)
         if r.returncode != 0:
-            raise RuntimeError(f"tc netem {' '.join(rule)}: {r.stderr.strip()}")
+            raise RuntimeError(f"iptables -A {' '.join(rule)} in {ns}: {r.stderr.strip()}")
+
+
+def start_relay(ns: str, other: str) -> subprocess.Popen:
+    """The delaying relay (experiments/_relay.py) in ``ns``, and the NAT rule that sends every
+    TCP connection ``ns`` opens to ``other`` through it."""
+    relay = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(ROOT / "experiments" / "_relay.py"),
+                              str(RELAY_PORT), str(DELAY_MS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    first = relay.stdout.readline()
+    if not first.startswith("relay on"):
+        relay.kill()
+        raise RuntimeError(f"the relay in {ns} did not start: {first.strip()}")
+    r = _iptables(ns, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", other, "-m", "mark", "!", "--mark", RELAY_MARK,
+                  "-j", "REDIRECT", "--to-ports", str(RELAY_PORT))
+    if r.returncode != 0:
+        relay.kill()
+        raise RuntimeError(f"iptables -t nat REDIRECT in {ns}: {r.stderr.strip()}")
+    return relay
 
 
 def slow(ns: str, dev: str, on: bool) -> None:
@@ -807,11 +837,19 @@ model = "tiny"
 """
 
 
+NET_SCENARIOS = ["net-loss", "net-delay", "link-slow", "net-partition", "net-loss-training", "net-partition-training"]
+
+
 def run_netem(suite: Suite) -> None:
-    names = ["netem-loss", "netem-delay", "link-slow", "netem-partition", "netem-training"]
+    names = NET_SCENARIOS
     if shutil.which("ip") is None or shutil.which("tc") is None:
         for n in names:
             suite.row(n, None, None, "skipped: `ip`/`tc` not installed (apt-get install -y iproute2)")
+        return
+    if shutil.which("iptables") is None:
+        for n in names:
+            suite.row(n, None, None, "skipped: `iptables` not installed (apt-get install -y iptables): the loss, "
+                                     "and the relay that delays, need it")
         return
     try:
         hosts = two_hosts()
@@ -834,7 +872,11 @@ def _netem_scenarios(suite: Suite, ns_a, dev_a, a, ns_b, dev_b, b) -> None:
     c.port = 8000
     beta = Cluster(suite.root, "two-hosts", store=suite.store, prefix=["ip", "netns", "exec", ns_b],
                    text=(c.dir / "spec.toml").read_text())
+    relays: list[subprocess.Popen] = []
     try:
+        # Before anything connects: every connection between the hosts goes through a relay
+        # (it forwards at once until net-delay turns its delay on).
+        relays = [start_relay(ns_a, b), start_relay(ns_b, a)]
         # Host alpha first (the supervisor and the door), then beta with alpha's cluster key.
         errors = []
         for cl, args in ((c, ("up", "spec.toml", "--host", "alpha", "--detach")),
@@ -846,7 +888,7 @@ def _netem_scenarios(suite: Suite, ns_a, dev_a, a, ns_b, dev_b, b) -> None:
                 errors.append(f"{args[0]}: {r.stderr.strip()[-200:]}")
                 break
         if errors:
-            for n in ("netem-loss", "netem-delay", "link-slow", "netem-partition", "netem-training"):
+            for n in NET_SCENARIOS:
                 suite.row(n, None, None, f"skipped: two-host up failed: {errors[0]}")
             return
         c.remember("sa")
@@ -860,11 +902,16 @@ def _netem_scenarios(suite: Suite, ns_a, dev_a, a, ns_b, dev_b, b) -> None:
             fn(ns_a, dev_a, *args)
             fn(ns_b, dev_b, *args)
 
+        def delay(on: bool) -> None:
+            for relay in relays:
+                relay.send_signal(signal.SIGUSR1 if on else signal.SIGUSR2)
+
         faults = {
-            "netem-loss": (lambda: both(netem, "loss", "5%"), lambda: both(netem), "tc netem loss 5 %"),
-            "netem-delay": (lambda: both(netem, "delay", "100ms"), lambda: both(netem), "tc netem delay 100 ms"),
+            "net-loss": (lambda: both(loss, True), lambda: both(loss, False),
+                         f"iptables statistic DROP {LOSS:.0%} of input"),
+            "net-delay": (lambda: delay(True), lambda: delay(False), f"relay delay {DELAY_MS} ms each way"),
             "link-slow": (lambda: both(slow, True), lambda: both(slow, False), "tc tbf 1 Mbit/s, 400 ms queue"),
-            "netem-partition": (lambda: both(link, False), lambda: both(link, True), "veth down (partition)"),
+            "net-partition": (lambda: both(link, False), lambda: both(link, True), "veth down (partition)"),
         }
         hold = 10
         for name, (inject, heal, what) in faults.items():
@@ -883,31 +930,44 @@ def _netem_scenarios(suite: Suite, ns_a, dev_a, a, ns_b, dev_b, b) -> None:
 
             with _in_netns(ns_a):
                 suite.under_load(c, fault, after=hold + 2, name=name, host=a, ready=ready)
-        # data-parallel training across the two hosts (worker-a, worker-b) and a 10 s partition
-        result: dict = {}
+        # data-parallel training across the two hosts (worker-a, worker-b): 5 % loss the whole
+        # run; then a 10 s partition 8 s in
+        for name, inject, heal, what in (
+                ("net-loss-training", lambda: both(loss, True), lambda: both(loss, False),
+                 f"{LOSS:.0%} loss (iptables) the whole run"),
+                ("net-partition-training", lambda: [threading.Timer(t, lambda up=up: both(link, up)).start()
+                                                    for t, up in ((8.0, False), (18.0, True))],
+                 lambda: None, "a 10 s partition 8 s in")):
+            result: dict = {}
 
-        def fault():
-            t = time.monotonic()
-            threading.Timer(8.0, lambda: both(link, False)).start()
-            threading.Timer(18.0, lambda: both(link, True)).start()
-            try:
-                r = c.cli("train", "tiny-long", check=False, timeout=600, state="sa")
-                rc, lines = r.returncode, [ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]
-            except subprocess.TimeoutExpired:
-                rc, lines = None, ["still training after 600 s"]
-            result.update(rc=rc, s=time.monotonic() - t, out=lines[-1][-200:] if lines else "")
-            return (f"train across hosts with a 10 s partition 8 s in: exit {rc} in {result['s']:.0f} s: "
-                    f"{result['out']}")
+            def fault(inject=inject, heal=heal, what=what, result=result):
+                t = time.monotonic()
+                inject()
+                try:
+                    r = c.cli("train", "tiny-long", check=False, timeout=600, state="sa")
+                    rc, lines = r.returncode, [ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]
+                except subprocess.TimeoutExpired:
+                    rc, lines = None, ["still training after 600 s"]
+                finally:
+                    heal()
+                result.update(rc=rc, s=time.monotonic() - t, out=lines[-1][-200:] if lines else "")
+                return f"train across hosts with {what}: exit {rc} in {result['s']:.0f} s: {result['out']}"
 
-        with _in_netns(ns_a):
-            suite.under_load(c, fault, after=2, name="netem-training", host=a, ready=ready,
-                             check=lambda: result.get("rc") == 0)
+            with _in_netns(ns_a):
+                suite.under_load(c, fault, after=2, name=name, host=a, ready=ready,
+                                 check=lambda result=result: result.get("rc") == 0)
     finally:
         for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
             slow(ns, dev, False)
+            loss(ns, dev, False)
             link(ns, dev, True)
+        for relay in relays:
+            relay.send_signal(signal.SIGUSR2)
         beta.down(state="sb")
         c.down(state="sa")
+        for relay in relays:
+            relay.kill()  # `ip netns exec` execs the relay: this pid is the relay's
+            relay.wait()
 
 
 @contextlib.contextmanager
@@ -940,7 +1000,9 @@ SCENARIOS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "Needs root (network namespaces, tmpfs mounts), iproute2 (`ip`, `tc`) and, for the loss and delay "
+        "between the two hosts, iptables: apt-get install -y iproute2 iptables (nothing is installed here)."))
     p.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="run only this scenario (repeatable)")
     p.add_argument("--quick", action="store_true", help="shorter training, 5,000 fuzzed messages")
     p.add_argument("--fuzz", type=int, help="fuzzed messages in all, every node in turn (default 100,000; --quick 5,000)")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.cluster.helpers import ROOT, wait_for
+from tests.cluster.helpers import wait_for
 
 SPEC = """
 [cluster]
