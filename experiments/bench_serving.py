@@ -27,7 +27,9 @@ variants over the anchor's replicas. --fo-rounds runs of each (default 3).
 
 Rows (--json FILE): kind (load | failover), variant (same-replicas | system), system (dmlsys | nginx),
 policy, replicas, round, rps, p50_ms, p99_ms, failed, requests, cpu_us_per_req (the balancer),
-replicas_cpu_us_per_req; failover rows also fo_variant. Needs nginx and wrk
+replicas_cpu_us_per_req; failover rows also fo_variant. --baseline TREE adds the same-replicas load rows of a
+cluster run from another checkout (system dmlsys-baseline, with tree), alternated with the rest: a code
+change's before/after from one run. Needs nginx and wrk
 (apt-get install -y nginx-light wrk).
 """
 
@@ -161,13 +163,13 @@ class Dmlsys:
     """A gateway and N replica nodes, each replica also on HTTP at a port fixed here (a restarted
     replica comes back on it, so nginx in front of them recovers as the gateway does)."""
 
-    def __init__(self, work: Path, store: Path, replicas: int, args) -> None:
+    def __init__(self, work: Path, store: Path, replicas: int, args, root: Path = ROOT) -> None:
         self.dir = work / f"dmlsys-{replicas}-{time.monotonic_ns()}"
         self.dir.mkdir()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/models/{MODEL}:predict"
         self.http_ports = [free_port() for _ in range(replicas)]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "DMLSYS_LOG": "WARNING"}
+        self.env = {**os.environ, "PYTHONPATH": str(root), "DMLSYS_LOG": "WARNING"}
         nodes = "".join(f"""
 [[nodes]]
 name = "replica-{i}"
@@ -341,6 +343,7 @@ def bodies(work: Path) -> tuple[Path, Path]:
 
 
 PREDICT = f"/v1/models/{MODEL}:predict"
+BASELINE = "dmlsys-baseline"  # rows of --baseline's cluster
 
 
 def phase_load(args, work: Path, store: Path, emit) -> None:
@@ -358,6 +361,14 @@ def phase_load(args, work: Path, store: Path, emit) -> None:
             if "same-replicas" in args.variants:
                 runs.append(({"variant": "same-replicas", "system": "dmlsys", "policy": args.policy},
                              cluster.url, ours_body, cluster.balancer_pids, cluster.replica_pids))
+                if args.baseline is not None:  # the same cluster from another tree: before/after in one run
+                    base = Dmlsys(work, store, n, args, root=args.baseline)
+                    ups.append(base)
+                    base.up()
+                    wait_http(base.url, 30, "POST", ours_body.read_bytes())
+                    runs.append(({"variant": "same-replicas", "system": BASELINE, "policy": args.policy,
+                                  "tree": str(args.baseline)}, base.url, ours_body, base.balancer_pids,
+                                 base.replica_pids))
                 for policy in ("round-robin", "least_conn"):
                     ng = Nginx(work, args.anchors, cluster.http_ports, PREDICT, policy)
                     ups.append(ng)
@@ -520,6 +531,10 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=2_000_000, help="request cap per wrk run (a safety bound)")
     ap.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors" / "serving",
                     help="folder with the peer's replica.py, nginx.conf.tmpl and post.lua")
+    ap.add_argument("--baseline", type=Path, metavar="TREE",
+                    help="also run a dmlsys cluster from this checkout (e.g. `git archive REV | tar -x -C TREE`), "
+                         f"alternated with the rest: rows with system {BASELINE!r} (same-replicas load only; "
+                         "its own N replicas, of that tree's code), so before/after comes from one run")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     ap.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
     ap.add_argument("--tables", metavar="JSON", help="only print the tables of rows an earlier --json wrote")
@@ -534,7 +549,7 @@ def main() -> None:
         rows = json.loads(Path(args.tables or args.from_json).read_text())
         print(table(rows, args))
         if out := _plot.plot_path(args.plot, args.from_json):
-            _plot.bench_serving(rows, out)
+            _plot.bench_serving([r for r in rows if r["system"] != BASELINE], out)
         return
     for tool in (NGINX, WRK):
         if not os.path.exists(tool):
@@ -568,7 +583,7 @@ def main() -> None:
     if args.markdown:
         Path(args.markdown).write_text(text)
     if rows and (out := _plot.plot_path(args.plot, args.json)):
-        _plot.bench_serving(rows, out)
+        _plot.bench_serving([r for r in rows if r["system"] != BASELINE], out)
 
 
 if __name__ == "__main__":

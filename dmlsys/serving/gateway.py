@@ -49,7 +49,7 @@ from dmlsys.node import ADMIN, NodeError, Service, rpc
 from dmlsys.serving import messages, versions
 from dmlsys.serving.balancer import Balancer, BalancerConfig
 from dmlsys.serving.errors import BadInput, ServingError
-from dmlsys.serving.http import HttpLimits, HttpServer, Reply, Request, error_reply, json_reply
+from dmlsys.serving.http import LATER, HttpLimits, HttpServer, Reply, Request, error_reply, json_reply
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,22 @@ def _error(status: int, message: str, retry_after: float | None = None) -> Reply
                        if retry_after is not None else None)
 
 
+_VERSION_LINES: dict[Any, bytes] = {}  # version -> its header line, encoded once
+
+
 def _ok(reply: dict) -> Reply:
-    return Reply(200, messages.received(reply["body"]), headers={"X-Model-Version": str(reply.get("version"))})
+    version = reply.get("version")
+    line = _VERSION_LINES.get(version)
+    if line is None:
+        if len(_VERSION_LINES) >= 1024:  # versions only grow; an old one is cheap to encode again
+            _VERSION_LINES.clear()
+        line = _VERSION_LINES[version] = f"X-Model-Version: {version}\r\n".encode("latin-1")
+    return Reply(200, messages.received(reply["body"]), headers=line)
+
+
+def _resolve(fut: asyncio.Future, reply: Reply) -> None:
+    if not fut.done():  # else its waiter is gone (the gate's admission was cancelled)
+        fut.set_result(reply)
 
 
 _PREFIX = "/v1/models/"
@@ -135,6 +149,10 @@ class GatewayService(Service):
         await self.balancer.start()
         node.metrics.gauge("serving_http_requests", "Predict requests received by the front door", lambda: self.requests)
         node.metrics.gauge("serving_retries", "Predict tries retried on another replica", lambda: self.balancer.retries)
+        node.metrics.gauge("serving_coalesced_messages", "Predict messages sent to replicas (each of one or more predicts)",
+                           lambda: self.balancer.coalescer.messages)
+        node.metrics.gauge("serving_coalesced_items", "Predicts those messages carried",
+                           lambda: self.balancer.coalescer.items)
         self.gate = None
         if self.config.tiers is not None:
             from dmlsys.events.gate import EventGate
@@ -234,23 +252,26 @@ class GatewayService(Service):
         return error_reply(404, f"no such resource: {method} {path} (POST /v1/models/NAME:predict, "
                                 "GET /v1/models/NAME, GET /v1/models)")
 
-    def _predict(self, name: str, request: Request) -> Reply | asyncio.Future | Any:
-        """A Reply now (bad input), a future of one (a replica was free: no task, see
-        ``Balancer.predict_nowait``), or a coroutine that waits for a replica."""
+    def _predict(self, name: str, request: Request) -> Reply | Any:
+        """A Reply now (bad input), ``LATER`` (a replica was free: ``request.respond`` answers
+        from a callback, no future or task: see ``Balancer.predict_then``), or a coroutine that
+        waits for a replica."""
+        return self._start_predict(name, request, functools.partial(self._replied, request.respond))
+
+    def _start_predict(self, name: str, request: Request, respond) -> Reply | Any:
         self.requests += 1
         headers = request.headers
+        raw = headers.get("x-deadline-ms")
         try:
-            deadline = asyncio.get_running_loop().time() + self._deadline(headers.get("x-deadline-ms"))
+            timeout = self.config.deadline if raw is None else self._deadline(raw)
         except ServingError as e:
             return self._failed(e)
+        deadline = asyncio.get_running_loop().time() + timeout
         body = {"json": messages.carry(request.body), "max_instances": self.config.max_instances}
         key = headers.get("x-request-key")
-        sent = self.balancer.predict_nowait(name, body, deadline=deadline, key=key)
-        if sent is None:
-            return self._predict_waiting(name, body, deadline, key)
-        answer = asyncio.get_running_loop().create_future()
-        sent.add_done_callback(functools.partial(self._replied, answer))
-        return answer
+        if self.balancer.predict_then(name, body, deadline=deadline, key=key, done=respond):
+            return LATER
+        return self._predict_waiting(name, body, deadline, key)
 
     async def _admitted(self, name: str, request: Request) -> Reply:
         """A predict through the event gate: who is asking (Bearer key, else the client's
@@ -260,7 +281,10 @@ class GatewayService(Service):
         try:
             principal = self.gate.identify(request.headers.get("authorization"), request.remote)
             async with self.gate.admission(principal):
-                answer = self._predict(name, request)
+                answered = asyncio.get_running_loop().create_future()
+                answer = self._start_predict(name, request, functools.partial(self._replied, functools.partial(_resolve, answered)))
+                if answer is LATER:
+                    return await answered
                 return answer if isinstance(answer, Reply) else await answer
         except EventsError as e:
             self.gate_refused += 1
@@ -294,19 +318,17 @@ class GatewayService(Service):
             return error_reply(503, f"the sharding router {self.config.router!r} did not answer: {e}")
         return json_reply(int(reply["status"]), reply["json"])
 
-    def _replied(self, answer: asyncio.Future, sent: asyncio.Future) -> None:
-        if answer.done():
-            return
-        if sent.cancelled():
-            answer.cancel()
-            return
-        e = sent.exception()
-        if e is None:
-            answer.set_result(_ok(sent.result()))
-        elif isinstance(e, ServingError):
-            answer.set_result(self._failed(e))
+    def _replied(self, respond, reply: Any, error: Exception | None) -> None:
+        """A predict's outcome, as ``respond(Reply)``."""
+        if error is None:
+            respond(_ok(reply))
+        elif isinstance(error, ServingError):
+            respond(self._failed(error))
+        elif isinstance(error, asyncio.CancelledError):
+            respond(_error(503, "the gateway is stopping; retry", 1.0))
         else:
-            answer.set_exception(e)
+            log.error("gateway %s: a predict failed: %s: %s", self.node.name, type(error).__name__, error)
+            respond(error_reply(500, f"{type(error).__name__}: {error}"))
 
     async def _predict_waiting(self, name: str, body: dict, deadline: float, key: str | None) -> Reply:
         try:

@@ -10,7 +10,7 @@ import asyncio
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from dmlsys.serving.http import HttpLimits, HttpServer, Reply, Request, _Connection
+from dmlsys.serving.http import LATER, HttpLimits, HttpServer, Reply, Request, _Connection
 
 
 class FakeTransport:
@@ -281,3 +281,115 @@ def test_connections_over_the_cap_and_the_sweep_over_idle_and_slow_ones():
         assert not server.connections
 
     asyncio.run(run())
+
+
+# -- parsed heads are kept (HttpServer.heads) -------------------------------------------------
+
+field_names = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!#", min_size=1, max_size=12)
+field_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=20)
+
+
+@st.composite
+def heads(draw):
+    """A request with arbitrary token-named fields (some repeated, some blank-padded), sent once
+    to warm the cache and again (the same bytes) to hit it."""
+    fields = draw(st.lists(st.tuples(field_names, field_values), max_size=6))
+    fields = [(k, v) for k, v in fields if k.lower() not in ("content-length", "transfer-encoding", "connection",
+                                                              "expect")]
+    body = draw(st.binary(max_size=40))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]))
+    conn = draw(st.sampled_from([b"", b"Connection: close\r\n", b"Connection: keep-alive\r\n"]))
+    head = (b"POST /p%s?q=1 " % draw(st.sampled_from([b"", b"%2Fx", b"/y"])) + version + b"\r\n"
+            + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fields) + conn)
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+@settings(max_examples=150, deadline=None)
+@given(heads())
+def test_a_head_parsed_again_from_the_cache_gives_the_same_request(raw):
+    seen = []
+
+    def record(request):
+        seen.append((request.method, request.path, dict(request.headers), request.body))
+        request.headers["x-mutated"] = "by the handler"  # must not reach the next request with this head
+        return Reply(200, b"")
+
+    async def run():
+        server = HttpServer(record)
+        outs = []
+        for _ in range(3):  # the first parses and keeps the head, the others find it
+            conn = _Connection(server)
+            t = FakeTransport()
+            conn.connection_made(t)
+            conn.data_received(raw)
+            conn.connection_lost(None)
+            outs.append(bytes(t.out).replace(bytes(t.out)[bytes(t.out).find(b"Date:"):].split(b"\r\n", 1)[0], b""))
+        return server, outs
+
+    server, outs = asyncio.run(run())
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    assert outs[0] == outs[1] == outs[2]  # same answer, keep-alive or close alike
+    assert len(server.heads) == 1
+
+
+def test_the_head_cache_is_bounded_and_refused_or_chunked_heads_are_not_kept():
+    from dmlsys.serving import http
+
+    async def run():
+        server = HttpServer(echo)
+        for i in range(http.HEAD_CACHE + 10):
+            conn = _Connection(server)
+            conn.connection_made(FakeTransport())
+            conn.data_received(request(b"x", path=f"/p{i}"))
+        assert len(server.heads) == http.HEAD_CACHE and next(iter(server.heads)).startswith(b"POST /p10 ")
+        server.heads.clear()
+        for raw in (request(b"abc", chunks=[1]), b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                    request(b"x", extra=b"X: " + b"y" * http.HEAD_CACHE_BYTES + b"\r\n")):
+            conn = _Connection(server)
+            conn.connection_made(FakeTransport())
+            conn.data_received(raw)
+        assert not server.heads
+
+    asyncio.run(run())
+
+
+# -- handlers that answer later (LATER and request.respond) ------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(streams(), st.lists(st.sampled_from(["now", "later", "early"]), min_size=5, max_size=5))
+def test_a_handler_may_answer_from_a_callback_and_pipelined_requests_stay_in_order(stream, how):
+    """``LATER`` then ``request.respond`` from a later turn, or respond before returning LATER:
+    answered once each, in order, whatever the split."""
+    sent, pieces = stream
+    calls = iter(how * 10)
+
+    def handler(request):
+        mode = next(calls)
+        if mode == "now":
+            return echo(request)
+        if mode == "early":
+            request.respond(echo(request))
+            request.respond(Reply(500, b"second answer"))  # ignored: answered already
+            return LATER
+        asyncio.get_running_loop().call_soon(request.respond, echo(request))
+        return LATER
+
+    t, server = feed(pieces, handler)
+    got = responses(bytes(t.out))
+    assert [b for _, _, b in got] == sent and all(s == 200 for s, _, _ in got) and not t.closed
+
+
+def test_respond_after_the_connection_closed_writes_nothing():
+    held = []
+
+    async def run():
+        conn = _Connection(HttpServer(lambda r: held.append(r) or LATER))
+        t = FakeTransport()
+        conn.connection_made(t)
+        conn.data_received(request(b"x"))
+        conn.connection_lost(None)
+        held[0].respond(Reply(200, b"too late"))
+        return t
+
+    assert asyncio.run(run()).out == b""
