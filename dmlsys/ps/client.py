@@ -65,6 +65,7 @@ class PsClient:
         self.deadline = deadline
         self.backoff = backoff
         self.map: PartitionMap | None = None
+        self.resume_clock = 0  # after open: the first step this worker has not pushed to every shard
         self.retries = 0  # calls that had to be sent again
 
     # -- setup -------------------------------------------------------------------------------------
@@ -84,9 +85,12 @@ class PsClient:
         base = {"job": self.job, "map": pmap.to_dict(), "workers": list(workers),
                 "consistency": consistency.model, "staleness": consistency.staleness,
                 "optimizer": dict(optimizer or {}), "tables": {k: dict(v) for k, v in (table_init or {}).items()}}
-        await asyncio.gather(*(self._call(i, "open", {**base, "shard": i, "values": parts[i]})
-                               for i in range(len(self.shards))))
+        infos = await asyncio.gather(*(self._call(i, "open", {**base, "shard": i, "values": parts[i]})
+                                       for i in range(len(self.shards))))
         self.map = pmap
+        # A worker joining a job that has its steps (a restarted process): it resumes at the least
+        # step some shard lacks; a shard that has it acknowledges that push again without applying it.
+        self.resume_clock = min(int((info.get("clocks") or {}).get(self.worker, 0)) for info in infos)
         return pmap
 
     def _need_map(self) -> PartitionMap:

@@ -89,7 +89,7 @@ class WriteAheadLog:
 
     def _open(self):
         if self._file is None:
-            self._file = open(self.path, "ab")
+            self._file = open(self.path, "ab")  # noqa: SIM115 (open for the log's life, closed by close())
         return self._file
 
     def append(self, record: Any) -> None:

@@ -22,8 +22,15 @@ every mode.
 Stats: each worker reports the loss and accuracy of its own shard of the batches; rank 0
 evaluates the parameters it last pulled on the test set after each epoch, and after the last
 step it pulls the final parameters (every live worker's every step in: ``pull(floor=steps)``),
-evaluates and saves them. The shards' checkpoints and log are the run's durable state; a worker
-restarted mid-job does not resume yet.
+evaluates and saves them. The shards' checkpoints and log are the run's durable state.
+
+**A restarted worker resumes.** A worker process started again on the same job (same name, same
+request) joins it on the shards (``open`` of an existing job) and learns its clock there
+(``PsClient.resume_clock``: the least step some shard lacks); it skips the steps before it (the
+batches are a pure function of seed, epoch and step, so the steps after are the ones it would
+have computed) and trains on. Its per-epoch stats start again at the epoch it rejoined. It must
+be back before the shards' ``drop_timeout`` if others wait on it (BSP, SSP at the bound), else
+its pushes are refused (``WorkerDropped``) and its run fails.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def _compiled(model: models.Model) -> tuple[Callable, Callable]:
 class PsTrainer:
     """Trains through parameter servers as worker ``workers.index(node.name)``."""
 
-    def __init__(self, arch: dict[str, Any], hyperparams: Hyperparams = Hyperparams(), *, node: Node,
+    def __init__(self, arch: dict[str, Any], hyperparams: Hyperparams | None = None, *, node: Node,
                  shards: list[str], workers: list[str], job: str, consistency: Consistency = BSP,
                  store: ModelStore | None = None, progress: bool | None = None, console: Console | None = None,
                  on_epoch: Callable[[EpochStats], None] | None = None, offload: bool = True,
@@ -99,7 +106,7 @@ class PsTrainer:
         if node.name not in workers:
             raise TrainError(f"node {node.name!r} is not among the job's workers {workers}")
         self.model = models.build(arch)
-        self.hp = hyperparams
+        self.hp = hyperparams or Hyperparams()
         self.node = node
         self.workers = list(workers)
         self.rank = self.workers.index(node.name)
@@ -138,9 +145,15 @@ class PsTrainer:
         updates_per_epoch = len(loader) * (1 if self.consistency.aggregates else size)
         await self.client.open(params, workers=self.workers, consistency=self.consistency,
                                optimizer={"hyperparams": dataclasses.asdict(hp), "steps_per_epoch": updates_per_epoch})
+        start = self.client.resume_clock
+        if start:
+            log.info("job %s: worker %s rejoins at step %d of %d (its clock on the shards)", self.client.job,
+                     self.node.name, start, epochs * len(loader))
         history: list[EpochStats] = []
         for epoch in range(epochs):
-            stats, params = await self._epoch(loader, epoch, epochs, dataset)
+            if start >= (epoch + 1) * len(loader):
+                continue  # done before a restart
+            stats, params = await self._epoch(loader, epoch, epochs, dataset, start)
             history.append(stats)
             if self.rank == 0:
                 log.info("epoch %d/%d loss %.4f test_acc %.4f (%.1fs)", stats.epoch, epochs, stats.loss,
@@ -166,7 +179,7 @@ class PsTrainer:
             card = self.store.card(name, version)
         return TrainResult(params, history, card, version)
 
-    async def _epoch(self, loader: BatchLoader, epoch: int, epochs: int, dataset: Dataset):
+    async def _epoch(self, loader: BatchLoader, epoch: int, epochs: int, dataset: Dataset, start: int = 0):
         loss_sum = correct = seen = 0.0
         comm = 0.0
         t0 = time.perf_counter()
@@ -178,6 +191,9 @@ class PsTrainer:
             task = progress.add_task("train", total=len(loader), loss=float("nan"))
             for batch in loader.epoch(epoch):
                 clock = epoch * len(loader) + batch.step
+                if clock < start:
+                    progress.update(task, advance=1)
+                    continue  # pushed before a restart
                 tc = time.perf_counter()
                 pulled = await self.client.pull(clock)
                 comm += time.perf_counter() - tc

@@ -22,7 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmlsys.node import Node, NodeError, RemoteError, Service, oneway, rpc
+from dmlsys.node import (
+    Node,
+    NodeError,
+    PeerUnreachable,
+    RemoteError,
+    RpcTimeout,
+    Service,
+    oneway,
+    rpc,
+)
 from dmlsys.ps.clock import Consistency
 from dmlsys.ps.errors import PsError
 
@@ -79,10 +88,13 @@ class PsTrainingService(Service):
         self.epochs_total: int | None = None
         self.jobs_done = 0
         self._task: asyncio.Task | None = None
+        self.incarnation = uuid.uuid4().hex[:12]  # this process's: a caller sees a restart by it
 
     @rpc
     async def run(self, body, ctx) -> dict[str, Any]:
         req = _request(body, self.node.name)
+        if self._task is not None and req["job"] == self.job:
+            return await asyncio.shield(self._task)  # the caller asks again (it lost its call): join it
         if self._task is not None:
             raise PsJobRejected(f"worker {self.node.name} is busy with job {self.job!r}")
         self.job, self.model, self.history = req["job"], req["model"], []
@@ -146,7 +158,7 @@ class PsTrainingService(Service):
             raise PsJobRejected(f"train.progress: since: an integer >= 0, got {since!r}")
         mine = self.job is not None and job in (None, self.job)
         return {"job": self.job, "model": self.model, "epochs": self.history[since:] if mine else [],
-                "epochs_total": self.epochs_total if mine else None}
+                "epochs_total": self.epochs_total if mine else None, "incarnation": self.incarnation}
 
     def status(self) -> dict[str, Any]:
         return {"job": self.job, "epochs_done": len(self.history), "jobs_done": self.jobs_done, "via": "ps"}
@@ -155,17 +167,26 @@ class PsTrainingService(Service):
 async def train_via_ps(node: Node, workers: list[str], shards: list[str], *, model: str, arch: dict[str, Any],
                        hyperparams: dict[str, Any], consistency: str = "bsp", staleness: int = 0,
                        epochs: int | None = None, limit: int | None = None, test_limit: int | None = None,
-                       timeout: float = 7200.0, job: str | None = None) -> dict[str, Any]:
+                       timeout: float = 7200.0, job: str | None = None, restarts: int = 3, probe: float = 2.0,
+                       rejoin_timeout: float = 60.0) -> dict[str, Any]:
     """Train ``model`` through the ``shards`` on ``workers`` (each hosting ``PsTrainingService``)
     and return rank 0's result, with ``job`` and ``workers`` added. The first worker to fail
-    cancels the others; the error names it."""
+    cancels the others; the error names it.
+
+    A worker whose process is restarted mid-job (the supervisor restarts a SIGKILLed one) gets
+    the same request again, up to ``restarts`` times per worker, and resumes from its clock on
+    the shards (``PsTrainer``): every ``probe`` seconds each worker is asked for its
+    ``incarnation``, and a new one (or the call failing in transport) means the job is sent again
+    once the worker answers (within ``rejoin_timeout``). A worker still running the job joins its
+    running task when asked again, so sending it again is harmless."""
     if not workers or not shards:
         raise PsJobRejected("train_via_ps needs at least one worker and one shard")
     job = job or f"{model}-ps-{uuid.uuid4().hex[:8]}"  # a new name per run: a shard resumes a job it knows
     body = {"job": job, "members": list(workers), "model": model, "arch": dict(arch),
             "hyperparams": dict(hyperparams), "epochs": epochs, "limit": limit, "test_limit": test_limit,
             "shards": list(shards), "consistency": consistency, "staleness": staleness}
-    tasks = {w: asyncio.ensure_future(node.call(w, SERVICE, "run", body, timeout=timeout)) for w in workers}
+    tasks = {w: asyncio.ensure_future(_follow(node, w, body, timeout=timeout, restarts=restarts, probe=probe,
+                                              rejoin_timeout=rejoin_timeout)) for w in workers}
     try:
         pending = set(tasks.values())
         while pending:
@@ -187,3 +208,51 @@ async def train_via_ps(node: Node, workers: list[str], shards: list[str], *, mod
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     return {**tasks[workers[0]].result(), "job": job, "workers": list(workers)}
+
+
+class _Restarted(Exception):
+    pass
+
+
+async def _follow(node: Node, worker: str, body: dict[str, Any], *, timeout: float, restarts: int, probe: float,
+                  rejoin_timeout: float) -> dict[str, Any]:
+    """``worker``'s ``train.run`` of the job, sent again when its process was restarted."""
+    left = restarts
+    while True:
+        incarnation = await _incarnation(node, worker, body["job"], rejoin_timeout)
+        call = asyncio.ensure_future(node.call(worker, SERVICE, "run", body, timeout=timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=probe)
+                if done:
+                    return call.result()  # a RemoteError is the job's own failure: raised
+                try:
+                    now = await node.call(worker, SERVICE, "progress", {"job": body["job"]}, timeout=probe)
+                except (RpcTimeout, PeerUnreachable):
+                    continue  # busy or gone: the call or the next probe will tell
+                if now.get("incarnation") != incarnation:
+                    raise _Restarted(f"restarted (process {incarnation} is gone)")
+        except (_Restarted, RpcTimeout, PeerUnreachable) as e:
+            if left <= 0:
+                raise PsError(f"job {body['job']!r}: worker {worker} was lost more than {restarts} times "
+                              f"(last: {e})") from None
+            left -= 1
+            log.warning("job %s: worker %s %s; sending it the job again (it resumes from its clock on the shards)",
+                        body["job"], worker, e if isinstance(e, _Restarted) else f"did not answer ({e})")
+        finally:
+            call.cancel()
+
+
+async def _incarnation(node: Node, worker: str, job: str, within: float) -> str | None:
+    """The worker's process incarnation, asking until it answers (it may be starting again)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within
+    while True:
+        try:
+            reply = await node.call(worker, SERVICE, "progress", {"job": job},
+                                    timeout=max(0.01, min(5.0, give_up - loop.time())))
+            return reply.get("incarnation")
+        except (RpcTimeout, PeerUnreachable) as e:
+            if loop.time() >= give_up:
+                raise PsError(f"job {job!r}: worker {worker} did not answer within {within:g}s ({e})") from None
+            await asyncio.sleep(min(0.5, max(0.0, give_up - loop.time())))

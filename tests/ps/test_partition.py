@@ -3,6 +3,8 @@ once, table rows by id, round trips through split/join and the wire form."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -59,8 +61,8 @@ def test_the_slices_of_a_leaf_cover_its_rows_exactly_once_in_order(leaves, shard
         else:
             assert not any(s.whole for s in mine)
             assert mine[0].start == 0 and mine[-1].stop == rows
-            assert all(a.stop == b.start for a, b in zip(mine, mine[1:]))
-            assert all(a.shard != b.shard for a, b in zip(mine, mine[1:]))  # neighbours on one shard are merged
+            assert all(a.stop == b.start for a, b in itertools.pairwise(mine))
+            assert all(a.shard != b.shard for a, b in itertools.pairwise(mine))  # neighbours on one shard are merged
         assert all(0 <= s.shard < shards for s in mine)
     assert len({s.key for s in pm.slices}) == len(pm.slices)
 
