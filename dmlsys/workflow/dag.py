@@ -232,40 +232,87 @@ class Plan:
         return {self.steps[i].name for i in seen}
 
 
-_BIND_CACHE: dict[tuple, str | None] = {}
+_CO_VARARGS, _CO_VARKEYWORDS = inspect.CO_VARARGS, inspect.CO_VARKEYWORDS
 
 
-def _check_signature(step: Step) -> None:
+def bind_problem(fn: Callable[..., Any], npos: int, kwnames: Iterable[str]) -> str | None:
+    """Why ``fn(<npos positional arguments>, **{k: ... for k in kwnames})`` would not bind, or None.
+
+    A plain Python function is read from its code object (a few µs: no ``inspect.Signature`` is
+    built), so a graph of 10,000 distinct functions validates nearly as fast as one of a shared
+    function; the answer is the one ``inspect.signature(fn).bind`` gives (a hypothesis test
+    compares them). Anything else (a ``functools.partial``, a class, a bound method, a wrapper
+    with ``__wrapped__`` or ``__signature__``, a builtin) goes through ``inspect``; a builtin
+    without a signature is trusted."""
+    if type(fn) is not _FunctionType or "__wrapped__" in fn.__dict__ or "__signature__" in fn.__dict__:
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return None  # builtins without a signature: trust the declaration
+        try:
+            sig.bind(*range(npos), **dict.fromkeys(kwnames))
+        except TypeError as e:
+            return str(e)
+        return None
+    # The same checks in the same order as inspect.Signature._bind, so the same message.
+    code = fn.__code__
+    nargs, nposonly, flags = code.co_argcount, code.co_posonlyargcount, code.co_flags
+    positional = code.co_varnames[:nargs]
+    kwonly = code.co_varnames[nargs:nargs + code.co_kwonlyargcount]
+    kwargs = dict.fromkeys(kwnames)
+    for p in range(min(npos, nargs)):
+        if p >= nposonly and positional[p] in kwargs:
+            return f"multiple values for argument {positional[p]!r}"
+    if npos > nargs and not flags & _CO_VARARGS:
+        return "too many positional arguments"
+    first_default = nargs - len(fn.__defaults__ or ())
+    for p in range(npos, nargs):
+        name = positional[p]
+        if name in kwargs:
+            if p < nposonly:
+                return f"{name!r} parameter is positional only, but was passed as a keyword"
+            del kwargs[name]
+        elif p < first_default:
+            return f"missing a required argument: {name!r}"
+    kwdefaults = fn.__kwdefaults__ or {}
+    for name in kwonly:
+        if name in kwargs:
+            del kwargs[name]
+        elif name not in kwdefaults:
+            return f"missing a required argument: {name!r}"
+    if kwargs and not flags & _CO_VARKEYWORDS:
+        return f"got an unexpected keyword argument {next(iter(kwargs))!r}"
+    return None
+
+
+_FunctionType = type(bind_problem)
+
+
+def _check_signature(step: Step, seen: dict[tuple, str | None]) -> None:
     # Many steps share one function and one shape of call (10,000 no-op steps in the benchmark):
-    # binding is memoized per (function, #positional, keyword names).
-    kwnames = tuple(sorted([k for k, _ in step.kwargs] + list(step.params)))
+    # one check per (function, #positional, keyword names) and validate() call. The memo is
+    # per call, not global: a global one would keep every function it saw alive.
+    kwnames = tuple(sorted([k for k, _ in step.kwargs] + list(step.params))) if step.kwargs or step.params else ()
     shape = (step.fn, len(step.args), kwnames)
     try:
-        problem = _BIND_CACHE.get(shape, False)
+        problem = seen.get(shape, False)
     except TypeError:  # unhashable callable: just bind every time
         shape, problem = None, False
     if problem is False:
-        try:
-            sig = inspect.signature(step.fn)
-        except (TypeError, ValueError):
-            problem = None  # builtins without a signature: trust the declaration
-        else:
-            try:
-                sig.bind(*range(len(step.args)), **dict.fromkeys(kwnames))
-                problem = None
-            except TypeError as e:
-                problem = str(e)
+        problem = bind_problem(step.fn, len(step.args), kwnames)
         if shape is not None:
-            _BIND_CACHE[shape] = problem
+            seen[shape] = problem
     if problem is not None:
         raise SignatureMismatch(step.name, problem)
-    overlap = set(step.params) & {k for k, _ in step.kwargs}
-    if overlap:
-        raise SignatureMismatch(step.name, f"{sorted(overlap)} given both as input and as param")
+    if step.params and step.kwargs:
+        overlap = set(step.params) & {k for k, _ in step.kwargs}
+        if overlap:
+            raise SignatureMismatch(step.name, f"{sorted(overlap)} given both as input and as param")
 
 
 def validate(steps: Sequence[Step]) -> Plan:
-    """Check ``steps`` and order them topologically (Kahn's algorithm, ties in declaration order).
+    """Check ``steps`` and order them topologically: in the order they were declared if that is
+    one (every step after its dependencies), else by Kahn's algorithm, ties in declaration order.
 
     Raises (each naming the step): DuplicateStep, MissingDependency, SignatureMismatch,
     InvalidStep, CycleError.
@@ -275,6 +322,7 @@ def validate(steps: Sequence[Step]) -> Plan:
         if s.name in index:
             raise DuplicateStep(s.name)
         index[s.name] = i
+    seen: dict[tuple, str | None] = {}
     for s in steps:
         for d in s.deps:
             if d not in index:
@@ -285,16 +333,21 @@ def validate(steps: Sequence[Step]) -> Plan:
             raise InvalidStep(s.name, "an inline step cannot be interrupted, so it cannot have a timeout; drop inline=True")
         if s.timeout is not None and not s.timeout > 0:
             raise InvalidStep(s.name, f"timeout must be > 0 seconds, got {s.timeout!r}")
-        _check_signature(s)
+        _check_signature(s, seen)
 
     n = len(steps)
-    deps = [tuple(index[d] for d in s.deps) for s in steps]
-    indegree = [len(d) for d in deps]
+    deps = [tuple([index[d] for d in s.deps]) for s in steps]
     children: list[list[int]] = [[] for _ in range(n)]
+    topological = True
     for i, ds in enumerate(deps):
         for d in ds:
-            children[d].append(i)
-    queue = collections.deque(i for i in range(n) if indegree[i] == 0)
+            children[d].append(i)  # in increasing order of i: sorted
+            if d >= i:  # a later step, or itself (a cycle)
+                topological = False
+    if topological:  # declared in a topological order already (the usual case): keep it
+        return Plan(steps=tuple(steps), index=index, deps=tuple(deps), children=tuple(map(tuple, children)))
+    indegree = [len(d) for d in deps]
+    queue = collections.deque([i for i in range(n) if indegree[i] == 0])
     order: list[int] = []
     while queue:
         i = queue.popleft()

@@ -124,3 +124,45 @@ def test_cycles_are_rejected_and_the_reported_cycle_is_real(graph):
     for u, v in zip(cycle, cycle[1:]):  # each step feeds the next: v depends on u
         assert int(u[1:]) in deps[int(v[1:])]
     assert " -> ".join(cycle) in str(e.value)
+
+
+@st.composite
+def signatures(draw):
+    """Source of a random plain function: positional-only, positional-or-keyword (some with
+    defaults), *args, keyword-only (some with defaults), **kwargs."""
+    names = iter(draw(st.permutations(["a", "b", "c", "d", "e", "f", "g"])))
+    posonly = [next(names) for _ in range(draw(st.integers(0, 2)))]
+    normal = [next(names) for _ in range(draw(st.integers(0, 2)))]
+    kwonly = [next(names) for _ in range(draw(st.integers(0, 2)))]
+    positional = posonly + normal
+    n_defaults = draw(st.integers(0, len(positional)))
+    params = [p if i < len(positional) - n_defaults else f"{p}=0" for i, p in enumerate(positional)]
+    if posonly:
+        params.insert(len(posonly), "/")
+    star = draw(st.booleans())
+    if star:
+        params.append("*rest")
+    elif kwonly:
+        params.append("*")
+    params += [k if draw(st.booleans()) else f"{k}=0" for k in kwonly]
+    if draw(st.booleans()):
+        params.append("**extra")
+    return f"def fn({', '.join(params)}): pass"
+
+
+@given(signatures(), st.integers(0, 5), st.lists(st.sampled_from("abcdefgz"), max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_the_fast_signature_check_agrees_with_inspect(source, npos, kwnames):
+    import inspect
+
+    from dmlsys.workflow.dag import bind_problem
+
+    namespace: dict = {}
+    exec(source, namespace)
+    fn = namespace["fn"]
+    try:
+        inspect.signature(fn).bind(*range(npos), **dict.fromkeys(kwnames))
+        expected = None
+    except TypeError as e:
+        expected = str(e)
+    assert bind_problem(fn, npos, kwnames) == expected, source
