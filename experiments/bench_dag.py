@@ -6,7 +6,8 @@ No-op steps, three DAG shapes (deterministic, seed 0):
   fan      1 -> 10,000 -> 1 (10,002 steps): a root, 10,000 steps on it, a sink on all of them;
   layered  10,000 steps in 100 layers of 100, each depending on 3 random steps of the layer before.
 Each shape twice: every step the same function, and every step a distinct function (its own
-code object and signature: nothing a scheduler memoizes per function can be reused).
+code object and signature, made anew before every timed run: nothing a scheduler memoizes per
+function, within a run or across runs, can be reused).
 
 Like with like, two pairs:
   inline-vs-sync       ours-inline   dmlsys Scheduler.run, steps inline=True (run on the event loop)
@@ -14,9 +15,13 @@ Like with like, two pairs:
   threads-vs-threads   ours-threads  dmlsys Scheduler.run, plain sync steps in its thread pool
                        dask-threads  dask.compute(..., scheduler="threads")
   asyncio              the floor: one asyncio.Task per step awaiting its dependencies' Tasks
-Timed: ours = validation + scheduling + running (building the Step objects is not timed);
-dask = dask.compute alone on Delayed objects over one low-level dict graph (optimisation +
-scheduling + running), as in the anchor measurement (shared/anchors/dag).
+Timed: ours = validation + scheduling + running (building the functions and the Step objects
+is not timed); dask = dask.compute alone on Delayed objects over one low-level dict graph
+(optimisation + scheduling + running), as in the anchor measurement (shared/anchors/dag).
+
+Before/after in one run: ``--baseline DIR`` adds runners base-inline and base-threads, ours on
+the dmlsys tree under DIR (e.g. ``git archive <commit> dmlsys | tar -x -C DIR``), alternated
+with the others; their rows carry ``"code": "baseline"`` (the others ``"current"``).
 
 Every repetition runs every runner once, in a fresh subprocess each (other benchmarks sharing
 a process inflate the asyncio numbers several-fold), alternating the runners' order from one
@@ -41,7 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNERS = ("ours-inline", "dask-sync", "ours-threads", "dask-threads", "asyncio")
+BASE_RUNNERS = ("base-inline", "base-threads")  # ours on the --baseline tree
 PAIRS = {"inline-vs-sync": ("ours-inline", "dask-sync"), "threads-vs-threads": ("ours-threads", "dask-threads")}
+BASE_PAIRS = {"inline-vs-sync": ("base-inline", "dask-sync"), "threads-vs-threads": ("base-threads", "dask-threads")}
 
 
 def noop(*args):
@@ -82,16 +89,18 @@ def sinks_of(dag) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- runners (child side)
-def make_ours(dag, fns, inline: bool):
-    sys.path.insert(0, str(ROOT))
+def make_ours(dag, functions, inline: bool):
+    """``functions()`` gives the step functions for one run (the same list, or fresh ones)."""
+    sys.path.insert(0, os.environ.get("BENCH_DAG_DMLSYS_ROOT", str(ROOT)))
     from dmlsys.workflow import RunConfig, Scheduler, Step, Workflow
 
     names = [f"s{i}" for i in range(len(dag))]
-    steps = [Step(names[i], fns[i], [names[j] for j in ds], inline=inline) for i, ds in enumerate(dag)]
     sched = Scheduler(RunConfig(progress=False, concurrency=8))
 
     def once() -> float:
-        wf = Workflow("bench", steps)
+        fns = functions()
+        wf = Workflow("bench", [Step(names[i], fns[i], [names[j] for j in ds], inline=inline)
+                                for i, ds in enumerate(dag)])
         with asyncio.Runner() as r:
             t0 = time.perf_counter()
             r.run(sched.run(wf))
@@ -100,7 +109,7 @@ def make_ours(dag, fns, inline: bool):
     return once
 
 
-def make_dask(dag, fns, scheduler: str):
+def make_dask(dag, functions, scheduler: str):
     import dask
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
@@ -110,6 +119,7 @@ def make_dask(dag, fns, scheduler: str):
     def once() -> float:
         counter[0] += 1
         prefix = f"bench{counter[0]}"
+        fns = functions()
         keys = [f"{prefix}-{i}" for i in range(len(dag))]
         dsk = {keys[i]: (fns[i], *[keys[j] for j in ds]) for i, ds in enumerate(dag)}
         hlg = HighLevelGraph.from_collections(prefix, dsk, dependencies=())
@@ -121,10 +131,10 @@ def make_dask(dag, fns, scheduler: str):
     return once
 
 
-def make_asyncio(dag, fns):
+def make_asyncio(dag, functions):
     sinks = sinks_of(dag)
 
-    async def main() -> None:
+    async def main(fns) -> None:
         tasks: list[asyncio.Task] = []
 
         async def step(fn, deps):
@@ -136,9 +146,10 @@ def make_asyncio(dag, fns):
             await tasks[i]
 
     def once() -> float:
+        fns = functions()
         with asyncio.Runner() as r:
             t0 = time.perf_counter()
-            r.run(main())
+            r.run(main(fns))
             return time.perf_counter() - t0
 
     return once
@@ -146,7 +157,8 @@ def make_asyncio(dag, fns):
 
 def child(runner: str, shape: str, reps: int, distinct: bool) -> None:
     dag = SHAPES[shape][1]()
-    fns = step_functions(len(dag), distinct)
+    shared = step_functions(len(dag), False)
+    fns = (lambda: step_functions(len(dag), True)) if distinct else (lambda: shared)
     once = {"ours-inline": lambda: make_ours(dag, fns, True), "ours-threads": lambda: make_ours(dag, fns, False),
             "dask-sync": lambda: make_dask(dag, fns, "sync"), "dask-threads": lambda: make_dask(dag, fns, "threads"),
             "asyncio": lambda: make_asyncio(dag, fns)}[runner]()
@@ -156,9 +168,13 @@ def child(runner: str, shape: str, reps: int, distinct: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- parent
-def measure(runner: str, shape: str, distinct: bool, reps: int = 1) -> list[float]:
+def measure(runner: str, shape: str, distinct: bool, reps: int = 1, baseline: str | None = None) -> list[float]:
+    env = dict(os.environ)
+    if runner in BASE_RUNNERS:
+        env["BENCH_DAG_DMLSYS_ROOT"] = str(baseline)
+        runner = runner.replace("base-", "ours-")
     cmd = [sys.executable, __file__, "--child", runner, shape, "--reps", str(reps)] + (["--distinct"] if distinct else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{runner} on {shape} failed:\n{out.stderr}")
     return json.loads(out.stdout)["us_per_step"]
@@ -171,6 +187,7 @@ def main() -> None:
     ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated subset of {','.join(RUNNERS)}")
     ap.add_argument("--functions", choices=("shared", "distinct", "both"), default="both",
                     help="every step the same function, each its own, or both (default)")
+    ap.add_argument("--baseline", metavar="DIR", help="also run ours on the dmlsys tree under DIR (before/after)")
     ap.add_argument("--json", metavar="FILE", help="write the rows as a JSON list to FILE")
     ap.add_argument("--plot", metavar="PNG", help="bar chart of µs per step (default: the --json path with .png)")
     ap.add_argument("--from-json", metavar="FILE", help="only plot the rows an earlier --json wrote")
@@ -182,7 +199,8 @@ def main() -> None:
     import _plot  # experiments/_plot.py: matplotlib is imported only when a figure is drawn
 
     if args.from_json:
-        return _plot.bench_dag(_plot.load_json(args.from_json), _plot.plot_path(args.plot, args.from_json))
+        rows = [r for r in _plot.load_json(args.from_json) if r.get("code", "current") == "current"]
+        return _plot.bench_dag(rows, _plot.plot_path(args.plot, args.from_json))
 
     from rich.console import Console
     from rich.progress import Progress
@@ -196,6 +214,10 @@ def main() -> None:
     for r in runners:
         if r not in RUNNERS:
             ap.error(f"unknown runner {r!r}; choose from {', '.join(RUNNERS)}")
+    if args.baseline:
+        if not (Path(args.baseline) / "dmlsys" / "workflow").is_dir():
+            ap.error(f"--baseline {args.baseline}: no dmlsys/workflow under it")
+        runners += [b for b, o in zip(BASE_RUNNERS, ("ours-inline", "ours-threads")) if o in runners]
     kinds = {"shared": [False], "distinct": [True], "both": [False, True]}[args.functions]
     console = Console(stderr=True)
     samples: dict[tuple[str, str, bool], list[float]] = {}
@@ -207,7 +229,7 @@ def main() -> None:
             for s, d in cases:
                 for r in order:
                     progress.update(bar, description=f"rep {rep + 1}: {r} on {s}{' (distinct)' if d else ''}")
-                    samples.setdefault((r, s, d), []).extend(measure(r, s, d))
+                    samples.setdefault((r, s, d), []).extend(measure(r, s, d, baseline=args.baseline))
                     progress.advance(bar)
 
     def med(r: str, s: str, d: bool) -> float | None:
@@ -215,13 +237,16 @@ def main() -> None:
         return statistics.median(xs) if xs else None
 
     rows = []
+    pairs = [("current", p, o, k) for p, (o, k) in PAIRS.items()]
+    if args.baseline:
+        pairs += [("baseline", p, o, k) for p, (o, k) in BASE_PAIRS.items()]
     for s, d in cases:
-        for pair, (ours_r, dask_r) in PAIRS.items():
+        for code, pair, ours_r, dask_r in pairs:
             ours, dask_ = med(ours_r, s, d), med(dask_r, s, d)
-            if ours is None and dask_ is None:
+            if (ours is None and dask_ is None) or (code == "baseline" and ours is None):
                 continue
             rows.append({
-                "shape": SHAPES[s][0], "pair": pair, "distinct_functions": d,
+                "shape": SHAPES[s][0], "pair": pair, "distinct_functions": d, "code": code,
                 "ours": ours_r, "peer": dask_r, "ours_us_per_step": ours, "dask_us_per_step": dask_,
                 "ours_over_dask": ours / dask_ if ours and dask_ else None,
                 "asyncio_us_per_step": med("asyncio", s, d), "reps": args.reps,
@@ -233,10 +258,10 @@ def main() -> None:
         return "—" if x is None else f"{x:.1f}{unit}" if x >= 10 else f"{x:.2f}{unit}"
 
     t = Table(title=f"µs per no-op step, median of {args.reps} alternated repetitions, each run in a fresh process")
-    headers = ["shape", "functions", "pair", "ours", "dask", "ours/dask", "asyncio floor"]
+    headers = ["shape", "functions", "pair", "code", "ours", "dask", "ours/dask", "asyncio floor"]
     for h in headers:
-        t.add_column(h, justify="left" if h in ("shape", "functions", "pair") else "right")
-    table_rows = [[row["shape"], "distinct" if row["distinct_functions"] else "shared", row["pair"],
+        t.add_column(h, justify="left" if h in ("shape", "functions", "pair", "code") else "right")
+    table_rows = [[row["shape"], "distinct" if row["distinct_functions"] else "shared", row["pair"], row["code"],
                    f(row["ours_us_per_step"]), f(row["dask_us_per_step"]), f(row["ours_over_dask"], "×"),
                    f(row["asyncio_us_per_step"])] for row in rows]
     for tr in table_rows:
@@ -254,7 +279,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"\nrows written to {args.json}")
     if out := _plot.plot_path(args.plot, args.json):
-        _plot.bench_dag(rows, out)
+        _plot.bench_dag([r for r in rows if r["code"] == "current"], out)
 
 
 if __name__ == "__main__":
