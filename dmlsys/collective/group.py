@@ -24,6 +24,17 @@ raises ``CollectiveError`` naming the ranks that do not answer, and tells the ot
 too; ranks that disagree on op, dtype or size find out from the first chunk they receive, and
 every rank raises. A half-reduced buffer is never returned.
 
+Leaving is safe. A pass returns once this rank holds its result, while its own last chunks may
+still wait in ZeroMQ's send queue; a transport that closes drops them (``linger=0``), and a
+peer still waiting for them would time out naming a rank that exited cleanly. So when the
+node stops, ``CollectiveService.stop`` has every group it hosted ``leave``: it asks every
+other member ``collective.leave`` and waits (``LEAVE_TIMEOUT``, 5 s, at most) until each
+has answered or said it leaves too. ZeroMQ delivers one connection's messages in order,
+and the request travels on the connection our chunks took, so an answer proves the peer has
+taken every chunk we sent it; a peer's own leave notice says it finished every pass it will
+run, so it needs nothing more from us. A pass that starts after a member left, or that a
+member left without finishing, fails at once naming it.
+
 Inside, a pass is: ``ProcessGroup._pass`` numbers it and makes its ``PassLink``; the path sends with
 ``PassLink.send``; on the receiving node ``CollectiveService.chunk`` hands the message to
 ``ProcessGroup.deliver_chunk``, which files it in the group's ``Mailbox`` under (pass,
@@ -47,7 +58,7 @@ from dmlsys.collective.errors import CollectiveError, InvalidArgument
 from dmlsys.collective.link import SERVICE, PassLink
 from dmlsys.collective.mailbox import Mailbox
 from dmlsys.collective.tree import Bucket, fuse, numeric_leaves, unfuse
-from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway
+from dmlsys.node import Node, NodeError, PeerUnreachable, Service, oneway, rpc
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,8 @@ MAX_EARLY_BYTES = 256 << 20
 MAX_EARLY_GROUPS = 64
 MAX_MAIL = 1 << 16
 MAX_MAIL_BYTES = 1 << 30
+LEAVE_TIMEOUT = 5.0  # seconds ``leave`` waits for members at most (and never past the group's timeout)
+MAX_CLOSED_GROUPS = 16  # closed groups whose leave a node stop still owes (the worker role closes one per job)
 
 
 def _nbytes(body: Any) -> int:
@@ -77,6 +90,9 @@ class CollectiveService(Service):
 
     def __init__(self) -> None:
         self.groups: dict[str, ProcessGroup] = {}
+        # Groups closed with passes behind them: the node's stop still makes them leave (their
+        # last chunks may still be queued), and a member's leave notice still reaches them.
+        self._closed: dict[str, ProcessGroup] = {}
         self._early: dict[str, list[tuple[dict, str]]] = {}
         self._early_bytes = 0
 
@@ -84,8 +100,15 @@ class CollectiveService(Service):
         await super().start(node)
         node.on_peer_lost(self._peer_lost)
 
+    async def stop(self) -> None:
+        """Every group this node took part in leaves before the transport closes: see ``leave``."""
+        groups = [*self.groups.values(), *self._closed.values()]
+        if groups:
+            await asyncio.gather(*(g.leave() for g in groups), return_exceptions=True)
+        self._closed.clear()
+
     def _peer_lost(self, peer: str, reason: str) -> None:
-        for group in list(self.groups.values()):
+        for group in [*self.groups.values(), *self._closed.values()]:
             group.peer_lost(peer, reason)
 
     def register(self, group: ProcessGroup) -> None:
@@ -97,7 +120,13 @@ class CollectiveService(Service):
             group.deliver_chunk(body, sender)
 
     def unregister(self, group: ProcessGroup) -> None:
-        self.groups.pop(group.name, None)
+        if self.groups.get(group.name) is group:
+            del self.groups[group.name]
+        if group.ops_started and group.size > 1 and not group.left:
+            self._closed.pop(group.name, None)
+            self._closed[group.name] = group
+            if len(self._closed) > MAX_CLOSED_GROUPS:  # the oldest has long had its chunks sent
+                del self._closed[next(iter(self._closed))]
 
     @oneway
     def chunk(self, body, ctx) -> None:
@@ -113,6 +142,17 @@ class CollectiveService(Service):
             self._early_bytes += size
         else:
             self.node.metrics.error("collective_dropped")
+
+    @rpc
+    def leave(self, body, ctx) -> None:
+        """``{"g", "q"}``: the sender leaves group ``g`` after ``q`` passes. The answer itself is
+        the point: it travels back only after every message the sender sent before it was
+        handed to its group here (one connection delivers in order)."""
+        name = body.get("g") if isinstance(body, dict) else None
+        group = (self.groups.get(name) or self._closed.get(name)) if isinstance(name, str) else None
+        q = body.get("q") if isinstance(body, dict) else None
+        if group is not None and type(q) is int:
+            group.peer_left(ctx.sender, q)
 
     @oneway
     def abort(self, body, ctx) -> None:
@@ -168,20 +208,79 @@ class ProcessGroup:
         self._closed = False
         self._lock = asyncio.Lock()
         self._link: PassLink | None = None  # the pass in progress
+        self._left: dict[int, int] = {}  # rank -> passes it ran before it left the group
+        self._lost: set[int] = set()  # ranks whose process exited (peer_lost)
+        self._said: dict[int, asyncio.Future] = {}  # rank -> resolved when it leaves or is lost, for leave()
+        self.left = False  # leave() has run
         service.register(self)
 
     @property
     def _probe_budget(self) -> float:
         return min(2.0, self.timeout / 4)
 
+    @property
+    def ops_started(self) -> int:
+        """Passes this rank has started (every rank numbers them alike)."""
+        return self._seq
+
     def close(self) -> None:
-        """Leave the group: a pass in progress raises ``CollectiveError``, later calls too."""
+        """Leave the group: a pass in progress raises ``CollectiveError``, later calls too.
+
+        Our last chunks may still be in the transport's send queue: they go as long as the
+        node runs, and its stop makes the group ``leave`` first, so they are not lost."""
+        if self._closed:
+            return
         self._closed = True
         if self._link is not None:
             self._mailbox.fail(self._link.seq, CollectiveError(f"{self._who}: the group was closed"))
         self._service.unregister(self)
         self._shm.close()
         self._pool.clear()
+
+    async def leave(self, timeout: float | None = None) -> None:
+        """Close the group, then wait until no member can still need a message from us: each
+        has answered our ``collective.leave`` request, or has said it leaves too, or was lost
+        (``peer_lost``), or ``timeout`` passed (default ``min(LEAVE_TIMEOUT, timeout of the
+        group)``: a member that crashed answers nothing). The node's stop calls this before
+        its transport closes, since closing drops what is still queued.
+
+        The request leaves on the connection our chunks took, after them, and a connection
+        delivers in order: an answer proves the member has taken every chunk we sent it. A
+        member's own request says it ran every pass it will run: it needs nothing more from
+        us, and our answer to it (on the reply connection, which carries no bulk data) or our
+        own request tells it that we leave."""
+        self.close()
+        if self.left:
+            return
+        self.left = True
+        async with self._lock:  # a pass failed by close() unwinds first
+            passes = self._seq
+        if passes == 0 or self.size == 1:
+            return
+        bound = min(LEAVE_TIMEOUT, self.timeout) if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        body = {"g": self.name, "q": passes}
+
+        async def ask(peer: str) -> None:
+            try:
+                await self.node.call(peer, SERVICE, "leave", body, timeout=bound)
+            except NodeError:  # gone, or too old to know leave: either way nothing to wait for
+                pass
+
+        waits = []
+        for rank, peer in enumerate(self.members):
+            if rank == self.rank or rank in self._left or rank in self._lost:
+                continue  # it said it leaves, or died: it needs nothing of ours
+            said = self._said.setdefault(rank, loop.create_future())  # peer_left or peer_lost
+            waits.append((loop.create_task(ask(peer)), said))
+        try:
+            async with asyncio.timeout(bound):
+                await asyncio.gather(*(asyncio.wait(w, return_when=asyncio.FIRST_COMPLETED) for w in waits))
+        except TimeoutError:
+            log.info("%s: left without every member's answer after %gs", self._who, bound)
+        finally:
+            for asked, _ in waits:
+                asked.cancel()
 
     @property
     def uses_shm(self) -> bool:
@@ -266,6 +365,10 @@ class ProcessGroup:
             # that the error is raised within the timeout, not after it.
             timer = loop.call_at(loop.time() + self.timeout - self._probe_budget, self._expire, seq)
             try:
+                if self._left:
+                    gone = sorted(r for r, q in self._left.items() if q <= seq)
+                    if gone:
+                        raise self._left_error(*gone)
                 self._check_early(link)
                 if self.size == 1:
                     result = flat.copy()
@@ -338,12 +441,37 @@ class ProcessGroup:
             return
         self._mailbox.fail(seq, CollectiveError(f"{self._who}: aborted by {sender}: {reason}", missing=missing))
 
+    def peer_left(self, peer: str, passes: int) -> None:
+        """``peer`` left the group after running ``passes`` passes: a pass it will not run
+        (the one in progress, if it never finished it, and every later one) fails naming it,
+        now rather than at the timeout; and our own ``leave`` stops waiting for it."""
+        rank = self._ranks.get(peer)
+        if rank is None or rank == self.rank:
+            return
+        self._left[rank] = passes
+        said = self._said.get(rank)
+        if said is not None and not said.done():
+            said.set_result(None)
+        link = self._link
+        if link is not None and link.seq >= passes:
+            self._mailbox.fail(link.seq, self._left_error(rank))
+
+    def _left_error(self, *ranks: int) -> CollectiveError:
+        names = ", ".join(f"rank {r} ({self.members[r]}) after {self._left[r]} passes" for r in ranks)
+        return CollectiveError(f"{self._who}: left the group: {names}", missing=list(ranks))
+
     def peer_lost(self, peer: str, reason: str) -> None:
         """``peer``'s process exited (the supervisor saw it): a pass it takes part in cannot
         finish, so it fails now, naming that rank, rather than at the group's timeout."""
         link = self._link
         rank = self._ranks.get(peer)
-        if link is not None and rank is not None and rank != self.rank:
+        if rank is None or rank == self.rank:
+            return
+        self._lost.add(rank)  # a dead peer needs nothing more from us: leave() stops waiting for it
+        said = self._said.get(rank)
+        if said is not None and not said.done():
+            said.set_result(None)
+        if link is not None:
             self._mailbox.fail(link.seq, CollectiveError(f"{self._who}: rank {rank} ({peer}) {reason}", missing=[rank]))
 
     # -- failure ----------------------------------------------------------------------------
