@@ -146,14 +146,17 @@ class StepMachine:
             self.nodes = self._general(plan)
         else:
             # The common case, kept lean (10,000-step DAGs): the plan's edges are the regular edges.
+            # Positional inputs naming each dependency once are the plan's deps, in that order.
             index = plan.index
             self.nodes = [StepState(s, len(d), c, tuple([index[e] for e in s.args]),
-                                    tuple([(k, index[e]) for k, e in s.kwargs]) if s.kwargs else ())
+                                    tuple([(k, index[e]) for k, e in s.kwargs]))
+                          if s.kwargs or len(s.args) != len(d) else StepState(s, len(d), c, d, ())
                           for s, d, c in zip(plan.steps, plan.deps, plan.children)]
         self.records = [n.record for n in self.nodes]
-        for i, node in enumerate(self.nodes):
-            if not node.step.deps:
-                node.state = READY
+        nodes = self.nodes
+        for i, d in enumerate(plan.deps):
+            if not d:
+                nodes[i].state = READY
                 self.ready.append(i)
 
     @staticmethod

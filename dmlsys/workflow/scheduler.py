@@ -6,7 +6,9 @@ How a step runs depends on what it is:
   its inputs are ready: no Task, no thread. This is the fast path (a few µs per step) meant for
   cheap glue (select, merge, format). The loop yields to other tasks every ``yield_every`` s.
 * plain sync function — called in a thread of the run's pool (``concurrency`` threads), so a
-  long step never blocks the loop and the other steps keep going;
+  long step never blocks the loop and the other steps keep going. A thread whose step returns
+  goes on with the next ready plain step itself (one its step just made ready first), so a
+  chain of plain steps does not bounce through the loop at every step;
 * ``async def`` — awaited in its own Task on the loop (e.g. an RPC to a cluster node);
 * memoized steps (a ``cache`` policy and a store) and retried steps run in a Task too, because
   looking up the store and sleeping between attempts must not block the loop.
@@ -81,7 +83,8 @@ class Scheduler:
     ``store`` enables memoization for steps with a cache policy; ``clock`` times the report;
     ``sleep`` waits between retries (inject a fake for tests); ``on_result(step, value, final)``
     is called on the loop after every successful run of a step (``final=False`` for the
-    intermediate results of an ``AsCompleted`` step)."""
+    intermediate results of an ``AsCompleted`` step); keep it cheap: pool threads wait while it
+    runs."""
 
     def __init__(self, config: RunConfig = RunConfig(), *, store: MemoStore | None = None,
                  clock: Callable[[], float] = time.perf_counter,
