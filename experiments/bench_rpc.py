@@ -23,6 +23,7 @@ rows ``tcp+curve-nobulk``, the cost before the bulk path, measured in the same r
 
     python experiments/bench_rpc.py --transport tcp ipc --json docs/bench_rpc.json
     python experiments/bench_rpc.py --transport tcp ipc --curve --json docs/bench_rpc_curve.json
+    python experiments/bench_rpc.py --where --repeats 9 --json docs/bench_rpc_where.json
 """
 
 from __future__ import annotations
@@ -229,6 +230,72 @@ def free_tcp_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+# -- where the time goes (--where): the per-16-MiB costs behind the array rows -----------------
+
+
+def where_the_time_goes(repeats: int) -> list[dict]:
+    """One 16 MiB buffer, in this process: a copy, AES-256-GCM sealing and opening as the bulk
+    path does them (1 MiB chunks, one thread), and raw pyzmq PAIR over loopback TCP with and
+    without CURVE (send and receive, zero-copy). Medians of ``repeats`` runs, in ms."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    same_allocator()
+    data = np.random.default_rng(0).integers(0, 256, ARRAY_BYTES, dtype=np.uint8)
+    view, chunk = memoryview(data), 1 << 20
+    aead = AESGCM(AESGCM.generate_key(256))
+    sealed = np.empty(ARRAY_BYTES + 16 * (ARRAY_BYTES // chunk), np.uint8)
+    opened = np.empty_like(data)
+
+    def seal() -> None:
+        out = memoryview(sealed)
+        for j in range(ARRAY_BYTES // chunk):
+            aead.encrypt_into(j.to_bytes(12, "big"), view[j * chunk:(j + 1) * chunk], b"aad",
+                              out[j * (chunk + 16):(j + 1) * (chunk + 16)])
+
+    def open_() -> None:
+        src, out = memoryview(sealed), memoryview(opened)
+        for j in range(ARRAY_BYTES // chunk):
+            aead.decrypt_into(j.to_bytes(12, "big"), src[j * (chunk + 16):(j + 1) * (chunk + 16)], b"aad",
+                              out[j * chunk:(j + 1) * chunk])
+
+    def pair(curve: bool):
+        ctx = zmq.Context()
+        server, client = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        if curve:
+            server_public, server_secret = zmq.curve_keypair()
+            client_public, client_secret = zmq.curve_keypair()
+            server.curve_server, server.curve_publickey, server.curve_secretkey = True, server_public, server_secret
+            client.curve_serverkey, client.curve_publickey, client.curve_secretkey = (server_public, client_public,
+                                                                                        client_secret)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client.connect(f"tcp://127.0.0.1:{port}")
+        client.send(b"hello")
+        server.recv()
+
+        def transfer() -> None:
+            client.send(view, copy=False)
+            server.recv(copy=False)
+
+        return ctx, transfer
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) * 1e3
+
+    rows = [("copy (numpy)", timed(lambda: np.copyto(opened, data))), ("AES-256-GCM seal", timed(seal)),
+            ("AES-256-GCM open", timed(open_))]
+    for curve in (False, True):
+        ctx, transfer = pair(curve)
+        rows.append((f"pyzmq tcp {'CURVE' if curve else 'plain'} send+recv", timed(transfer)))
+        ctx.destroy(linger=0)
+    return [{"step": step, "ms": round(ms, 2), "bytes": ARRAY_BYTES, "repeats": repeats} for step, ms in rows]
+
+
 TARGETS = {"latency": ("<=", 2.0), "throughput": (">=", 0.5), "array": (">=", 0.8)}
 # CURVE on over CURVE off (issue 12); throughput has no stated target, 0.7x is ours.
 CURVE_TARGETS = {"latency": ("<=", 1.3), "throughput": (">=", 0.7), "array": (">=", 0.5)}
@@ -282,6 +349,9 @@ def main() -> None:
     parser.add_argument("--arrays", type=int, default=20)
     parser.add_argument("--curve", action="store_true",
                         help="also run ours with a cluster key (CURVE); rows TRANSPORT+curve compare it to ours without")
+    parser.add_argument("--where", action="store_true",
+                        help="only the per-16-MiB costs behind the array rows: copy, AES-GCM seal/open, pyzmq "
+                             "over TCP with and without CURVE (docs/security.md, where the time goes)")
     parser.add_argument("--no-before", action="store_true",
                         help="with --curve: skip the tcp+curve-nobulk side (keys on, bulk path off: the cost before it)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
@@ -298,6 +368,21 @@ def main() -> None:
         rows = [r for r in _plot.load_json(args.from_json) if "+" not in r["transport"]]
         return _plot.bench_rpc(rows, _plot.plot_path(args.plot, args.from_json))
 
+    if args.where:
+        from rich.console import Console
+        from rich.table import Table
+
+        steps = where_the_time_goes(max(args.repeats, 5))
+        table = Table(title=f"16 MiB, one process, medians of {max(args.repeats, 5)} runs")
+        for col in ("step", "ms"):
+            table.add_column(col, justify="left" if col == "step" else "right")
+        for step in steps:
+            table.add_row(step["step"], f"{step['ms']:.1f}")
+        Console().print(table)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(steps, f, indent=2)
+        return
     if args.curve:
         global CLUSTER_KEY
         from dmlsys.wire.curve import ClusterKey

@@ -20,6 +20,10 @@ nothing is encrypted. Measured with experiments/bench_rpc.py --curve: CURVE on i
 arrays five sixths of their speed, and the file permissions already keep other users out.
 
 Short-lived CLI clients (``cli-1234``) act under one principal, ``cli``: see ``principal_of``.
+
+Large messages between keyed TCP nodes do not go through CURVE's per-byte pass: they are sealed
+with AES-256-GCM under a session key sent inside the CURVE connection, on a socket pair of
+their own (``dmlsys.wire.bulk``); what authenticates them is still the CURVE connection.
 """
 
 from __future__ import annotations

@@ -503,7 +503,7 @@ class ZmqTransport(Transport):
         self._recheck_later(current.sock)
         return True
 
-    def _offer(self, peer: str, out: "_Outbound", now: float) -> None:
+    def _offer(self, peer: str, out: _Outbound, now: float) -> None:
         sock = self._dealers.get(peer) or self._connect(peer)
         if sock not in self._dealer_peer or out.disabled:
             return  # not a CURVE connection, or the peer has no bulk socket
