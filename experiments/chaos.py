@@ -431,7 +431,8 @@ class Suite:
             t = time.monotonic()
             r = c.cli("train", "tiny-long", check=False, timeout=900)
             lines = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]
-            result[key] = {"rc": r.returncode, "s": round(time.monotonic() - t, 1), "out": lines[-1][-220:] if lines else ""}
+            result[key] = {"rc": r.returncode, "s": round(time.monotonic() - t, 1), "out": lines[-1][-220:] if lines else "",
+                           "end": time.monotonic()}
 
         def fault():
             t = threading.Thread(target=train, args=("first",), daemon=True)
@@ -449,7 +450,9 @@ class Suite:
         def check():
             after = _versions(self.store, "tiny-long")
             first, retry = result["first"], result.get("retry")
-            result["note"] = (f"; train exit {first['rc']} after {first['s']} s: {first['out']}"
+            after_kill = first["end"] - result["killed_at"]
+            result["note"] = (f"; train exit {first['rc']} after {first['s']} s ({after_kill:.1f} s after the kill): "
+                              f"{first['out']}"
                               + (f"; train again: exit {retry['rc']} in {retry['s']} s, a new version "
                                  f"{result['retrained_after_s']} s after the kill" if retry else "")
                               + f"; versions {before} -> {after}")

@@ -97,7 +97,7 @@ probe_period = 0.2
 name = "worker"
 role = "worker"
 host = "beta"                     # rank 0 saves on beta: the primary pulls the model
-replicas = 2
+replicas = 1
 [nodes.config]
 limit = 2000
 test_limit = 500
@@ -169,17 +169,26 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
+    stopped = False
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:
+        print(f"{time.monotonic() - t0:6.1f}s {what}", flush=True)
+
     try:
         # beta first: it waits for the primary (alpha), which has the cluster's key from it.
         up_b = cluster("beta", "up", str(spec), "--host", "beta", "--detach", timeout=120)
         assert "waiting for the primary supervisor" in up_b.stdout, up_b.stdout
         assert state("beta")["state"] == "waiting"
+        mark("beta waiting")
         cluster("beta", "keys", "export", str(tmp_path / "key.txt"))
         cluster("alpha", "keys", "import", str(tmp_path / "key.txt"))
+        mark("keys")
         # alpha's `up` trains the model on beta's workers (rank 0 saves into beta's store), pulls it
         # into the cluster's store (alpha's), and returns ready only once beta's replica is.
         cluster("alpha", "up", str(spec), "--host", "alpha", "--detach", timeout=240)
         assert state("alpha")["state"] == "ready" and state("beta")["state"] == "ready"
+        mark("alpha up (trained on beta, pulled)")
         models = {h: tmp_path / h / ".dmlsys" / "models" / "tiny" / "1" for h in ("alpha", "beta")}
         assert (models["alpha"] / "card.json").exists() and (models["beta"] / "card.json").exists()
         cards = [json.loads((models[h] / "card.json").read_text()) for h in ("alpha", "beta")]
@@ -190,12 +199,14 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         assert seen["replica-0"]["host"] == "beta" and seen["gateway"]["state"] == "ready"
         assert predict()["model_version"] == 1  # through alpha's door, answered on beta
 
+        mark("status, predict")
         # Scale onto both hosts: the new member goes to alpha (spread) and loads the pulled model.
         cluster("alpha", "scale", "replica", "2", timeout=180)
         now = rows("alpha")
         assert (now["replica-0"]["host"], now["replica-1"]["host"]) == ("beta", "alpha")
         assert now["replica-1"]["state"] == "ready"
 
+        mark("scaled to 2")
         # Every process of beta dies while requests flow: none is lost.
         stream = subprocess.Popen(["ip", "netns", "exec", ns["alpha"], sys.executable, "-c", STREAM, "5"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -208,6 +219,7 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
                         20, "alpha to count beta lost")
         assert {r["name"]: r["state"] for r in lost["nodes"]}["replica-0"] == "lost"
 
+        mark("beta killed, counted lost")
         # beta comes back on an empty disk and rejoins: its replica fetches the model from the
         # cluster's store, which has it only because alpha pulled it.
         shutil.rmtree(tmp_path / "beta" / ".dmlsys" / "models")
@@ -216,11 +228,13 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         assert state("alpha")["hosts"]["beta"]["joins"] == 2
         assert "fetched model 'tiny' v1 from supervisor" in (tmp_path / "beta/.dmlsys/logs/replica-0.log").read_text()
 
+        mark("beta back, refetched")
         # And back to one member: the fullest host (a tie: the later in `hosts`, alpha) gives one up.
         cluster("beta", "scale", "replica", "1", timeout=120)  # from beta: the primary places it
         after = rows("alpha")
         assert "replica-1" not in after and after["replica-0"]["host"] == "beta"
 
+        mark("scaled to 1")
         # The primary's supervisor dies (its nodes with it): beta says so, keeps its own nodes,
         # and rejoins when alpha is up again (the model is in alpha's store: no training).
         os.kill(state("alpha")["supervisor"]["pid"], signal.SIGKILL)
@@ -233,9 +247,13 @@ def test_two_hosts_train_serve_scale_lose_a_host_and_rejoin(hosts, tmp_path):
         assert state("alpha")["hosts"]["beta"]["state"] == "up"
         assert predict()["model_version"] == 1
 
+        mark("primary lost and back")
         beta_pid = state("beta")["supervisor"]["pid"]
         cluster("alpha", "down", timeout=120)
         wait_for(lambda: not alive(beta_pid), 30, "beta's supervisor to stop when alpha's down stops the cluster")
+        stopped = True
+        mark("down")
     finally:
-        for host in ("beta", "alpha"):
-            cluster(host, "down", check=False, timeout=120)
+        if not stopped:  # the fixture kills whatever is left in the namespaces after this
+            for host in ("beta", "alpha"):
+                cluster(host, "down", check=False, timeout=120)
