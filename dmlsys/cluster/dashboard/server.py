@@ -10,7 +10,7 @@ the whole picture to every open page as one SSE event.
 It is an admin surface, like the nodes' admin ports: it listens where ``cluster.dashboard``
 says (loopback unless the spec means otherwise), and its actions are the supervisor's own
 admin RPC handlers, run as the supervisor (the process it lives in): ``cluster.scale``,
-``cluster.pool_stop`` (drain a group member), a gateway's ``serving.rollout``. A browser
+``cluster.pool_stop`` (drain a group member), the supervisor's rollout (through a gateway, pinned on every one). A browser
 page from any other site must not drive them: an action needs a JSON body (a cross-site form
 cannot send one without the browser asking first), a ``Host`` that is the dashboard's own
 address (DNS rebinding) and, when the browser sends an ``Origin``, that same address.
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from dmlsys.cluster.dashboard.series import Series, histogram_from_text
+from dmlsys.cluster.errors import ClusterError
 from dmlsys.node import NodeError
 from dmlsys.node.admin import is_loopback
 
@@ -274,7 +275,7 @@ class Dashboard:
     async def _run(self, what: str, coro) -> web.Response:
         try:
             result = await coro
-        except (ValueError, KeyError, NodeError) as e:
+        except (ValueError, KeyError, NodeError, ClusterError) as e:
             log.warning("dashboard: %s failed: %s", what, e)
             return web.json_response({"ok": False, "error": str(e)}, status=409)
         log.info("dashboard: %s", what)
@@ -308,8 +309,7 @@ class Dashboard:
         gateway = next((n["name"] for n in self.snapshot.get("nodes", []) if n["role"] == "gateway" and n.get("pid")), None)
         if gateway is None:
             return web.json_response({"ok": False, "error": "no running gateway to roll out through"}, status=409)
-        call = self.sup.node.call(gateway, "serving", "rollout", {"model": body["model"], "version": body.get("version")},
-                                  timeout=600.0)
+        call = self.sup.rollout(body["model"], body.get("version"))  # every gateway follows its pin
         return await self._run(f"roll out {body['model']} v{body.get('version') or 'latest'}", call)
 
 
