@@ -50,6 +50,7 @@ no sockets, the clock passed in; ``dmlsys.wire.zmq_transport`` does the I/O.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import struct
@@ -87,6 +88,7 @@ THREADS = 2 if os.environ.get("DMLSYS_BULK_THREADS", "2") != "1" else 1
 # without hiding anything a node could have decoded.
 OFFER = b"\xc1dmlsys bulk offer"
 ACCEPT = b"\xc1dmlsys bulk accept"
+MARK = b"\xc1dmlsys bulk mark"  # where a sealed message stands in its CURVE connection's order
 CONTROL_LEAD = b"\xc1"
 
 TO_ACCEPTOR, TO_OFFERER = 0, 1  # the direction byte: from the session's maker, and back
@@ -224,6 +226,11 @@ class BulkSession:
     @classmethod
     def make(cls, principal: str, now: float = 0.0) -> BulkSession:
         return cls(os.urandom(SESSION_ID_BYTES), AESGCM.generate_key(256), principal, offerer=True, now=now)
+
+    @property
+    def next_counter(self) -> int:
+        """The first counter of the next message ``seal`` makes (what its MARK names)."""
+        return self._send_next
 
     def due_for_rotation(self, now: float) -> bool:
         return self.sealed_bytes >= ROTATE_BYTES or now - self.created >= ROTATE_SECONDS
@@ -385,3 +392,98 @@ def parse_accept(frames: Sequence[bytes]) -> tuple[bytes, int] | None:
     except ValueError:
         return None
     return (bytes(frames[1]), port) if 0 <= port < 65536 else None
+
+
+def mark_frames(sid: bytes, first: int) -> list[bytes]:
+    return [MARK, sid, first.to_bytes(8, "big")]
+
+
+def parse_mark(frames: Sequence[bytes]) -> tuple[bytes, int] | None:
+    """(session id, first counter) of a well-formed MARK, else None."""
+    if len(frames) != 3 or frames[0] != MARK or len(frames[1]) != SESSION_ID_BYTES or len(frames[2]) != 8:
+        return None
+    return bytes(frames[1]), int.from_bytes(bytes(frames[2]), "big")
+
+
+def first_counter(preamble: Any) -> int:
+    """The first counter a (well-formed) preamble names: with the session id, a message's key."""
+    return parse_preamble(preamble)[2]
+
+
+_WAITING = object()
+
+
+class Sequencer:
+    """One connection's messages, back in the order they were sent.
+
+    A ZeroMQ connection delivers in order, and protocols here lean on it (the collective's
+    ``leave`` proves its chunks arrived by an answer on the same connection). A sealed message
+    travels on the bulk connection instead, so its sender also puts a MARK into the CURVE
+    connection where the message stands. The receiver holds everything that comes on the CURVE
+    connection after a MARK until the sealed message it names has opened, and a sealed message
+    that opens before its MARK until the MARK comes: delivery follows the CURVE connection's
+    order exactly. Pure: the caller delivers what each method returns, in that order, and asks
+    ``waiting_for`` after each call to know whether to set a timer (``give_up``: a sealed
+    message refused, or lost with its connection, must not hold the connection forever).
+    """
+
+    # Sealed messages opened before their MARK. A burst of large messages outruns the MARKs (the
+    # bulk connection has no per-byte CURVE pass), so this is generous; only a session holder
+    # can fill it, and a member can flood a node with ordinary requests just as well.
+    MAX_HELD = 1024
+
+    __slots__ = ("_held", "_queue", "dropped", "last_progress")
+
+    def __init__(self, now: float = 0.0) -> None:
+        self._queue: collections.deque[list] = collections.deque()  # [key or None, payload or _WAITING]
+        self._held: dict[Any, Any] = {}  # key -> payload of a sealed message opened before its MARK
+        self.last_progress = now  # when a piece last opened on this connection (the caller says)
+        self.dropped = 0  # held messages let go because too many were waiting for their MARK
+
+    def idle(self) -> bool:
+        return not self._queue and not self._held
+
+    def message(self, payload: Any) -> list:
+        """A message from the CURVE connection itself."""
+        if not self._queue:
+            return [payload]
+        self._queue.append([None, payload])
+        return []
+
+    def mark(self, key: Any) -> list:
+        """A MARK for the sealed message ``key``."""
+        payload = self._held.pop(key, _WAITING)
+        if not self._queue and payload is not _WAITING:
+            return [payload]
+        self._queue.append([key, payload])
+        return self._flush()
+
+    def opened(self, key: Any, payload: Any) -> list:
+        """The sealed message ``key`` has opened."""
+        for entry in self._queue:
+            if entry[0] == key and entry[1] is _WAITING:
+                entry[1] = payload
+                return self._flush()
+        self._held[key] = payload
+        while len(self._held) > self.MAX_HELD:
+            del self._held[next(iter(self._held))]
+            self.dropped += 1
+        return []
+
+    def waiting_for(self) -> Any:
+        """The key of the sealed message that holds the connection up, or None."""
+        return self._queue[0][0] if self._queue and self._queue[0][1] is _WAITING else None
+
+    def give_up(self, key: Any) -> list:
+        """Stop waiting for ``key`` (if it still holds the connection up): deliver what follows."""
+        if self.waiting_for() != key or key is None:
+            return []
+        self._queue.popleft()
+        return self._flush()
+
+    def _flush(self) -> list:
+        out = []
+        queue = self._queue
+        while queue and queue[0][1] is not _WAITING:
+            out.append(queue.popleft()[1])
+        return out

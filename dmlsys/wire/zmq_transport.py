@@ -145,6 +145,10 @@ class ZmqTransport(Transport):
         self.bulk_stats: collections.Counter[str] = collections.Counter()  # sealed, opened, rejected_<reason>
         self._bulk_logged: dict[str, float] = {}
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}  # CURVE dealer -> the monitor of its connection
+        self._dealer_names: dict[zmq.Socket, str] = {}  # CURVE dealer -> the peer it reaches
+        # A connection (ROUTER route, or CURVE dealer) whose order waits on a sealed message.
+        self._sequencers: dict[Any, bulk.Sequencer] = {}
+        self._order_timers: dict[Any, asyncio.TimerHandle] = {}
         # DMLSYS_BULK=0: no bulk path, every byte by CURVE (to compare, or to rule the bulk path out).
         self._bulk_enabled = keys is not None and os.environ.get("DMLSYS_BULK", "1") != "0"
 
@@ -230,6 +234,10 @@ class ZmqTransport(Transport):
         for sock in list(self._monitors.values()):
             self._close_aux(sock)
         self._monitors.clear()
+        for timer in self._order_timers.values():
+            timer.cancel()
+        self._order_timers.clear()
+        self._sequencers.clear()
         for sock in [self._router, self._bulk_router, *self._dealers.values()]:
             if sock is not None:
                 self._unwatch(sock)
@@ -259,6 +267,7 @@ class ZmqTransport(Transport):
             self._dealer_peer.pop(sock, None)
             if sock in self._monitors:
                 self._close_aux(self._monitors.pop(sock))
+            self._dealer_names.pop(sock, None)
             self._unwatch(sock)
             sock.close(linger=0)
 
@@ -409,12 +418,16 @@ class ZmqTransport(Transport):
                     if authenticated:
                         if is_router:
                             route, principal = frames[0]
-                            if frames[1][:1] == bulk.CONTROL_LEAD:  # inside CURVE: a bulk session offer
-                                self._on_offer(route, principal, frames[1:])
+                            if frames[1][:1] == bulk.CONTROL_LEAD:  # inside CURVE: bulk session control
+                                self._on_router_control(route, principal, frames[1:])
+                            elif self._sequencers and route in self._sequencers:  # behind a sealed message
+                                self._deliver(route, self._sequencers[route].message((frames[1:], route, principal)))
                             else:
                                 receiver(frames[1:], route, principal)
                         elif frames[0][:1] == bulk.CONTROL_LEAD:
-                            self._on_accept(sock, frames)
+                            self._on_dealer_control(sock, frames)
+                        elif self._sequencers and sock in self._sequencers:
+                            self._deliver(sock, self._sequencers[sock].message((frames, None, dealer_peer)))
                         else:
                             receiver(frames, None, dealer_peer)
                     elif is_router:
@@ -467,7 +480,7 @@ class ZmqTransport(Transport):
             return
         self._bulk_port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._bulk_router = sock
-        self._aux[sock] = lambda: self._drain_bulk(sock, None)
+        self._aux[sock] = lambda: self._drain_bulk(sock, None, None)
         self._watch(sock)
 
     def _bulk_socket(self, kind: int) -> zmq.Socket:
@@ -492,15 +505,20 @@ class ZmqTransport(Transport):
                 self._offer(peer, out, now)
             if current is None:
                 return False
+        first = current.session.next_counter
         try:
             for piece in current.session.seal(frames):  # each piece on its way while the next is sealed
                 _send_frames(current.sock, piece)
+            # Where the message stands among those on the CURVE connection: see bulk.Sequencer.
+            curve_sock = self._dealers.get(peer) or self._connect(peer)
+            _send_frames(curve_sock, bulk.mark_frames(current.session.sid, first))
         except zmq.Again:
             raise TransportError(f"bulk send queue to {peer!r} is full ({self._hwm} messages); is it alive?") from None
         except zmq.ZMQError as e:
             raise TransportError(f"bulk send to {peer!r} failed: {e.strerror}") from None
         self.bulk_stats["sealed"] += 1
         self._recheck_later(current.sock)
+        self._recheck_later(curve_sock)
         return True
 
     def _offer(self, peer: str, out: _Outbound, now: float) -> None:
@@ -518,8 +536,16 @@ class ZmqTransport(Transport):
         self._bulk_pending[session.sid] = peer
         self._recheck_later(sock)
 
-    def _on_offer(self, route: bytes, principal: str, frames: list) -> None:
-        """An OFFER, from inside the CURVE connection ``route`` whose key ZAP named ``principal``."""
+    def _on_router_control(self, route: bytes, principal: str, frames: list) -> None:
+        """OFFER or MARK, from inside the CURVE connection ``route`` whose key ZAP named ``principal``."""
+        if frames[0] == bulk.MARK:
+            mark = bulk.parse_mark(frames)
+            inbound = self._bulk_in.get(mark[0]) if mark is not None else None
+            if inbound is None or inbound.route != route:
+                self._bulk_rejected("malformed_control", "a bulk mark for no session of that connection", principal)
+                return
+            self._mark(route, mark)
+            return
         offer = bulk.parse_offer(frames)
         if offer is None or not principal:
             self._bulk_rejected("malformed_control", "a malformed bulk control message", principal)
@@ -545,8 +571,18 @@ class ZmqTransport(Transport):
                 self._bulk_by_route.pop(old.route, None)
         self.reply(route, bulk.accept_frames(sid, self._bulk_port))
 
-    def _on_accept(self, dealer: zmq.Socket, frames: list) -> None:
-        """An ACCEPT, from inside the CURVE connection of ``dealer`` (its server proved its key)."""
+    def _on_dealer_control(self, dealer: zmq.Socket, frames: list) -> None:
+        """ACCEPT or MARK, from inside the CURVE connection of ``dealer`` (its server proved its key)."""
+        if frames[0] == bulk.MARK:
+            mark = bulk.parse_mark(frames)
+            out = self._bulk_out.get(self._dealer_names.get(dealer, ""))
+            sids = {link.session.sid for link in (out.current, out.previous) if link is not None} if out else set()
+            if mark is None or mark[0] not in sids:
+                self._bulk_rejected("malformed_control", "a bulk mark for no session of that connection",
+                                    self._dealer_peer.get(dealer, "?"))
+                return
+            self._mark(dealer, mark)
+            return
         accept = bulk.parse_accept(frames)
         peer = self._bulk_pending.get(accept[0]) if accept is not None else None
         out = self._bulk_out.get(peer) if peer is not None else None
@@ -568,7 +604,7 @@ class ZmqTransport(Transport):
         if out.previous is not None:  # two rotations ago: its replies have long arrived
             self._close_aux(out.previous.sock)
         out.previous, out.current = out.current, _Link(session, sock)
-        self._aux[sock] = lambda: self._drain_bulk(sock, session)
+        self._aux[sock] = lambda: self._drain_bulk(sock, session, peer)
         self._watch(sock)
 
     def _reply_bulk(self, route: Any, frames: Sequence[Any]) -> bool:
@@ -576,6 +612,7 @@ class ZmqTransport(Transport):
         inbound = sessions[-1] if sessions else None
         if inbound is None or inbound.bulk_route is None or self._bulk_router is None:
             return False
+        first = inbound.session.next_counter
         try:
             for piece in inbound.session.seal(frames):
                 _zsend(self._bulk_router, inbound.bulk_route, _NOBLOCK_MORE)
@@ -583,14 +620,20 @@ class ZmqTransport(Transport):
         except zmq.ZMQError:  # that bulk connection is gone (ROUTER_MANDATORY): CURVE still reaches the caller
             inbound.bulk_route = None
             return False
+        try:
+            _zsend(self._router, route, _NOBLOCK_MORE)
+            _send_frames(self._router, bulk.mark_frames(inbound.session.sid, first))
+        except zmq.ZMQError as e:
+            who = route.decode(errors="replace") if isinstance(route, bytes) else route
+            raise TransportError(f"reply to {who!r} failed: {e.strerror}") from None
+        self._recheck_later(self._router)
         self.bulk_stats["sealed"] += 1
         self._recheck_later(self._bulk_router)
         return True
 
-    def _drain_bulk(self, sock: zmq.Socket, session: BulkSession | None) -> None:
+    def _drain_bulk(self, sock: zmq.Socket, session: BulkSession | None, peer: str | None) -> None:
         """Sealed messages on the bulk ROUTER (``session`` None: look it up by id) or on a bulk
         DEALER (``session``: the one it was opened for). Whatever fails to open is dropped and counted."""
-        receiver = self._receiver
         is_router = session is None
         leading = 2 if is_router else 1
         for _ in range(64):
@@ -620,19 +663,26 @@ class ZmqTransport(Transport):
                 if opener is not None and opener.abandoned:
                     opener.abandoned = 0
                     self._bulk_rejected("truncated", "a bulk message ended before its last piece", opener.principal)
+            # The connection this message belongs to in order: its session's CURVE connection.
+            conn = inbound.route if is_router else self._dealers.get(peer)
+            sequencer = self._sequencers.get(conn)
+            if sequencer is not None:
+                sequencer.last_progress = time.monotonic()
             if frames is None:
                 continue  # more pieces to come
             self.bulk_stats["opened"] += 1
-            if receiver is None:
+            if is_router:
+                inbound.bulk_route = parts[0]  # where large replies to this session go
+                payload = (frames, inbound.route, opener.principal)
+            else:
+                payload = (frames, None, opener.principal)
+            if conn is None:  # its CURVE connection is gone: no order left to keep
+                self._deliver(None, [payload])
                 continue
-            try:
-                if is_router:
-                    inbound.bulk_route = parts[0]  # where large replies to this session go
-                    receiver(frames, inbound.route, inbound.session.principal)
-                else:
-                    receiver(frames, None, session.principal)
-            except Exception:
-                log.exception("receiver on %s failed; message dropped", self.name)
+            if sequencer is None:
+                sequencer = self._sequencers[conn] = bulk.Sequencer(time.monotonic())
+            key = (opener.sid, bulk.first_counter(sealed[0]))
+            self._deliver(conn, sequencer.opened(key, payload))
         if not sock.closed:
             self._drain_scheduled.add(sock)
             self._loop.call_soon(self._drain, sock)
@@ -646,12 +696,59 @@ class ZmqTransport(Transport):
             log.warning("node %r dropped a bulk message (%s, session of %s): %s (further ones logged at most once a "
                         "minute; %d dropped in all)", self.name, reason, who, text, self.bulk_stats["rejected"])
 
+    # Order across the two connections: see bulk.Sequencer.
+
+    ORDER_WAIT_SECONDS = 10.0  # a connection waits this long for a sealed message making no progress
+
+    def _mark(self, conn: Any, mark: tuple[bytes, int]) -> None:
+        sequencer = self._sequencers.get(conn)
+        if sequencer is None:
+            sequencer = self._sequencers[conn] = bulk.Sequencer(time.monotonic())
+        self._deliver(conn, sequencer.mark(mark))
+
+    def _deliver(self, conn: Any, items: list) -> None:
+        """Hand ``items`` (receiver arguments) to the node in order, then look after ``conn``'s
+        sequencer: a timer while it waits, gone when it holds nothing."""
+        receiver = self._receiver
+        for item in items:
+            if receiver is None:
+                break
+            try:
+                receiver(*item)
+            except Exception:  # a bug upstream must not stall the connection
+                log.exception("receiver on %s failed; message dropped", self.name)
+        sequencer = self._sequencers.get(conn)
+        if sequencer is None:
+            return
+        if sequencer.dropped:
+            self._bulk_rejected("unmarked", f"{sequencer.dropped} sealed message(s) whose mark never came",
+                                "?")
+            sequencer.dropped = 0
+        if sequencer.idle():
+            del self._sequencers[conn]
+        elif sequencer.waiting_for() is not None and conn not in self._order_timers and self._loop is not None:
+            self._order_timers[conn] = self._loop.call_later(self.ORDER_WAIT_SECONDS, self._order_check, conn)
+
+    def _order_check(self, conn: Any) -> None:
+        self._order_timers.pop(conn, None)
+        sequencer = self._sequencers.get(conn)
+        if sequencer is None or self._closed:
+            return
+        key = sequencer.waiting_for()
+        if key is not None and time.monotonic() - sequencer.last_progress >= self.ORDER_WAIT_SECONDS:
+            # Refused, or lost with its bulk connection: what came after it goes on without it.
+            self._bulk_rejected("lost", "a sealed message named by a mark never opened", "?")
+            self._deliver(conn, sequencer.give_up(key))
+        else:
+            self._deliver(conn, [])  # sets the next timer
+
     def _monitor_dealer(self, peer: str, dealer: zmq.Socket) -> None:
         """Watch a CURVE DEALER's connection: a bulk session dies with it."""
         if self._keys is None or self._loop is None:
             return
         monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitors[dealer] = monitor
+        self._dealer_names[dealer] = peer
         self._aux[monitor] = lambda: self._drain_monitor(peer, dealer, monitor)
         self._watch(monitor)
 
@@ -767,7 +864,7 @@ class _Outbound:
     """What a sender has for one peer: the session in use, the one before it (its replies may
     still come), an offer awaiting its ACCEPT, and whether the peer said it has no bulk path."""
 
-    __slots__ = ("current", "previous", "pending", "disabled")
+    __slots__ = ("current", "disabled", "pending", "previous")
 
     def __init__(self) -> None:
         self.current: _Link | None = None
@@ -781,7 +878,7 @@ class _Inbound:
     there, and its messages are delivered as from that route) and, once a message has opened,
     to the bulk connection it came on (where large replies go)."""
 
-    __slots__ = ("session", "route", "bulk_route")
+    __slots__ = ("bulk_route", "route", "session")
 
     def __init__(self, session: BulkSession, route: bytes) -> None:
         self.session, self.route = session, route

@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmlsys.node import Directory, Node
+from dmlsys.node import Directory, Node, Service, oneway, rpc
 from dmlsys.wire import bulk, curve
 from dmlsys.wire.bulk import BULK_MIN_BYTES, BulkSession
 from dmlsys.wire.codec import Kind
@@ -319,5 +319,41 @@ def test_keys_rotate_without_losing_a_message_and_old_sessions_are_let_go(key, t
             assert len(seen) >= 3  # rotated, and every message still arrived exactly
             assert len(b.transport._bulk_in) <= 2  # the acceptor keeps the newest two of a connection
             assert b.transport.bulk_stats["rejected"] == 0
+
+    asyncio.run(main())
+
+
+class Recorder(Service):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    @oneway
+    def note(self, body):
+        self.seen.append(body["i"])
+
+    @rpc
+    def count(self, body):
+        return len(self.seen)
+
+
+def test_large_and_small_messages_to_a_peer_arrive_in_the_order_they_were_sent(key, tmp_path):
+    """Large ones take the bulk connection, small ones CURVE: a MARK keeps their order."""
+
+    async def main():
+        async with cluster(key, "tcp", tmp_path) as c:
+            recorder = Recorder()
+            b = await c.add("b", "", recorder, Guarded())
+            a = await c.add("a")
+            await bulk_ready(a, b)
+            rng = np.random.default_rng(3)
+            sizes = [int(n) for n in rng.choice([0, 10, BULK_MIN_BYTES, 3 << 20], 40)]
+            for i, n in enumerate(sizes):
+                a.send("b", "recorder", "note", {"i": i, "a": np.ones(n, np.uint8)})
+            await eventually(lambda: len(recorder.seen) == len(sizes), timeout=20)
+            assert recorder.seen == list(range(len(sizes)))
+            assert b.transport.bulk_stats["opened"] >= sizes.count(3 << 20)
+            assert not b.transport._sequencers  # nothing left waiting
 
     asyncio.run(main())

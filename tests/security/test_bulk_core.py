@@ -186,3 +186,45 @@ def test_control_messages_parse_only_when_well_formed():
     assert bulk.parse_accept(bulk.accept_frames(s.sid, 5555)) == (s.sid, 5555)
     assert bulk.parse_accept([bulk.ACCEPT, s.sid, b"99999"]) is None
     assert bulk.OFFER[:1] == bulk.ACCEPT[:1] == bulk.CONTROL_LEAD == b"\xc1"  # msgpack's unused byte
+
+
+# -- order across the two connections -------------------------------------------------------------
+
+
+@given(
+    large=st.lists(st.booleans(), min_size=1, max_size=12),
+    schedule=st.lists(st.booleans(), max_size=40),
+    lost=st.sets(st.integers(0, 11), max_size=3),
+)
+@FAST
+def test_the_sequencer_delivers_in_the_order_sent_however_the_two_connections_interleave(large, schedule, lost):
+    """Message i is small (it comes on the CURVE connection) or large (a MARK comes on the CURVE
+    connection, the sealed message on the bulk one). The two streams arrive interleaved as
+    ``schedule`` says; a few sealed messages are lost (the receiver gives up on them)."""
+    curve_stream = [("mark", i) if big else ("small", i) for i, big in enumerate(large)]
+    bulk_stream = [i for i, big in enumerate(large) if big and i not in lost]
+    seq = bulk.Sequencer()
+    delivered: list[int] = []
+    turns = iter(schedule)
+    while curve_stream or bulk_stream:
+        take_bulk = bulk_stream and (not curve_stream or next(turns, False))
+        if take_bulk:
+            i = bulk_stream.pop(0)
+            delivered += seq.opened(("s", i), i)
+        else:
+            kind, i = curve_stream.pop(0)
+            delivered += seq.mark(("s", i)) if kind == "mark" else seq.message(i)
+        while seq.waiting_for() is not None and seq.waiting_for()[1] in lost and not bulk_stream:
+            delivered += seq.give_up(seq.waiting_for())  # the timer: nothing more will come
+    assert delivered == [i for i in range(len(large)) if not (large[i] and i in lost)]
+    assert seq.idle()
+
+
+def test_the_sequencer_holds_only_so_many_messages_whose_mark_has_not_come():
+    seq = bulk.Sequencer()
+    for i in range(bulk.Sequencer.MAX_HELD + 3):  # (opened with no MARK: a payload of one int each)
+        assert seq.opened(("s", i), i) == []
+    assert seq.dropped == 3
+    assert seq.mark(("s", 0)) == []  # among the dropped: waits, until given up
+    assert seq.give_up(("s", 0)) == []
+    assert seq.mark(("s", 3)) == [3]
