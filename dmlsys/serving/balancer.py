@@ -22,6 +22,16 @@ that means nothing ran is retried at once elsewhere, at most ``max_not_ready_ret
 and never counts against the replica: ``NotReady`` (loading or draining: also out of rotation
 until its next probe), ``QueueFull`` and ``NodeBusy`` (healthy, only busy), and a reply from a
 replica on a version that is not served. ``BadInput`` is never retried: it would fail anywhere.
+
+**Turn affinity.** On the door's hot path (``predict_then``) the predicts of one loop turn ride
+along, up to ``turn_affinity`` of them, in the message to the replica that the turn's first pick
+went to, as long as that replica stays eligible and nobody is queued; the policy picks again
+after that, and in every later turn. A replica's batcher then runs one larger batch, and the
+gateway sends and decodes fewer messages: at 4 replicas with 64 clients (2026-12-06, loaded
+machine) a message carried ~5 predicts without it, and the gateway's and the replicas' CPU per
+request fell by about a third with it. The policy still decides who gets each turn's traffic;
+what it no longer does is split one turn's arrivals among replicas. A request key
+(consistent hashing) is never ridden along: its owner is the policy's to choose.
 """
 
 from __future__ import annotations
@@ -63,6 +73,10 @@ class BalancerConfig:
     max_queue: int = 1024  # per model
     max_not_ready_retries: int = 3  # refusals by loading/draining/busy replicas: nothing ran, cheap to retry
     models: tuple[str, ...] = ()  # serve only these (empty: every model a replica serves)
+    # At most this many predicts of one loop turn ride along in the message to the replica the
+    # turn's first pick went to (while it stays eligible), rather than each picked on its own:
+    # fewer, larger messages and batches. 1: every predict is picked by the policy.
+    turn_affinity: int = 16
     ejection: EjectionConfig = EjectionConfig()
 
     def __post_init__(self) -> None:
@@ -70,6 +84,8 @@ class BalancerConfig:
         for name in ("probe_period", "probe_timeout", "try_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.turn_affinity < 1:
+            raise ValueError(f"turn_affinity must be >= 1 (1: every predict picked on its own), got {self.turn_affinity}")
         if self.max_in_flight < 1 or self.max_queue < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queue >= 0")
 
@@ -98,6 +114,7 @@ class Balancer:
             node, new_pool=self._new_pool, models=config.models, probe_period=config.probe_period,
             probe_timeout=config.probe_timeout, may_serve=self.pins.may_serve, on_change=self.admission.wake)
         self.coalescer = Coalescer(node)
+        self._turn: dict[str, Any] = {}  # model -> the replica its latest pick went to (see turn_affinity)
         self._rollout = Rollout(node, self.membership, self.pins, poll=min(0.05, config.probe_period))
         self.retries = 0  # tries retried on another replica
         self.failed = 0  # requests that failed after their tries
@@ -159,9 +176,16 @@ class Balancer:
         now = asyncio.get_running_loop().time()
         if deadline <= now:
             return False
-        r = self.admission.try_acquire(pool, now, key, ())
-        if r is None:
-            return False
+        r = self._turn.get(model) if key is None else None
+        if (r is not None and 0 < self.coalescer.open(r.name) < self.config.turn_affinity and r.ready
+                and not r.draining and now >= r.ejected_until and r.in_flight < pool.max_in_flight
+                and pool.replicas.get(r.name) is r and not self.admission.queued(model)):
+            r.in_flight += 1  # this turn's message to r has room: ride along (see turn_affinity)
+        else:
+            r = self.admission.try_acquire(pool, now, key, ())
+            if r is None:
+                return False
+            self._turn[model] = r
         self.coalescer.send_then(r.name, body, min(self.config.try_timeout, deadline - now),
                                  functools.partial(self._first_try_done, pool, r, model, body, deadline, key, done))
         return True

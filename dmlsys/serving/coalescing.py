@@ -60,6 +60,11 @@ class Coalescer:
         if len(box) >= messages.MAX_ITEMS:  # full: it leaves now, the next request starts a new one
             self._flush(replica)
 
+    def open(self, replica: str) -> int:
+        """Predicts waiting for this turn's message to ``replica`` (0: none is open)."""
+        box = self._outbox.get(replica)
+        return len(box) if box else 0
+
     def _flush(self, replica: str) -> None:
         items = self._outbox.pop(replica, None)
         if items:

@@ -20,6 +20,8 @@
                                            max_queue = 1024          # per model, for a free replica
                                            deadline = 10.0           # seconds, per request
                                            try_timeout = 2.0         # seconds, per try
+                                           turn_affinity = 16        # predicts of a loop turn
+                                                                     # riding one message (1: off)
                                            max_instances = 64
                                            max_body_bytes = 4194304  # over it: 413
                                            max_connections = 1024    # open at once; over it: 503
@@ -49,7 +51,7 @@ REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "
 GATEWAY_KEYS = {"http", "policy", "probe_period", "probe_timeout", "try_timeout", "max_in_flight", "max_queue",
                 "deadline", "max_instances", "max_body_bytes", "max_connections", "read_timeout", "idle_timeout",
                 "models", "consecutive_failures", "base_ejection", "max_ejection", "tls_cert", "tls_key", "router",
-                "replica_max_input_bytes", "tiers", "api_keys", "reuse_port"}
+                "replica_max_input_bytes", "tiers", "api_keys", "reuse_port", "turn_affinity"}
 
 
 def build_replica(ctx) -> list[Service]:
@@ -114,7 +116,7 @@ def build_gateway(ctx) -> list[Service]:
         policy=policy, probe_period=_seconds(config, "probe_period", 0.5),
         probe_timeout=_seconds(config, "probe_timeout", 1.0), try_timeout=_seconds(config, "try_timeout", 2.0),
         max_in_flight=_int(config, "max_in_flight", 64), max_queue=_int(config, "max_queue", 1024, low=0),
-        models=tuple(models),
+        models=tuple(models), turn_affinity=_int(config, "turn_affinity", 16),
         ejection=EjectionConfig(consecutive_failures=_int(config, "consecutive_failures", 3),
                                 base_ejection=base, max_ejection=longest),
     )

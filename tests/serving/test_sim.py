@@ -233,3 +233,46 @@ def test_after_a_rollout_a_restarted_replica_comes_back_on_the_rolled_out_versio
         await c.stop()
 
     run(scenario)
+
+
+def test_a_turns_predicts_ride_one_message_up_to_turn_affinity_and_spread_without_it():
+    """16 predicts arriving in one loop turn: with turn_affinity 16 they go to one replica as one
+    message; with 1 each is picked by the policy (power of two choices), over several replicas."""
+    async def scenario(affinity):
+        c = Cluster(5, config=BalancerConfig(probe_period=0.2, try_timeout=1.0, turn_affinity=affinity))
+        c.nowait = True
+        await c.start()
+        replies, errors = await c.stream(16, 0.0)
+        assert errors == [] and len(replies) == 16
+        messages = c.balancer.coalescer.messages
+        await c.stop()
+        return messages
+
+    assert run(lambda: scenario(16)) == 1
+    assert run(lambda: scenario(1)) >= 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_losing_a_replica_under_bursts_that_ride_one_message_fails_no_request(seed):
+    async def scenario():
+        c = Cluster(seed)
+        c.nowait = True
+        await c.start()
+
+        async def strike():
+            await asyncio.sleep(0.5)
+            c.net.crash("r1")
+            c.replicas["r1"].kill()
+
+        striker = asyncio.get_running_loop().create_task(strike())
+        results = []
+        for _ in range(10):  # bursts of 12 in one turn, every 0.1 s: each burst rides one message
+            results.append(await c.stream(12, 0.0, deadline=5.0))
+            await asyncio.sleep(0.1)
+        await striker
+        assert [e for _, errors in results for e in errors] == []
+        assert sum(len(replies) for replies, _ in results) == 120
+        assert c.balancer.retries >= 1  # a burst really was on r1 when it went
+        await c.stop()
+
+    run(scenario)
