@@ -12,7 +12,8 @@ bytes of id and a 32-byte random key, sent to the peer *inside the CURVE connect
 to the connection's route, and answers on it with the port of its bulk socket (``ACCEPT``).
 From then on messages to that peer above ``BULK_MIN_BYTES`` travel on the bulk socket as
 ``seal`` makes them; the receiver delivers what ``open`` accepts as coming from the session's
-principal, over the session's CURVE route. Only the two ends ever hold the key, and it only
+principal, over the session's CURVE route, in the place its ``MARK`` (sent after it inside the
+CURVE connection) holds there: see ``Sequencer``. Only the two ends ever hold the key, and it only
 ever travelled encrypted and authenticated, so a valid bulk message comes from the principal
 that made the session (or from the receiver itself).
 

@@ -460,9 +460,9 @@ class ZmqTransport(Transport):
     # as long as the CURVE connection it was offered on: a monitor on that DEALER drops it when
     # the connection drops (the peer may come back as a new process that knows no session), and
     # the next large message offers a new one. Large replies go back on the bulk connection the
-    # request's session last arrived on. A message above BULK_MIN_BYTES and a smaller one to the
-    # same peer travel on different connections, so they may arrive in either order (as on the
-    # simulated network with jitter); each path alone keeps its order.
+    # request's session last arrived on. Every sealed message also leaves a MARK in the CURVE
+    # connection, and the receiver delivers in the CURVE connection's order (bulk.Sequencer):
+    # one peer's messages arrive in the order they were sent, whichever connection they took.
 
     OFFER_RETRY_SECONDS = 5.0  # an offer unanswered this long (the peer gone, or old) is made again
     MAX_INBOUND_SESSIONS = 4096  # bounded: offers come only from members, two kept per connection
