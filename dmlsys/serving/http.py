@@ -185,8 +185,9 @@ def encode_reply(reply: Reply, close: bool) -> bytes:
         extra = b""
     elif type(extra) is not bytes:  # a dict; bytes are header lines encoded already (CRLF after each)
         extra = "".join([f"{k}: {v}\r\n" for k, v in extra.items()]).encode("latin-1")
-    return b"%sContent-Length: %d\r\n%s%s%s\r\n%s" % (line, len(reply.body), _DATE.get(), extra,
-                                                      b"Connection: close\r\n" if close else b"", reply.body)
+    body = reply.body
+    return b"".join((line, b"Content-Length: %d\r\n" % len(body), _DATE.get(), extra,
+                     b"Connection: close\r\n\r\n" if close else b"\r\n", body))  # a third faster than one %
 
 
 class _Refused(Exception):
@@ -420,6 +421,10 @@ class _Connection(asyncio.Protocol):
                 continue
             break
         if pos == 0 and data is self.buf:
+            return
+        if pos >= len(data):  # all of it consumed: the common case, one whole request per read
+            if self.buf:
+                self.buf = bytearray()
             return
         rest = data[pos:]
         self.buf = rest if type(rest) is bytearray else bytearray(rest)
