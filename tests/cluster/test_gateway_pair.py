@@ -75,18 +75,19 @@ def test_a_rollout_reaches_both_gateways_and_a_killed_one_leaves_the_door_open(c
     assert {_predict(base) for _ in range(30)} == {1}
 
     # SIGKILL gateway-0 under load from four clients, one new connection per request.
-    results: list[tuple[float, str]] = []
+    results: list[tuple[float, float, str]] = []  # (start, end, outcome) of each request
     stop = threading.Event()
 
     def client():
         while not stop.is_set():
             t = time.monotonic()
             try:
-                results.append((t, f"v{_predict(base, timeout=15)}"))
+                outcome = f"v{_predict(base, timeout=15)}"
             except urllib.error.HTTPError as e:
-                results.append((t, f"http {e.code}"))
+                outcome = f"http {e.code}"
             except (ConnectionError, urllib.error.URLError) as e:  # refused or reset: the client knows at once
-                results.append((t, type(getattr(e, "reason", e)).__name__))
+                outcome = type(getattr(e, "reason", e)).__name__
+            results.append((t, time.monotonic(), outcome))
             time.sleep(0.02)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -102,9 +103,9 @@ def test_a_rollout_reaches_both_gateways_and_a_killed_one_leaves_the_door_open(c
         stop.set()
         for t in threads:
             t.join(20)
-    before = [r for t, r in results if t < killed_at]
-    after = [r for t, r in results if t > killed_at + 0.3]  # connections made once the kernel knows
-    at_kill = [r for t, r in results if killed_at <= t <= killed_at + 0.3]
+    before = [r for t, end, r in results if end < killed_at]
+    after = [r for t, end, r in results if t > killed_at + 0.3]  # connections made once the kernel knows
+    at_kill = [r for t, end, r in results if end >= killed_at and t <= killed_at + 0.3]
     assert before and set(before) == {"v1"}, set(before)
     assert len(after) > 20 and set(after) == {"v1"}, {r: after.count(r) for r in set(after)}
     # What the dying process held is answered at once by a reset (never silence): at most one per client.
