@@ -23,6 +23,9 @@ def test_replica_and_gateway_build_from_valid_config():
     assert gateway.config.http == "0.0.0.0:9" and gateway.config.balancer.policy == "round-robin"
     [gateway] = build_gateway(ctx({"max_connections": 8, "read_timeout": 2.5, "idle_timeout": 30}))
     assert (gateway.config.max_connections, gateway.config.read_timeout, gateway.config.idle_timeout) == (8, 2.5, 30)
+    assert gateway.config.balancer.turn_affinity == 16
+    [gateway] = build_gateway(ctx({"turn_affinity": 1}))
+    assert gateway.config.balancer.turn_affinity == 1  # off: every predict picked by the policy
     [replica] = build_replica(ctx({"model": "m", "max_queue": 16}))
     assert replica.config.max_queue == 16 and replica.config.http is None  # no HTTP of its own by default
     [replica] = build_replica(ctx({"model": "m", "http": "127.0.0.1:0"}))
@@ -45,6 +48,7 @@ def test_replica_and_gateway_build_from_valid_config():
     (build_gateway, {"max_connections": 0}, "max_connections"),
     (build_gateway, {"read_timeout": 0}, "read_timeout"),
     (build_gateway, {"idle_timeout": "long"}, "idle_timeout"),
+    (build_gateway, {"turn_affinity": 0}, "turn_affinity"),
 ])
 def test_bad_config_names_the_key(build, config, key):
     with pytest.raises(ConfigError) as info:
