@@ -127,7 +127,7 @@ async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = Fal
         meter = Meter(net, steps)
         try:
             trainers = [PsTrainer(arch, hp, node=nodes[shards + r], shards=shard_names, workers=WORKERS, job="job",
-                                  consistency=consistency, progress=False, offload=False,
+                                  consistency=consistency, progress=False, offload=True,
                                   on_epoch=_both(meter.on_epoch, on_epoch) if r == 0 else None)
                         for r in range(len(WORKERS))]
             if slow:
@@ -156,7 +156,7 @@ def _slow_down(trainer) -> None:
     async def slow(fn, *args):
         t0 = time.perf_counter()
         out = await run(fn, *args)
-        if fn is trainer._grads:
+        if fn == trainer._host_grads:
             await asyncio.sleep(time.perf_counter() - t0)
         return out
 

@@ -1,11 +1,15 @@
 """A shard's durable state: a write-ahead log of accepted updates and atomic checkpoints.
 
-**The write-ahead log** is one file of records, each ``[u32 length][u32 crc32][payload]`` with a
-msgpack payload whose arrays are ``[dtype, shape, bytes]`` (no pickle: a log is data, never code).
-``append`` writes a record and fsyncs before it returns; the shard acknowledges an update only
-after that, so an acknowledged update survives a crash of the process or the machine. A crash in
-the middle of an append leaves a torn last record: ``replay`` stops at the first record whose
-length or checksum does not hold and cuts the file there (that update was never acknowledged).
+**The write-ahead log** is one file of records, each
+``[u32 meta length][u64 data length][u64 xxh3-64 of meta and data][meta][data]``: ``meta`` is
+msgpack (no pickle: a log is data, never code) in which each array is a reference
+``[dtype, shape, offset]`` into ``data``, the arrays' raw bytes one after another. The arrays
+are written from their own buffers (no copy into a payload) and the checksum is xxh3 (a push
+carries megabytes; crc32 over them cost more than the rest of the shard's work). ``append``
+writes a record and fsyncs before it returns; the shard acknowledges an update only after that,
+so an acknowledged update survives a crash of the process or the machine. A crash in the middle
+of an append leaves a torn last record: ``replay`` stops at the first record whose lengths or
+checksum do not hold and cuts the file there (that update was never acknowledged).
 
 **Checkpoints** are one ``.npz`` (``allow_pickle=False``) of named arrays plus a JSON ``meta``
 entry, written to a temporary file in the same directory, fsynced, renamed over the old one, and
@@ -22,18 +26,18 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
+import xxhash
 
 from dmlsys.ps.errors import PsError
 
-_HEAD = struct.Struct("<II")
-_ARRAY = 1  # msgpack ext code
+_HEAD = struct.Struct("<IQQ")
+_REF = 2  # msgpack ext code: an array in the record's data (dtype, shape, offset)
 MAX_RECORD = 1 << 31
 
 
@@ -41,33 +45,58 @@ class LogError(PsError):
     """A checkpoint or log file cannot be read; names the file."""
 
 
-def _default(obj: Any) -> Any:
+def _array(obj: Any) -> np.ndarray | None:
     if isinstance(obj, np.ndarray) or hasattr(obj, "__array__") and hasattr(obj, "dtype"):
         array = np.ascontiguousarray(np.asarray(obj))
         if array.dtype.kind not in "biufc":
             raise TypeError(f"cannot log an array of dtype {array.dtype}")
-        return msgpack.ExtType(_ARRAY, msgpack.packb([array.dtype.str, list(array.shape), array.tobytes()]))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot log a {type(obj).__name__}")
+        return array
+    return None
 
 
-def _ext(code: int, data: bytes) -> Any:
-    if code != _ARRAY:
-        raise LogError(f"unknown ext type {code} in a log record")
-    dtype, shape, raw = msgpack.unpackb(data)
+def _checked_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype.kind not in "biufc":
         raise LogError(f"array of dtype {dtype} in a log record")
-    return np.frombuffer(raw, dtype).reshape(shape)
+    return dtype
 
 
-def pack(record: Any) -> bytes:
-    return msgpack.packb(record, default=_default, use_bin_type=True)
+def pack_parts(record: Any) -> tuple[bytes, list[memoryview]]:
+    """``(meta, buffers)``: msgpack with each array replaced by a reference to its place in the
+    concatenated buffers, and the arrays' own bytes (not copied)."""
+    buffers: list[memoryview] = []
+    offset = 0
+
+    def default(obj: Any) -> Any:
+        nonlocal offset
+        array = _array(obj)
+        if array is None:
+            if isinstance(obj, np.generic):
+                return obj.item()
+            raise TypeError(f"cannot log a {type(obj).__name__}")
+        view = memoryview(array).cast("B") if array.nbytes else memoryview(b"")
+        buffers.append(view)
+        ref = msgpack.ExtType(_REF, msgpack.packb([array.dtype.str, list(array.shape), offset]))
+        offset += array.nbytes
+        return ref
+
+    return msgpack.packb(record, default=default, use_bin_type=True), buffers
 
 
-def unpack(payload: bytes) -> Any:
-    return msgpack.unpackb(payload, ext_hook=_ext, raw=False, strict_map_key=False)
+def unpack_parts(meta: bytes | memoryview, data: memoryview) -> Any:
+    """The record ``pack_parts`` made; its arrays are read-only views of ``data``."""
+
+    def ext(code: int, raw: bytes) -> Any:
+        if code != _REF:
+            raise LogError(f"unknown ext type {code} in a log record")
+        dtype, shape, offset = msgpack.unpackb(raw)
+        dtype = _checked_dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if offset < 0 or count < 0 or offset + count * dtype.itemsize > len(data):
+            raise LogError(f"an array of a log record ({dtype}{tuple(shape)} at {offset}) lies outside its data")
+        return np.frombuffer(data, dtype, count, offset).reshape(shape)
+
+    return msgpack.unpackb(meta, ext_hook=ext, raw=False, strict_map_key=False)
 
 
 def fsync_dir(path: Path) -> None:
@@ -93,9 +122,17 @@ class WriteAheadLog:
         return self._file
 
     def append(self, record: Any) -> None:
-        payload = pack(record)
+        meta, buffers = pack_parts(record)
+        digest = xxhash.xxh3_64(meta)
+        size = 0
+        for b in buffers:
+            digest.update(b)
+            size += b.nbytes
         f = self._open()
-        f.write(_HEAD.pack(len(payload), zlib.crc32(payload)) + payload)
+        f.write(_HEAD.pack(len(meta), size, digest.intdigest()))
+        f.write(meta)
+        for b in buffers:
+            f.write(b)  # a large buffer goes straight to the file, not through the writer's buffer
         f.flush()
         if self.fsync:
             os.fsync(f.fileno())
@@ -105,17 +142,19 @@ class WriteAheadLog:
         """Every whole record in order; a torn or corrupt tail is cut off the file."""
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
+        data = memoryview(self.path.read_bytes())
         pos = good = 0
         out = []
         while pos + _HEAD.size <= len(data):
-            length, crc = _HEAD.unpack_from(data, pos)
-            start, stop = pos + _HEAD.size, pos + _HEAD.size + length
-            if length > MAX_RECORD or stop > len(data) or zlib.crc32(data[start:stop]) != crc:
+            meta_len, data_len, digest = _HEAD.unpack_from(data, pos)
+            start = pos + _HEAD.size
+            middle, stop = start + meta_len, start + meta_len + data_len
+            if meta_len + data_len > MAX_RECORD or stop > len(data) or \
+                    xxhash.xxh3_64_intdigest(data[start:stop]) != digest:
                 break
             try:
-                out.append(unpack(data[start:stop]))
-            except (ValueError, LogError, msgpack.UnpackException):
+                out.append(unpack_parts(data[start:middle], data[middle:stop]))
+            except (ValueError, TypeError, LogError, msgpack.UnpackException):
                 break
             pos = good = stop
         if good < len(data):

@@ -123,6 +123,18 @@ class PsTrainer:
         self.comm_seconds = 0.0
         self._grads, self._eval = _compiled(self.model)
 
+    def _host_grads(self, params, x, y) -> tuple[float, float, dict[str, np.ndarray]]:
+        """The gradient sums as numpy arrays by path, with the loss sum and the correct count.
+        All of it where ``_run`` runs it: JAX dispatches asynchronously, and reading a result
+        waits for the computation, which must not happen on the event loop."""
+        (lsum, ncorrect), grads = self._grads(params, x, y)
+        flat, _ = leaves_by_path(jax.device_get(grads))
+        return float(lsum), float(ncorrect), {p: np.asarray(g) for p, g in flat.items()}
+
+    def _host_eval(self, params, x, y, mask) -> tuple[float, float]:
+        loss, correct = self._eval(params, x, y, mask)
+        return float(loss), float(correct)
+
     async def _run(self, fn, *args):
         return await asyncio.to_thread(fn, *args) if self.offload else fn(*args)
 
@@ -198,13 +210,12 @@ class PsTrainer:
                 pulled = await self.client.pull(clock)
                 comm += time.perf_counter() - tc
                 params = self._rebuild(pulled.values)
-                (lsum, ncorrect), grads = await self._run(self._grads, params, batch.x, batch.y)
-                flat, _ = leaves_by_path(jax.device_get(grads))
+                lsum, ncorrect, grads = await self._run(self._host_grads, params, batch.x, batch.y)
                 tc = time.perf_counter()
-                await self.client.push(clock, {p: np.asarray(g) for p, g in flat.items()}, n=len(batch.y))
+                await self.client.push(clock, grads, n=len(batch.y))
                 comm += time.perf_counter() - tc
-                loss_sum += float(lsum)
-                correct += float(ncorrect)
+                loss_sum += lsum
+                correct += ncorrect
                 seen += len(batch.y)
                 progress.update(task, advance=1, loss=loss_sum / max(seen, 1))
         train_seconds = max(time.perf_counter() - t0, 1e-9)
@@ -229,8 +240,8 @@ class PsTrainer:
             x[: stop - start] = dataset.test_images[start:stop] * np.float32(1 / 255)
             y[: stop - start] = dataset.test_labels[start:stop]
             mask[: stop - start] = 1
-            loss, correct = await self._run(self._eval, params, x, y, mask)
-            totals += [float(loss), float(correct), stop - start]
+            loss, correct = await self._run(self._host_eval, params, x, y, mask)
+            totals += [loss, correct, stop - start]
         if totals[2] == 0:
             return float("nan"), float("nan")
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
