@@ -4,8 +4,12 @@ For each world size N and float32 buffer size, on loopback:
 
   ring   N processes, each a Node on a ZmqTransport (tcp://127.0.0.1 by default, or ipc:// in a
          temp dir) with a CollectiveService and a ProcessGroup with shared memory off
-         (``shm=False``): the socket ring, the path ranks on different hosts take. Up to 64 KiB
-         the group takes its direct path instead (row path "direct").
+         (``shm=False``): the socket ring, the path ranks on different hosts take. Over tcp://
+         without keys its data goes over a plain TCP connection per neighbour, received in place
+         (``dmlsys.collective.stream``). Up to 64 KiB the group takes its direct path instead
+         (row path "direct").
+  ring-zmq  (``--paths ring-zmq``) the same ring with its data on ZeroMQ (``stream=False``), as
+         a cluster with keys runs it (CURVE encrypts the data there; not measured here).
   shm    a second ProcessGroup in the same processes, shared memory allowed: every rank is on
          this host, so above 64 KiB it takes the shared-memory path. An advantage a user on one
          host really gets, but not like for like with gloo over TCP: its own labelled row.
@@ -135,10 +139,13 @@ async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
     # every rank's address, from the parent
     node.directory.update(Member(name, "", address) for name, address in conn.recv().items())
     kwargs = {"chunk_bytes": args["chunk_bytes"]} if args["chunk_bytes"] else {}
-    # One group per path: "ring" never takes shared memory; "shm" may (every rank is on this
-    # host, so above direct_bytes it does). Both take the direct path up to direct_bytes.
-    groups = {path: ProcessGroup(node, names, name=path, timeout=60, shm=False if path == "ring" else None, **kwargs)
-              for path in args["paths"]}
+    # One group per path: "ring" and "ring-zmq" never take shared memory; "shm" may (every rank
+    # is on this host, so above direct_bytes it does). All take the direct path up to
+    # direct_bytes. "ring" carries its data as the group decides over TCP without keys (a plain
+    # TCP stream per neighbour, dmlsys.collective.stream); "ring-zmq" keeps it on ZeroMQ, as a
+    # cluster with keys does.
+    opts = {"ring": {"shm": False}, "ring-zmq": {"shm": False, "stream": False}, "shm": {"shm": None}}
+    groups = {path: ProcessGroup(node, names, name=path, timeout=60, **opts[path], **kwargs) for path in args["paths"]}
     group = next(iter(groups.values()))  # the one the bench's own bookkeeping goes through
     if gloo_port:
         from datetime import timedelta
@@ -292,8 +299,8 @@ def _paired(ref: list[float], times: list[float]) -> float:
 
 
 # Open MPI's like-for-like transport beside each of our paths.
-MPI_BTL_FOR = {"ring": "tcp", "direct": "tcp", "shm": "shm"}
-PATH_ORDER = {"direct": 0, "ring": 1, "shm": 2}
+MPI_BTL_FOR = {"ring": "tcp", "ring-zmq": "tcp", "direct": "tcp", "shm": "shm"}
+PATH_ORDER = {"direct": 0, "ring": 1, "ring-zmq": 2, "shm": 3}
 
 
 def build_rows(ours: dict[str, list[dict]], mpi: list[dict]) -> list[dict]:
@@ -374,7 +381,7 @@ def print_table(rows: list[dict], console) -> None:
         btls = {k.split("_")[1] for k in r if k.startswith("mpi_") and k.endswith("_verified")}
         ok = [r["ours_verified"], r.get("gloo_verified", True), *[r[f"mpi_{b}_verified"] for b in btls]]
         cells += [r["target"], "yes" if all(ok) else "NO"]
-        table.add_row(*cells, style="bold" if r["headline"] else None, end_section=r["path"] != "ring")
+        table.add_row(*cells, style="bold" if r["headline"] else None, end_section=r["path"] not in ("ring", "ring-zmq"))
     console.print(table)
 
 
@@ -390,8 +397,9 @@ def main() -> int:
     p.add_argument("--inner-cap", type=int, default=100, help="at most this many ops per sample")
     p.add_argument("--transport", nargs="+", choices=["ipc", "tcp"], default=["tcp"],
                    help="our ranks' ZeroMQ transport(s): tcp://127.0.0.1 (default, the fair pair), ipc:// in a temp dir")
-    p.add_argument("--paths", nargs="+", choices=["ring", "shm"], default=["ring", "shm"],
-                   help="our paths above 64 KiB: the socket ring (shared memory off) and/or shared memory")
+    p.add_argument("--paths", nargs="+", choices=["ring", "ring-zmq", "shm"], default=["ring", "shm"],
+                   help="our paths above 64 KiB: the socket ring (shared memory off; its data over a TCP stream), "
+                        "the ring with its data on ZeroMQ (ring-zmq), shared memory")
     p.add_argument("--no-shm", action="store_true", help="only the socket ring (same as --paths ring)")
     p.add_argument("--chunk-bytes", type=parse_size, default=0, help="ProcessGroup chunk_bytes (default: its own)")
     p.add_argument("--no-gloo", action="store_true", help="do not run torch.distributed gloo")

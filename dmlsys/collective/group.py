@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from dmlsys.arrays import OPS
-from dmlsys.collective import direct, ring, schedule
+from dmlsys.collective import direct, ring, schedule, stream
 from dmlsys.collective import shm as shm_mod
 from dmlsys.collective.errors import CollectiveError, InvalidArgument
 from dmlsys.collective.link import SERVICE, PassLink
@@ -172,7 +172,7 @@ class ProcessGroup:
 
     def __init__(self, node: Node, members: list[str], *, name: str = "default", timeout: float = 30.0,
                  chunk_bytes: int = 2 << 20, bucket_bytes: int = 25 << 20, direct_bytes: int = 64 << 10,
-                 shm: bool | None = None) -> None:
+                 shm: bool | None = None, stream: bool | None = None) -> None:
         if node.name not in members:
             raise InvalidArgument(f"node {node.name!r} is not among the group's members {members}")
         if len(set(members)) != len(members):
@@ -198,6 +198,12 @@ class ProcessGroup:
         self.direct_bytes = direct_bytes
         self.ops = 0  # completed collective passes, for status
         self._use_shm = shm
+        # The ring allreduce's data over a plain TCP connection per neighbour (collective.stream):
+        # None decides from the members' addresses (all tcp://) and keys (none: the data would
+        # go unencrypted where the rest of the cluster is encrypted; True says that is wanted).
+        self._use_stream = stream
+        self._streams: stream.StreamState | None = None
+        self._stream_hosts: list[str] = []  # each member's host, as its ZeroMQ address names it
         self._shm = shm_mod.ShmState(f"{node.name}-{name}")
         self._pool = ring.BufferPool()  # results and private send copies of large passes, reused
         self._ranks = {m: i for i, m in enumerate(self.members)}
@@ -235,6 +241,8 @@ class ProcessGroup:
             self._mailbox.fail(self._link.seq, CollectiveError(f"{self._who}: the group was closed"))
         self._service.unregister(self)
         self._shm.close()
+        if self._streams is not None:
+            self._streams.close()
         self._pool.clear()
 
     async def leave(self, timeout: float | None = None) -> None:
@@ -289,6 +297,25 @@ class ProcessGroup:
             # Every rank asks the same question of the same address table: all decide alike.
             self._use_shm = shm_mod.available() and all(self.node.transport.is_local(m) for m in self.members)
         return self._use_shm
+
+    @property
+    def uses_stream(self) -> bool:
+        """Whether ring allreduces carry their data over plain TCP (decided on first use)."""
+        if self._use_stream is None or (self._use_stream and self._streams is None):
+            transport = self.node.transport
+            addresses = {**transport.peers(), self.node.name: transport.address}
+            missing = [m for m in self.members if not str(addresses.get(m, "")).startswith("tcp://")]
+            if missing:
+                if self._use_stream:
+                    raise InvalidArgument(f"{self._who}: stream=True needs every member on tcp://, but "
+                                          f"{', '.join(missing)} is not")
+                self._use_stream = False
+            elif self._use_stream is None:
+                self._use_stream = not transport.authenticated
+            if self._use_stream:
+                self._streams = stream.StreamState(stream.host_of(transport.address))
+                self._stream_hosts = [stream.host_of(addresses[m]) for m in self.members]
+        return bool(self._use_stream)
 
     # -- public collectives -----------------------------------------------------------------
 
@@ -380,6 +407,11 @@ class ProcessGroup:
                     result = await direct.allreduce(link, OPS[op], flat)
                 elif kind != "reduce_scatter" and self.uses_shm:
                     result = await shm_mod.allreduce(link, OPS[op], flat)
+                elif kind == "allreduce" and self.uses_stream:
+                    succ = (self.rank + 1) % self.size
+                    result = await stream.allreduce(link, self._streams, self._stream_hosts[succ], OPS[op], flat,
+                                                    self.members[(self.rank - 1) % self.size], self.members[succ],
+                                                    self._probe_budget)
                 else:
                     result = await ring.allreduce(link, OPS[op], flat, gather=kind != "reduce_scatter")
                 ok = True

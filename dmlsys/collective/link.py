@@ -24,7 +24,7 @@ import numpy as np
 
 from dmlsys.collective.errors import CollectiveError
 from dmlsys.collective.mailbox import Mailbox
-from dmlsys.node import Node, PeerUnreachable
+from dmlsys.node import Node, NodeError, PeerUnreachable
 
 if TYPE_CHECKING:
     from dmlsys.collective.ring import BufferPool
@@ -120,6 +120,19 @@ class PassLink:
         if not isinstance(data, np.ndarray) or data.dtype != dtype or data.size != length:
             raise CollectiveError(f"{self.who}: malformed chunk from {self.members[src]}: expected {length} x {dtype}")
         return data
+
+    async def alive(self, rank: int, timeout: float) -> bool:
+        """Whether rank ``rank`` answers a ping within ``timeout`` seconds."""
+        try:
+            await self._node.call(self.members[rank], "node", "ping", None, timeout=timeout)
+            return True
+        except NodeError:
+            return False
+
+    async def failure(self) -> None:
+        """Returns never; raises the pass's failure when it fails (the deadline, an abort, a
+        lost peer, close): for a path that waits on something other than the mailbox."""
+        await self._box.get(self.seq, ("failure",), -1)  # an address no message is ever sent to
 
     def disagreement(self, theirs: str, src: int) -> CollectiveError:
         """The error for rank ``src`` having called ``theirs`` while we called this pass."""

@@ -10,7 +10,8 @@ Modes: ``check`` runs --passes allreduces of seeded random arrays (``array_for``
 ``odd_array_for`` with --odd) and saves each result to --out/rank{R}_pass{P}.npy; ``loop``
 allreduces --length float32s until a collective fails (the SIGKILL test). ``--shm off`` keeps
 the group off shared memory (the socket ring over TCP, as between hosts); ``--direct-bytes 0``
-sends every size around the ring.
+sends every size around the ring; ``--stream off`` keeps the ring's data on ZeroMQ (by default,
+over tcp:// without keys, it takes a plain TCP stream per neighbour: ``dmlsys.collective.stream``).
 
     python tests/collective/rank_proc.py --rank 0 --size 3 --mode check --out DIR
 """
@@ -77,7 +78,8 @@ async def main(args: argparse.Namespace) -> None:
             node.transport.add_peer(peer, address)
     group = ProcessGroup(node, [f"r{i}" for i in range(args.size)], timeout=args.timeout,
                          chunk_bytes=args.chunk_bytes, direct_bytes=args.direct_bytes,
-                         shm=False if args.shm == "off" else None)
+                         shm=False if args.shm == "off" else None,
+                         stream=False if args.stream == "off" else None)
     make = odd_array_for if args.odd else array_for
     try:
         if args.mode == "check":
@@ -110,6 +112,8 @@ if __name__ == "__main__":
     parser.add_argument("--odd", action="store_true", help="check mode: the odd sizes and dtypes (odd_array_for)")
     parser.add_argument("--shm", choices=["auto", "off"], default="auto",
                         help="off: never shared memory (the socket ring), auto: the group decides")
+    parser.add_argument("--stream", choices=["auto", "off"], default="auto",
+                        help="off: the ring's data over ZeroMQ, auto: over a plain TCP stream when every member is on tcp://")
     parser.add_argument("--chunk-bytes", type=int, default=256 << 10, help="the group's chunk_bytes")
     parser.add_argument("--direct-bytes", type=int, default=64 << 10, help="the group's direct_bytes")
     asyncio.run(main(parser.parse_args()))

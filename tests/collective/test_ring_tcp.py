@@ -1,8 +1,10 @@
-"""The socket ring over real ZeroMQ on TCP, shared memory off: the path between hosts.
+"""The socket ring over real TCP, shared memory off: the path between hosts.
 
 Every other real-socket test runs on one host, where anything over 64 KiB takes shared memory;
 here each rank is a process on tcp://127.0.0.1 with ``shm=False`` and ``direct_bytes=0``, so
-every allreduce goes around the ring, cut into chunks that no size below divides."""
+every allreduce goes around the ring, cut into chunks that no size below divides. Both ways the
+ring's data can travel: a plain TCP stream per neighbour (``stream``, the default without keys)
+and ZeroMQ messages (``zmq``, ``--stream off``: the default with keys)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tests.collective.test_processes import Ranks
 
 TIMEOUT = 3.0
 RING = ("--shm", "off", "--direct-bytes", "0")
+DATA = {"stream": ("--stream", "auto"), "zmq": ("--stream", "off")}
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +38,13 @@ def ranks():
         r.close()
 
 
+@pytest.mark.parametrize("data", list(DATA))
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_ring_over_tcp_sums_odd_sizes_and_dtypes_exactly_and_identically_on_every_rank(n, ranks, tmp_path):
+def test_ring_over_tcp_sums_odd_sizes_and_dtypes_exactly_and_identically_on_every_rank(n, data, ranks, tmp_path):
     passes = len(ODD)
     # 40_003 bytes a chunk: a whole number of no itemsize, so every dtype's chunks end mid-way
     group = ranks(n, "--mode", "check", "--odd", "--passes", str(passes), "--out", str(tmp_path),
-                  "--timeout", "30", "--chunk-bytes", "40003", *RING)
+                  "--timeout", "30", "--chunk-bytes", "40003", *RING, *DATA[data])
     for r in range(n):
         for p in range(passes):
             assert group.line(r) == {"ok": p}
@@ -56,11 +60,12 @@ def test_ring_over_tcp_sums_odd_sizes_and_dtypes_exactly_and_identically_on_ever
             np.testing.assert_allclose(got[0].astype(np.float64), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("data", list(DATA))
 @pytest.mark.parametrize("n, victim", [(2, 1), (4, 2)])
-def test_sigkill_mid_ring_pass_over_tcp_makes_the_others_name_the_dead_rank_within_the_timeout(n, victim, ranks):
+def test_sigkill_mid_ring_pass_over_tcp_makes_the_others_name_the_dead_rank_within_the_timeout(n, victim, data, ranks):
     # 4 MiB of float32 in 64 KiB chunks: a pass is dozens of messages, so the kill lands mid-pass
     group = ranks(n, "--mode", "loop", "--length", str(1 << 20), "--timeout", str(TIMEOUT),
-                  "--chunk-bytes", str(64 << 10), *RING)
+                  "--chunk-bytes", str(64 << 10), *RING, *DATA[data])
     for r in range(n):
         assert group.line(r) == {"ok": 0}
     killed_at = time.time()
