@@ -79,6 +79,7 @@ class Executor:
         self.poked = False  # a thread has asked the loop for a pass that has not begun yet
         self.results_q: list[tuple[str, Any, bool]] = []  # on_result calls made in threads, for the loop
         self.closed = False  # the run is over: threads report nothing more
+        self.crash: BaseException | None = None  # an error of the executor itself in a pool thread
         self.tasks: set[asyncio.Task] = set()
         self.fps: dict[int, str] = {}  # value fingerprints of done steps, computed when first needed
         self.wake: asyncio.Future | None = None
@@ -104,6 +105,8 @@ class Executor:
             while True:
                 with lock:
                     self.poked = False
+                    if self.crash is not None:
+                        raise self.crash
                     if self.results_q:
                         self._flush_results()
                     if ready:
@@ -222,6 +225,18 @@ class Executor:
         self._pool().submit(self._thread_work, i, args, kwargs)
 
     def _thread_work(self, i: int, args: list[Any], kwargs: dict[str, Any]) -> None:
+        try:
+            self._thread_steps(i, args, kwargs)
+        except BaseException as e:  # noqa: BLE001 - a bug here: the run must fail loudly, not wait forever
+            with self.lock:
+                self.crash = e
+                self.in_threads -= 1
+            try:
+                self.loop.call_soon_threadsafe(self._wake)  # type: ignore[union-attr]
+            except RuntimeError:
+                pass
+
+    def _thread_steps(self, i: int, args: list[Any], kwargs: dict[str, Any]) -> None:
         """A pool thread: run step ``i``, report it, and go on with the next plain step that is
         ready, until there is none (or a Task waits for the slot, or the run is stopping)."""
         m, lock, steps, clock, t0 = self.machine, self.lock, self.steps, self.s.clock, self.t0

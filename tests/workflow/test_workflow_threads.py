@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,3 +172,23 @@ def test_a_waiting_coroutine_is_not_starved_by_a_long_chain_of_thread_steps():
     chain = [Step("c0", link(0))] + [Step(f"c{i}", link(i), [f"c{i - 1}"]) for i in range(1, 30)]
     run(Workflow("w", chain + [Step("coro", coro, ["c0"])]), cfg(concurrency=1))
     assert order.index("coro") <= 2
+
+
+def test_an_error_of_the_executor_in_a_pool_thread_fails_the_run_instead_of_hanging_it(monkeypatch):
+    from dmlsys.workflow.machine import StepMachine
+
+    real_start = StepMachine.start
+
+    def start(self, i, now):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("bug in the machine")
+        return real_start(self, i, now)
+
+    monkeypatch.setattr(StepMachine, "start", start)
+    wf = Workflow("w", [Step("a", lambda: 1), Step("b", lambda a: a + 1, ["a"]), Step("c", lambda b: b, ["b"])])
+
+    async def main():
+        await asyncio.wait_for(Scheduler(cfg()).run(wf), 5)
+
+    with pytest.raises(RuntimeError, match="bug in the machine"):
+        asyncio.run(main())
