@@ -30,12 +30,16 @@ from dmlsys.collective.errors import (  # noqa: F401 (re-exported)
     JobError,
     JobRejected,
 )
-from dmlsys.node import Node, NodeError, RemoteError
+from dmlsys.node import Node, NodeError, PeerUnreachable, RemoteError
 
 log = logging.getLogger(__name__)
 
 SERVICE = "train"
 CANCEL_GRACE = 10.0  # seconds the other workers get to report after a failure
+# ... after a worker's process is gone (the supervisor said so: PeerUnreachable): the job cannot
+# go on and the dead one never replies; the others were told to stop, and a busy event loop
+# (a first compile, a data load) may take seconds to hear it: not worth holding the error for.
+LOST_GRACE = 1.0
 DEFAULT_TIMEOUT = 7200.0  # a whole training run; the collectives inside have their own, shorter timeout
 
 
@@ -95,11 +99,12 @@ async def train_on_workers(node: Node, workers: list[str], *, model: str, arch: 
             # Tell the others now rather than letting them find out at their next collective;
             # a dead worker never replies, so wait for the rest a bounded while only.
             _cancel_everywhere(node, job, [tasks[t] for t in pending], f"{failures[0][0]} failed")
+            grace = LOST_GRACE if any(isinstance(e, PeerUnreachable) for _, e in failures) else CANCEL_GRACE
             if pending:
-                done, pending = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+                done, pending = await asyncio.wait(pending, timeout=grace)
                 failures += [(tasks[t], t.exception()) for t in done if t.exception() is not None]
-                failures += [(tasks[t], TimeoutError(f"no reply {CANCEL_GRACE:g}s after the job was cancelled "
-                                                     "(the worker may have died)")) for t in pending]
+                failures += [(tasks[t], TimeoutError(f"no reply {grace:g}s after the job was cancelled "
+                                                     "(told to stop; or it died too)")) for t in pending]
     finally:
         for t in tasks:
             t.cancel()

@@ -26,14 +26,18 @@ replicas = 2
 """
 
 
-def test_a_killed_worker_fails_train_within_a_second_or_two_naming_it(cli):
+def test_a_killed_worker_fails_train_at_once_naming_it(cli):
     cli("up", cli.write_spec(SPEC), "--detach", timeout=180)
     log = cli.cwd / ".dmlsys" / "supervisor.log"
     train = subprocess.Popen([sys.executable, "-m", "dmlsys.cluster", "train", "slow"], cwd=cli.cwd, env=cli.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: "training 'slow'" in log.read_text(errors="replace"), 60, "the job to start")
-        time.sleep(2.0)  # into the job: the workers load data and form their ring
+        # into the job's steps: past the data load, which holds worker-0's event loop (seconds under
+        # load: a cancel reaches it only after; see docs/reliability.md)
+        rank0 = cli.cwd / ".dmlsys" / "logs" / "worker-0.log"
+        wait_for(lambda: "Fashion-MNIST:" in rank0.read_text(errors="replace"), 60, "worker-0 to load its data")
+        time.sleep(1.5)
         assert train.poll() is None, train.communicate()
         victim = next(n for n in cli.status()["nodes"] if n["name"] == "worker-1")["pid"]
         os.kill(victim, signal.SIGKILL)
@@ -46,4 +50,7 @@ def test_a_killed_worker_fails_train_within_a_second_or_two_naming_it(cli):
             train.wait()
     assert train.returncode != 0, out
     assert "worker-1" in err and "SIGKILL" in err, err
-    assert took < 4.0, f"train failed {took:.1f}s after the kill: {err}"  # was ~10 s (the cancel grace)
+    print(f"train failed {took:.2f}s after the kill")
+    # Was >= 10 s (the coordinator's cancel grace for the dead worker's reply); now the other
+    # worker's acknowledgement of the cancel and the CLI's exit.
+    assert took < 4.0, f"train failed {took:.1f}s after the kill: {err}"
