@@ -83,7 +83,7 @@ async def before_phase(sup: "Supervisor", phase: str) -> None:
         await gateways_see_replicas(sup)
 
 
-async def workers_of_joined_hosts(sup: "Supervisor", timeout: float = 180.0) -> None:
+async def workers_of_joined_hosts(sup: Supervisor, timeout: float = 180.0) -> None:
     """Until the workers placed on the other hosts that have joined are ready (at most
     ``timeout``): `up` trains on the cluster's workers, not on this host's alone."""
     if sup.hosts is None:
@@ -102,7 +102,7 @@ async def workers_of_joined_hosts(sup: "Supervisor", timeout: float = 180.0) -> 
         await asyncio.sleep(0.2)
 
 
-def _role(sup: "Supervisor", name: str) -> str | None:
+def _role(sup: Supervisor, name: str) -> str | None:
     template = sup.spec.group_of(name) or next((n for n in sup.spec.nodes if n.name == name), None)
     return template.role if template is not None else None
 

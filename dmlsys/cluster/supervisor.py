@@ -124,7 +124,7 @@ class ClusterService(Service):
     @rpc(allow=ADMIN)
     async def rollout(self, body):
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise ValueError('rollout takes {"model": name, "version": int or null}')
+            raise TypeError('rollout takes {"model": name, "version": int or null}')
         if self.sup.link is not None:  # a secondary: the primary holds the pins
             return await self.sup.link.call("rollout", body, timeout=900.0)
         return await self.sup.rollout(body["model"], body.get("version"))
@@ -160,7 +160,7 @@ class ClusterService(Service):
     @rpc(allow=ADMIN)  # the primary, before rank 0 on this host trains (cluster/hosts.py)
     async def sync_model(self, body):
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise ValueError('sync_model takes {"model": name}')
+            raise TypeError('sync_model takes {"model": name}')
         return await self.sup.sync_model(body["model"])
 
     @rpc(allow=ADMIN)
