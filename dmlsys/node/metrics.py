@@ -55,7 +55,7 @@ class LatencyHistogram:
 
 class NodeMetrics:
     __slots__ = ("node", "registry", "messages_in", "messages_out", "bytes_in", "bytes_out", "errors", "rpc_seconds",
-                 "_gauges")
+                 "_gauges", "transport_counters")
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -66,6 +66,7 @@ class NodeMetrics:
         self.bytes_out = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self._gauges: dict[str, tuple[str, object]] = {}
+        self.transport_counters = dict  # the node sets its transport's counters()
         self.rpc_seconds = LatencyHistogram()
         self.registry.register(self)
 
@@ -92,6 +93,11 @@ class NodeMetrics:
         for kind, count in sorted(self.errors.items()):
             family.add_metric([self.node, kind], count)
         yield family
+        family = CounterMetricFamily("dmlsys_transport_events", "Bulk messages sealed, opened or rejected by this "
+                                     "node's transport, by kind", labels=["node", "kind"])
+        for kind, count in sorted(self.transport_counters().items()):
+            family.add_metric([self.node, kind], count)
+        yield family
         for name, (help, read) in self._gauges.items():
             family = GaugeMetricFamily(f"dmlsys_{name}", help, labels=labels)
             family.add_metric([self.node], float(read()))
@@ -104,4 +110,5 @@ class NodeMetrics:
         return {
             "messages_in": self.messages_in, "messages_out": self.messages_out,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "errors": dict(self.errors),
+            "transport": self.transport_counters(),
         }

@@ -81,6 +81,7 @@ class Node:
         self.limits = limits
         self.node_limits = node_limits
         self.metrics = NodeMetrics(name)
+        self.metrics.transport_counters = transport.counters
         self.state = State.STARTING
         self.started_at = time.time()
         self._admin_bind = admin

@@ -60,6 +60,10 @@ class Transport(abc.ABC):
 
     authenticated = False  # True: every inbound message comes with its sender's principal
 
+    def counters(self) -> dict[str, int]:
+        """Events of this endpoint's own by kind, e.g. bulk messages sealed or rejected (``dmlsys_transport_events``)."""
+        return {}
+
     def set_refusal_observer(self, observer: Callable[[str, str], None]) -> None:
         """``observer(address, reason)`` on the event loop for each connection this endpoint
         refused. Only transports that authenticate refuse anyone; the rest ignore this."""

@@ -687,6 +687,9 @@ class ZmqTransport(Transport):
             self._drain_scheduled.add(sock)
             self._loop.call_soon(self._drain, sock)
 
+    def counters(self) -> dict[str, int]:
+        return {f"bulk_{kind}": n for kind, n in self.bulk_stats.items()}
+
     def _bulk_rejected(self, reason: str, text: str, who: str) -> None:
         self.bulk_stats[f"rejected_{reason}"] += 1
         self.bulk_stats["rejected"] += 1

@@ -8,6 +8,7 @@ import asyncio
 import multiprocessing as mp
 
 import numpy as np
+import prometheus_client
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -128,6 +129,9 @@ def test_a_peer_without_the_key_cannot_get_a_bulk_message_delivered(key, tmp_pat
             assert len(guarded.ran) == ran  # no handler ran
             assert b.transport.bulk_stats["rejected_replayed"] >= 1
             assert b.transport.bulk_stats["rejected_tampered"] >= 1
+            exported = prometheus_client.generate_latest(b.metrics.registry).decode()
+            rejected = b.transport.bulk_stats["rejected"]
+            assert f'dmlsys_transport_events_total{{kind="bulk_rejected",node="b"}} {rejected:.1f}' in exported
             sent = arrays(2)  # and the real session still works
             assert same(sent, await a.call("b", "guarded", "echo", sent, timeout=10))
             sock.close(linger=0)
