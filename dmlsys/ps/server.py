@@ -539,6 +539,10 @@ class ShardService(Service):
         at_least = body.get("floor") or 0
         if not isinstance(at_least, int) or isinstance(at_least, bool) or at_least < 0:
             raise PsError(f"pull: floor: an integer >= 0, got {at_least!r}")
+        return await self._read(job, worker, clock, at_least, body.get("keys"), body.get("rows"))
+
+    async def _read(self, job: ShardJob, worker: Any, clock: int, at_least: int, keys: Any, rows: Any) -> dict:
+        """The values for ``worker`` at ``clock``, once the consistency model lets it read."""
         token = next(self._tokens)
         if not job.clock.read(str(worker), clock, token, now=self._now(), at_least=at_least):
             fut = asyncio.get_running_loop().create_future()
@@ -548,11 +552,11 @@ class ShardService(Service):
             finally:
                 self._waiting.pop(token, None)
                 job.clock.cancel(token)
-            job = self._job(body.get("job"))
+            job = self._job(job.name)
             if str(worker) in job.clock.dropped:
                 raise WorkerDropped(f"worker {worker!r} was dropped from job {job.name!r}'s barrier "
                                     f"at clock {job.clock.dropped[str(worker)]}")
-        return job.read(body.get("keys"), body.get("rows"))
+        return job.read(keys, rows)
 
     @rpc
     async def push(self, body) -> dict[str, Any]:
@@ -565,9 +569,18 @@ class ShardService(Service):
             raise PsError(f"push: c: the step, an integer >= 0, got {clock!r}")
         if worker not in job.clock.clocks:
             raise PsError(f"no worker {worker!r} in job {job.name!r}")
+        then = body.get("then")
+        if then is not None and not isinstance(then, dict):
+            raise PsError("push: then: a pull's {keys, rows} to answer at the next clock, or null")
         # Shielded: once begun, a push is logged, applied and its clock moved even if this
         # handler is cancelled (a half-accepted record would leave a BSP sum without its clock).
-        return await asyncio.shield(self._push(job, worker, clock, body))
+        ack = await asyncio.shield(self._push(job, worker, clock, body))
+        if then is None:
+            return ack
+        # Fused with the pull of the next step: one message each way per shard per step. The
+        # push is durable already; if the read is cut short the worker sends both again and the
+        # push is recognised as a retry.
+        return {**ack, "then": await self._read(job, worker, clock + 1, 0, then.get("keys"), then.get("rows"))}
 
     async def _push(self, job: ShardJob, worker: str, clock: int, body: dict) -> dict[str, Any]:
         async with job.lock:  # a push of this job in flight (log, compute) finishes first

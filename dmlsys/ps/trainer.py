@@ -12,7 +12,7 @@ Run one ``PsTrainer`` per worker node; the shards are ``ps`` nodes (``dmlsys.ps.
 Each worker takes its shard of every global batch (``dmlsys.train.batching``, as in the
 collective trainer), and at global step ``t`` pulls the parameters at clock ``t``, computes the
 gradient *sum* of its samples' losses under one ``jax.jit``, and pushes it with its sample
-count; the shards divide and apply the optimizer. Under BSP a step's pushes are summed and
+count (the push carries the pull of step ``t + 1``: one message each way per shard per step); the shards divide and apply the optimizer. Under BSP a step's pushes are summed and
 divided by the global batch, so the run computes what the collective trainer computes (up to
 float summation order); under SSP and ASP each push is one optimizer step on a worker's shard of
 the batch. An optimizer schedule counts updates on the shards: the trainer tells the shards
@@ -158,6 +158,7 @@ class PsTrainer:
         await self.client.open(params, workers=self.workers, consistency=self.consistency,
                                optimizer={"hyperparams": dataclasses.asdict(hp), "steps_per_epoch": updates_per_epoch})
         start = self.client.resume_clock
+        self._total, self._ahead = epochs * len(loader), None
         if start:
             log.info("job %s: worker %s rejoins at step %d of %d (its clock on the shards)", self.client.job,
                      self.node.name, start, epochs * len(loader))
@@ -207,12 +208,18 @@ class PsTrainer:
                     progress.update(task, advance=1)
                     continue  # pushed before a restart
                 tc = time.perf_counter()
-                pulled = await self.client.pull(clock)
+                ahead, self._ahead = self._ahead, None
+                pulled = ahead[1] if ahead is not None and ahead[0] == clock else await self.client.pull(clock)
                 comm += time.perf_counter() - tc
                 params = self._rebuild(pulled.values)
                 lsum, ncorrect, grads = await self._run(self._host_grads, params, batch.x, batch.y)
                 tc = time.perf_counter()
-                await self.client.push(clock, grads, n=len(batch.y))
+                # The push carries the next step's pull (one round trip per shard per step), except
+                # for the job's last step, whose final read waits for every worker (fit).
+                fused = clock + 1 < self._total
+                got = await self.client.push(clock, grads, n=len(batch.y), then_pull=fused)
+                if fused:
+                    self._ahead = (clock + 1, got)
                 comm += time.perf_counter() - tc
                 loss_sum += lsum
                 correct += ncorrect
