@@ -358,3 +358,38 @@ def test_a_step_is_one_pull_and_one_push_message_per_shard():
 
     sent, retries = run_ps(shards, 1, body, link=Link(delay=0.001, jitter=0.0))
     assert retries == 0 and sent == steps * 2 * shards
+
+
+# -- a push that carries the next step's pull ----------------------------------------------------
+
+
+@pytest.mark.parametrize("consistency", [BSP, ssp(1)])
+def test_a_push_with_then_pull_returns_what_a_pull_of_the_next_step_returns(consistency):
+    steps, workers = 4, 2
+
+    async def body(c):
+        clients = [c.client(i) for i in range(workers)]
+        await asyncio.gather(*(cl.open(marker_params(steps, workers), workers=c.worker_names,
+                                       consistency=consistency, optimizer=SGD1)
+                               for cl in clients))
+        bsp = consistency.aggregates
+
+        async def work(rank):
+            fused, pulled = [], []
+            for t in range(steps):
+                got = await clients[rank].push(t, marker_grad(steps, workers, t, rank, bsp), n=1, then_pull=True)
+                fused.append(got.values["seen"].copy())
+                pulled.append((await clients[rank].pull(t + 1)).values["seen"])
+            return fused, pulled
+
+        return await each([lambda r=r: work(r) for r in range(workers)])
+
+    for got in run_ps(2, workers, body, link=REORDERING):
+        assert not isinstance(got, BaseException), got
+        fused, pulled = got
+        for t, (f, p) in enumerate(zip(fused, pulled, strict=True)):
+            if consistency.aggregates:
+                np.testing.assert_array_equal(f, p)  # BSP: exactly steps < t + 1, either way
+                assert f[: t + 1].sum() == workers * (t + 1) and f[t + 1:].sum() == 0
+            else:
+                assert (f <= p).all() and f[: max(0, t + 1 - consistency.staleness)].all()
