@@ -9,10 +9,13 @@ as long as its gradient took, after each one; the CNN by default, where compute 
 
 Everything runs in this one process over the simulated network in real time (no added delay or
 loss; every message is copied and hashed, as the simulation does): both sides pay the same
-transport, and every worker's and shard's compute shares one event loop, so step times are the
-whole job's per step, not one worker's. ``step_ms``: the last epoch's training time per step
+transport, and the workers' gradients (both sides) and the shards' updates run in threads of
+this one process, sharing its cores and event loop, so step times are the whole job's per step,
+not one worker's on its own machine. ``step_ms``: the last epoch's training time per step
 (the first epoch compiles); ``bytes_per_step``: bytes rank 0 sent plus received during the last
-epoch, per step; ``accuracy``: test accuracy after the same number of steps.
+epoch, per step; ``accuracy``: test accuracy after the same number of steps;
+``cpu_ms_per_step`` (an extra key): the process's CPU time per step over the last epoch, all workers and shards together (the
+overhead each side adds, and less at the mercy of other load than the wall time).
 
     python experiments/ps_vs_allreduce.py --quick                 # a few minutes
     python experiments/ps_vs_allreduce.py --json docs/ps_vs_allreduce.json --plot docs/ps_vs_allreduce.png
@@ -72,10 +75,11 @@ class Meter:
 
     def __init__(self, net, steps: int) -> None:
         self.net, self.steps = net, steps
-        self.marks: list[tuple[float, int, float]] = []  # (time, bytes, train seconds)
+        self.marks: list[tuple[float, int, float, float]] = []  # (time, bytes, train seconds, process CPU)
+        self.cpu0 = time.process_time()
 
     def on_epoch(self, stats) -> None:
-        self.marks.append((time.perf_counter(), self.net.bytes.get("w0", 0), stats.seconds))
+        self.marks.append((time.perf_counter(), self.net.bytes.get("w0", 0), stats.seconds, time.process_time()))
 
     def result(self, start_bytes: int) -> tuple[float | None, float | None]:
         if not self.marks:
@@ -83,6 +87,14 @@ class Meter:
         before = self.marks[-2][1] if len(self.marks) > 1 else start_bytes
         # the last epoch's wall time (training + rank 0's evaluation) per step
         return self.marks[-1][2] / self.steps * 1e3, (self.marks[-1][1] - before) / self.steps
+
+    def cpu_ms(self) -> float | None:
+        """The process's CPU time per step over the last epoch (every worker's and shard's work,
+        rank 0's evaluation included): less at the mercy of other load than wall time."""
+        if not self.marks:
+            return None
+        before = self.marks[-2][3] if len(self.marks) > 1 else self.cpu0
+        return (self.marks[-1][3] - before) / self.steps * 1e3
 
 
 async def _nodes(net, names, services=lambda name: []):
@@ -116,7 +128,8 @@ async def run_allreduce(arch, hp, ds, steps) -> dict[str, Any]:
         for n in nodes:
             await n.stop(drain_timeout=0.1)
     step_ms, bps = meter.result(0)
-    return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].test_accuracy}
+    return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].test_accuracy,
+            "cpu_ms_per_step": meter.cpu_ms()}
 
 
 async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = False,
@@ -142,7 +155,8 @@ async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = Fal
             for n in nodes:
                 await n.stop(drain_timeout=0.1)
     step_ms, bps = meter.result(0)
-    return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].card["test_accuracy"]}
+    return {"step_ms": step_ms, "bytes_per_step": bps, "accuracy": results[0].card["test_accuracy"],
+            "cpu_ms_per_step": meter.cpu_ms()}
 
 
 def _both(*fns):
@@ -323,14 +337,17 @@ async def accuracy_run(args: argparse.Namespace, console: Console) -> dict[str, 
 
 def table(rows: list[dict], console: Console) -> None:
     base = {r["model"]: r["step_ms"] for r in rows if r["via"] == "allreduce" and r["step_ms"]}
+    cpu = {r["model"]: r.get("cpu_ms_per_step") for r in rows if r["via"] == "allreduce" and r["step_ms"]}
     t = Table(title="parameter servers vs allreduce, 2 workers (provisional; one process, simulated network)")
-    for col in ("model", "via", "consistency", "shards", "step ms", "vs allreduce", "KiB/step (rank 0)", "accuracy"):
+    for col in ("model", "via", "consistency", "shards", "step ms", "vs allreduce", "CPU ms/step", "vs allreduce",
+                "KiB/step (rank 0)", "accuracy"):
         t.add_column(col, justify="right" if col not in ("model", "via", "consistency") else "left")
     for r in rows:
         b = base.get(r["model"])
         t.add_row(r["model"], r["via"], r["consistency"] or "-", str(r["shards"] or "-"),
                   f"{r['step_ms']:.1f}" if r["step_ms"] else "refused*" if r.get("error") else "-",
                   f"{r['step_ms'] / b:.2f}x" if r["step_ms"] and b and r["via"] == "ps" else "-",
+                  *_cpu_cells(r, cpu.get(r["model"]), "x"),
                   f"{r['bytes_per_step'] / 1024:.0f}" if r["bytes_per_step"] else "-",
                   f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-")
     console.print(t)
@@ -343,16 +360,24 @@ def table(rows: list[dict], console: Console) -> None:
                       f"({slowed['bsp'] / slowed['ssp']:.2f}x)")
 
 
+def _cpu_cells(r: dict, base: float | None, times: str) -> list[str]:
+    c = r.get("cpu_ms_per_step")
+    return [f"{c:.1f}" if c else "-", f"{c / base:.2f}{times}" if c and base and r["via"] == "ps" else "-"]
+
+
 def markdown(rows: list[dict]) -> str:
     base = {r["model"]: r["step_ms"] for r in rows if r["via"] == "allreduce" and r["step_ms"]}
-    lines = ["| model | via | consistency | shards | step ms | vs allreduce | KiB/step (rank 0) | accuracy |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    cpu = {r["model"]: r.get("cpu_ms_per_step") for r in rows if r["via"] == "allreduce" and r["step_ms"]}
+    lines = [("| model | via | consistency | shards | step ms | vs allreduce | CPU ms/step | vs allreduce "
+             "| KiB/step (rank 0) | accuracy |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = base.get(r["model"])
         lines.append("| " + " | ".join([
             r["model"], r["via"], r["consistency"] or "-", str(r["shards"] or "-"),
             f"{r['step_ms']:.1f}" if r["step_ms"] else "refused" if r.get("error") else "-",
             f"{r['step_ms'] / b:.2f}×" if r["step_ms"] and b and r["via"] == "ps" else "-",
+            *_cpu_cells(r, cpu.get(r["model"]), "×"),
             f"{r['bytes_per_step'] / 1024:.0f}" if r["bytes_per_step"] else "-",
             f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"]) + " |")
     return "\n".join(lines)
