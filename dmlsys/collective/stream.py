@@ -215,9 +215,16 @@ async def allreduce(link: PassLink, state: StreamState, successor_host: str, ufu
                 return work.result()  # its error, if it failed
             except StreamBroke as e:
                 state.drop()
-                if not await link.alive(e.suspect, probe_timeout):
+                # Dead, or alive and closed its end because its pass failed: then its abort (or
+                # another rank's, or our deadline) says why, and on a loaded host that may come
+                # before the ping's answer, so whichever is first decides.
+                ping = loop.create_task(link.alive(e.suspect, probe_timeout))
+                try:
+                    await asyncio.wait((ping, watch), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ping.cancel()
+                if not watch.done() and ping.done() and not ping.result():
                     raise CollectiveError(f"{e} (and it does not answer)", missing=e.missing) from None
-                # It lives and closed its end: its pass failed, and its abort (or our deadline) says why.
                 await watch
         state.drop()  # wake the threads; what they were doing is moot now
         await asyncio.gather(work, return_exceptions=True)
