@@ -95,3 +95,35 @@ def test_stream_true_refuses_a_member_that_is_not_on_tcp():
             await node.stop(drain_timeout=0)
 
     sim.run(main())
+
+
+@pytest.mark.parametrize("wanted", [None, True])
+def test_with_cluster_keys_the_ring_stays_on_curve_unless_the_group_asks_for_the_stream(wanted):
+    """Real ZeroMQ with CURVE: by default the ring's data stays encrypted on ZeroMQ; with
+    stream=True the offers travel over CURVE and the data over the token-checked stream."""
+    import numpy as np
+
+    from dmlsys.wire.curve import ClusterKey
+    from dmlsys.wire.zmq_transport import ZmqTransport
+
+    async def main():
+        key = ClusterKey(b"k" * 32)
+        nodes = [Node(n, ZmqTransport(n, "tcp://127.0.0.1:0", keys=key), admin=None) for n in ("a", "b")]
+        for node in nodes:
+            node.add_service(CollectiveService())
+            await node.start()
+        nodes[0].transport.add_peer("b", nodes[1].transport.address)
+        nodes[1].transport.add_peer("a", nodes[0].transport.address)
+        try:
+            groups = [ProcessGroup(node, ["a", "b"], shm=False, direct_bytes=0, stream=wanted, timeout=10)
+                      for node in nodes]
+            xs = [np.arange(100_003, dtype=np.float32) + r for r in range(2)]
+            got = await asyncio.gather(*(g.allreduce(x) for g, x in zip(groups, xs)))
+            assert all(g.uses_stream is bool(wanted) for g in groups)
+            for r in got:
+                np.testing.assert_array_equal(r, xs[0] + xs[1])
+        finally:
+            for node in nodes:
+                await node.stop(drain_timeout=0)
+
+    asyncio.run(main())
