@@ -8,6 +8,7 @@ Modules, one idea each:
 * :mod:`~dmlsys.collective.link`      what an allreduce path sees of its group during one pass
 * :mod:`~dmlsys.collective.direct`    small buffers: all-to-all in one hop
 * :mod:`~dmlsys.collective.ring`      the pipelined ring (allreduce, allgather, broadcast)
+* :mod:`~dmlsys.collective.stream`    the ring allreduce's data over a plain TCP connection per neighbour
 * :mod:`~dmlsys.collective.shm`       ranks on one host: through /dev/shm
 * :mod:`~dmlsys.collective.schedule`  the ring schedule, a pure core
 * :mod:`~dmlsys.collective.tree`      pytrees to fused buckets and back
