@@ -10,7 +10,14 @@ import asyncio
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from dmlsys.serving.http import LATER, HttpLimits, HttpServer, Reply, Request, _Connection
+from dmlsys.serving.http import (
+    LATER,
+    HttpLimits,
+    HttpServer,
+    Reply,
+    Request,
+    _Connection,
+)
 
 
 class FakeTransport:
@@ -378,6 +385,7 @@ def test_a_handler_may_answer_from_a_callback_and_pipelined_requests_stay_in_ord
     t, server = feed(pieces, handler)
     got = responses(bytes(t.out))
     assert [b for _, _, b in got] == sent and all(s == 200 for s, _, _ in got) and not t.closed
+    assert server.requests == len(sent)
 
 
 def test_respond_after_the_connection_closed_writes_nothing():
