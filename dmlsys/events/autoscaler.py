@@ -16,23 +16,39 @@ instance handles at once. Every tick the caller reports each function's observed
   means are zero and the panic is over: the decision is 0.
 
 Then ``[min, max]`` clamps each function, and the **pool** divides its ``slots`` (each instance
-of a function takes ``FunctionSpec.slots``):
+of a function takes ``FunctionSpec.slots``). What a function wants is in two parts: its
+**claim**, the instances its events need *now* (``ceil(work / target)``, at most what it wants,
+where ``work`` is the events in flight or waiting now, or over the last tick: the caller's
+count), and the rest (instances kept warm by the stable mean, held through a panic: idle
+ones). Claims are served first, then the rest, each by the same rules:
 
 1. every function first gets its ``min`` (``Autoscaler`` refuses a configuration whose mins
    do not fit);
-2. priority levels in descending order: within a level, every function that wants an
+2. claims, priority levels in descending order: within a level, every function that claims an
    instance and has none gets one first (no function of a level starves while another of the
    same level holds the whole pool: found by the hotel scenario, where the hotel's panic at the
    conference kept all six slots and the classifier waited at zero), then functions in panic
-   keep what they had (up to what they want), then the level's wants are filled one instance
-   at a time, round-robin, while slots last. A lower level gets what is left: a pipeline's
-   batch step (low priority) yields to a serving function (high) when the pool is full.
+   keep what they had (up to their claim), then the level's claims are filled one instance at
+   a time, round-robin, while slots last. A lower level gets what is left: a pipeline's batch
+   step (low priority) yields to a serving function (high) when the pool is full and both have
+   work;
+3. the rest of what each function wants, by the same rules over what the claims left.
+
+So priority decides only between functions that both have work: idle instances of any
+function, whatever its priority, yield their slots to a function with events waiting (found by
+experiments/simulate.py: a high-priority function's panic held the whole pool idle for a
+stable window while the low-priority one's events waited out their 30 s deadlines, 135 of
+1,000 seeds). Without ``work`` every want counts as a claim (the caller knows no better).
 
 Guarantees (tests/events/test_autoscaler.py): the decision never uses more slots than the
 pool has; every function is within ``[min, max]``; a function with ``min = 0`` is at 0 once a
-stable window has passed without an event; a function in panic is never scaled down, except
-when the pool is full and a function of strictly higher priority takes the slots, or one of
-the same priority that had no instance gets its first.
+stable window has passed without an event; a function short of its claim is short because the
+slots went to claims (of higher priority, or round-robin within its level): what other
+functions hold beyond their claims and mins, plus the free slots, is less than one instance of
+it; a function in panic is never scaled down, except when the pool is full and another
+function's claim takes the slots (one of strictly higher priority, one of the same priority
+that had no instance getting its first, or any function whose claim the panicking one's idle
+instances stood in the way of).
 
 Decisions are targets, not facts: the caller starts and stops instances, and passes what it
 has (``current``) back in, so a slow start is not mistaken for a missing instance.
@@ -131,12 +147,14 @@ class _Function:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
-    """Instances per function; ``wanted`` before the pool divided its slots; who is in panic."""
+    """Instances per function; ``wanted`` before the pool divided its slots, of which ``claims``
+    for the work the functions have now; who is in panic."""
 
     instances: Mapping[str, int]
     wanted: Mapping[str, int]
     panicking: frozenset[str]
     slots_used: int
+    claims: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Autoscaler:
@@ -194,9 +212,13 @@ class Autoscaler:
         f.stable.add(now, concurrency)
         f.panic.add(now, concurrency)
 
-    def decide(self, now: float, current: Mapping[str, int] | None = None) -> Decision:
+    def decide(self, now: float, current: Mapping[str, int] | None = None,
+               work: Mapping[str, float] | None = None) -> Decision:
         """Instances per function now. ``current``: instances each has (starting ones count);
-        defaults to the previous decision."""
+        defaults to the previous decision. ``work``: each function's events now (in flight +
+        waiting; the caller's measure, e.g. the larger of now and the last tick's mean), from
+        which its claim comes (module docstring); a function absent from it claims nothing, and
+        without it every want is a claim."""
         now = max(now, self._now)
         self._now = now
         cfg, wanted, panicking = self.config, {}, set()
@@ -223,39 +245,51 @@ class Autoscaler:
             else:
                 want = want_stable
             wanted[name] = min(spec.max, max(spec.min, want))
-        alloc = self._divide(wanted, panicking)
+        if work is None:
+            claims = wanted
+        else:
+            claims = {}
+            for name, f in self._fns.items():
+                w = work.get(name, 0.0)
+                if not (w >= 0 and math.isfinite(w)):
+                    raise ScalingError(f"function {name!r}: work must be a finite number >= 0, got {w!r}")
+                claims[name] = min(wanted[name], math.ceil(w / f.spec.target - 1e-9))
+        alloc = self._divide(claims, wanted, panicking)
         for name, n in alloc.items():
             self._fns[name].decided = n
         used = sum(n * self._fns[k].spec.slots for k, n in alloc.items())
-        return Decision(alloc, wanted, frozenset(panicking), used)
+        return Decision(alloc, wanted, frozenset(panicking), used, claims)
 
-    def _divide(self, wanted: Mapping[str, int], panicking: set[str]) -> dict[str, int]:
-        """The pool's slots: mins first, then priority levels high to low (module docstring)."""
+    def _divide(self, claims: Mapping[str, int], wanted: Mapping[str, int], panicking: set[str]) -> dict[str, int]:
+        """The pool's slots: mins first, then claims, then the rest of the wants, each by
+        priority levels high to low (module docstring)."""
         fns = self._fns
         alloc = {n: f.spec.min for n, f in fns.items()}
         free = self.pool_slots - sum(f.spec.min * f.spec.slots for f in fns.values())
-        for prio in sorted({f.spec.priority for f in fns.values()}, reverse=True):
-            level = [n for n, f in fns.items() if f.spec.priority == prio]
-            for n in level:  # first, one instance for each function of the level at zero that wants one
-                if alloc[n] == 0 and wanted[n] > 0 and fns[n].spec.slots <= free:
-                    alloc[n] = 1
-                    free -= fns[n].spec.slots
-            for n in level:  # then panicking functions keep what they had
-                if n in panicking:
-                    keep = min(wanted[n], fns[n].decided)
-                    extra = max(0, min(keep - alloc[n], free // fns[n].spec.slots))
-                    alloc[n] += extra
-                    free -= extra * fns[n].spec.slots
-            hungry = [n for n in level if alloc[n] < wanted[n]]
-            while hungry:  # round-robin, one instance at a time
-                nxt = []
-                for n in hungry:
-                    if fns[n].spec.slots <= free:
-                        alloc[n] += 1
+        levels = sorted({f.spec.priority for f in fns.values()}, reverse=True)
+        for limit in (claims, wanted):  # work first: idle instances get only what work left
+            for prio in levels:
+                level = [n for n, f in fns.items() if f.spec.priority == prio]
+                for n in level:  # first, one instance for each function of the level at zero that wants one
+                    if alloc[n] == 0 and limit[n] > 0 and fns[n].spec.slots <= free:
+                        alloc[n] = 1
                         free -= fns[n].spec.slots
-                        if alloc[n] < wanted[n]:
-                            nxt.append(n)
-                hungry = nxt
+                for n in level:  # then panicking functions keep what they had
+                    if n in panicking:
+                        keep = min(limit[n], fns[n].decided)
+                        extra = max(0, min(keep - alloc[n], free // fns[n].spec.slots))
+                        alloc[n] += extra
+                        free -= extra * fns[n].spec.slots
+                hungry = [n for n in level if alloc[n] < limit[n]]
+                while hungry:  # round-robin, one instance at a time
+                    nxt = []
+                    for n in hungry:
+                        if fns[n].spec.slots <= free:
+                            alloc[n] += 1
+                            free -= fns[n].spec.slots
+                            if alloc[n] < limit[n]:
+                                nxt.append(n)
+                    hungry = nxt
         return alloc
 
     def statistics(self) -> dict[str, dict]:

@@ -15,7 +15,11 @@
   control loop reports each function's concurrency (in flight + waiting, time-weighted mean over
   the tick; at zero instances at least the events waiting) to the ``Autoscaler``,
   asks for a decision, and carries out what ``Pool.reconcile`` says: ``Start`` and ``Stop``
-  through the ``Launcher`` (the supervisor in production, in-process nodes in tests).
+  through the ``Launcher`` (the supervisor in production, in-process nodes in tests). With the
+  decision goes each function's *work* (the larger of its events now and the tick's mean): a
+  function with none holds only idle instances, and those yield their slots to a function with
+  events whatever the priorities (the autoscaler's claims). A drained instance's last event
+  ending while events wait also runs a step at once: its slots are free now.
 
 The launcher's contract: ``start(function, instance)`` returns the peer name of an instance
 that answers ``<service>.<method>`` once it is ready (raise if it cannot start);
@@ -80,6 +84,7 @@ class FunctionPool:
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -88,6 +93,10 @@ class FunctionPool:
     async def stop(self) -> None:
         """Stop the control loop, then every instance; waits for all of it (no task outlives us)."""
         if self._loop_task is not None:
+            # the flag as well as the cancel: Python 3.11's wait_for returns normally, swallowing
+            # the cancellation, when its future completes at the same moment (a kick as we stop),
+            # and the loop would then tick on forever with stop() waiting for it
+            self._stopping = True
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
@@ -107,10 +116,12 @@ class FunctionPool:
 
     # ------------------------------------------------------------------------- control loop
     async def _control_loop(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.tick)
             self._kick.clear()
+            if self._stopping:
+                return
             try:
                 await self.step()
             except Exception:  # a bug here must not stop scaling for good
@@ -119,7 +130,7 @@ class FunctionPool:
     async def step(self) -> None:
         """One control step: observe, decide, reconcile, act."""
         now = asyncio.get_running_loop().time()
-        current = {}
+        current, work = {}, {}
         for f in self.pool.specs:
             self._account(f)
             start = self._window_start.get(f, now)
@@ -128,9 +139,12 @@ class FunctionPool:
             if not self.pool.live(f):
                 mean = max(mean, level)  # an event waits at zero: scale from zero now, however brief
             self.scaler.observe(f, now, mean)
+            # the work it has: events now, or during the tick (a function whose events come and go
+            # between ticks is not idle); instances beyond it yield to a function with events
+            work[f] = max(mean, level)
             self._area[f], self._window_start[f] = 0.0, now
             current[f] = len(self.pool.live(f))
-        decision = self.scaler.decide(now, current)
+        decision = self.scaler.decide(now, current, work)
         actions = self.pool.reconcile(decision.instances, now)
         for a in actions:
             if isinstance(a, Start):
@@ -216,7 +230,7 @@ class FunctionPool:
                     async with self._changed:
                         try:
                             await asyncio.wait_for(self._changed.wait(), left)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             raise FunctionUnavailable(function, "no instance became ready before the deadline") from None
                     continue
                 self._account(function)
@@ -247,6 +261,8 @@ class FunctionPool:
                     if stop is not None:
                         self.peers.pop(stop.instance, None)
                         self._spawn(self._stop(stop.instance))
+                        if any(self.waiting.values()):
+                            self._kick.set()  # its slots are free now: start what the waiting need
                 self._account(function)
                 self.waiting[function] += 1
                 waiting = True
