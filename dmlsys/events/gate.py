@@ -8,10 +8,13 @@ One gate per front door process. For each request::
     # EventsError subclasses carry .status and .retry_after (whole seconds, rounded up)
 
 What a client sees: 401 for a bad key (``Unauthorized``); 429 with an exact Retry-After when its
-tier's rate is used up (``RateLimited``); 429 with an estimated one when the tier's queue is
-full or its event was pushed out for a fairer one (``QueueFull``) or the tier tracks too many
-principals (``TooManyPrincipals``); 503 when it waited ``max_wait`` without a slot
-(``QueueTimeout``). Nothing waits without bound, and every accepted event ends in exactly one
+tier's rate is used up (``RateLimited``); 429 when the tier's queue is full or its event was
+pushed out for a fairer one (``QueueFull``), with Retry-After the time the queue will have
+drained at the rate it drained over the last ``drain_window`` seconds, never past the newest
+waiting event's deadline nor before the principal's next rate admission
+(``EventQueue.estimate_free``); 429 with an estimate when the tier tracks too many principals
+(``TooManyPrincipals``); 503 when it waited ``max_wait`` without a slot (``QueueTimeout``,
+Retry-After as for a full queue). Nothing waits without bound, and every accepted event ends in exactly one
 of: it ran, or one of those errors reached its waiter.
 
 The clock is the running loop's ``time()`` (monotonic; virtual under ``dmlsys.wire.sim``).
@@ -37,9 +40,10 @@ class EventGate:
     """Identify, admit, queue fairly or refuse; see the module docstring."""
 
     def __init__(self, tiers: Iterable[Tier] | Mapping[str, Tier], keys: KeyFile | KeyRing | None = None, *,
-                 anonymous_tier: str = ANONYMOUS_TIER, sweep_every: float = 1.0, sweep_budget: int = 1000) -> None:
+                 anonymous_tier: str = ANONYMOUS_TIER, sweep_every: float = 1.0, sweep_budget: int = 1000,
+                 drain_window: float = 6.0) -> None:
         self.limiter = Limiter(tiers)
-        self.queue = EventQueue(self.limiter)
+        self.queue = EventQueue(self.limiter, drain_window=drain_window)
         if anonymous_tier not in self.limiter.tiers:
             raise TierError(f"anonymous tier {anonymous_tier!r} is not configured; "
                             f"configured tiers: {', '.join(self.limiter.tiers)}")
@@ -92,7 +96,7 @@ class EventGate:
         for d in displaced:
             if d.token is not None and not d.token.done():
                 d.token.set_exception(QueueFull(d.tier, self.limiter.tier(d.tier).policy.queue.depth,
-                                                retry_seconds(self.queue.estimate_free(d.tier, now), now),
+                                                retry_seconds(self.queue.estimate_free(d.tier, now, d.principal), now),
                                                 why="pushed this event out for one of a client with fewer waiting"))
         if isinstance(got, Refusal):
             raise self._refusal_error(got, now)
@@ -105,8 +109,9 @@ class EventGate:
                 if ticket.state == WAITING:
                     self.queue.time_out(ticket, self._now())
                 if ticket.state != RUNNING:
-                    raise QueueTimeout(ticket.tier, ticket.deadline - ticket.arrived,
-                                       retry_seconds(self.queue.estimate_free(ticket.tier, self._now()), self._now())) from None
+                    now = self._now()
+                    raise QueueTimeout(ticket.tier, ticket.deadline - ticket.arrived, retry_seconds(
+                        self.queue.estimate_free(ticket.tier, now, ticket.principal), now)) from None
             except asyncio.CancelledError:  # the client went away while waiting (or was granted at that moment)
                 self._wake(self.queue.cancel(ticket, self._now()))
                 raise

@@ -35,14 +35,28 @@ Guarantees, each a property test in tests/events/test_queue.py:
 * **bounded wait**: an event waits at most ``Queue.max_wait`` (``expire(now)`` ends the rest);
   with ``depth = 0`` nothing waits at all.
 
+**Retry-After for a full queue** (``estimate_free``): when the events waiting now will have left
+the queue. Little's law: the waiting count over the rate at which the tier's queue drained
+(events leaving it: granted, expired, cancelled) over the last ``drain_window`` seconds (6 s
+by default: the autoscaler's panic window, the time scale on which the pool behind the queue
+changes its capacity). Never later than the newest waiting event's deadline (by then every
+event waiting now has left, served or timed out: exact), and never earlier than the limiter's
+exact next admission for the principal told to retry (``Limiter.retry_after``), since the
+retry would need that admission too. With no queue (``depth = 0``) a running event must end
+first: one over the rate at which the tier's running events ended. With nothing measured yet:
+the newest deadline (``max_wait`` away), or one second with no queue. Still an estimate of
+when a place will be free, not a promise of one: other clients may take it first.
+
 Costs: offer, release, cancel and expire are O(1) amortized per event, except a full queue's
-push-out, which scans the tier's waiting principals (at most ``depth`` of them).
+push-out, which scans the tier's waiting principals (at most ``depth`` of them). The drain
+meters keep 16 counts per tier whatever the traffic.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -86,19 +100,62 @@ class QueueStatistics:
     ended: dict[str, int]
 
 
+class _RateMeter:
+    """Events per second over the last ``window`` seconds, in 16 buckets (bounded memory)."""
+
+    __slots__ = ("buckets", "count", "since", "width", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window, self.width = window, window / 16
+        self.buckets: deque[list] = deque()  # [bucket start, events], oldest first
+        self.count = 0
+        self.since: float | None = None  # when it was first asked to count: the span it can know
+
+    def _trim(self, now: float) -> None:
+        while self.buckets and self.buckets[0][0] + self.width <= now - self.window:
+            self.count -= self.buckets.popleft()[1]
+
+    def mark(self, now: float, n: int = 1) -> None:
+        if self.since is None:
+            self.since = now
+        if self.buckets and now < self.buckets[-1][0] + self.width:
+            self.buckets[-1][1] += n
+        else:
+            self.buckets.append([now, n])
+        self.count += n
+        self._trim(now)
+
+    def start(self, now: float) -> None:
+        """Something is there to be counted from now (a first event waits): 0/s is a measurement."""
+        if self.since is None:
+            self.since = now
+
+    def rate(self, now: float) -> float | None:
+        """Events per second over the window (or the shorter span since counting began); None
+        when nothing was counted yet."""
+        self._trim(now)
+        if self.since is None:
+            return None
+        span = min(self.window, now - self.since)
+        if span < self.width:
+            return None  # too short a look to call it a rate
+        return self.count / span
+
+
 class _TierQueue:
     """Waiting events of one tier: per principal in arrival order, all in arrival order, and the
     ring of principals whose front event could take a slot (their turn order)."""
 
-    __slots__ = ("name", "depth", "max_wait", "by_principal", "arrivals", "ring", "in_ring", "service_ewma")
+    __slots__ = ("arrivals", "by_principal", "depth", "drained", "ended", "in_ring", "max_wait", "name", "ring")
 
-    def __init__(self, name: str, depth: int, max_wait: float) -> None:
+    def __init__(self, name: str, depth: int, max_wait: float, drain_window: float) -> None:
         self.name, self.depth, self.max_wait = name, depth, max_wait
         self.by_principal: dict[str, OrderedDict[int, Ticket]] = {}
         self.arrivals: OrderedDict[int, Ticket] = OrderedDict()  # deadlines are non-decreasing in here
         self.ring: deque[str] = deque()
         self.in_ring: set[str] = set()  # may hold principals no longer eligible: checked when popped
-        self.service_ewma: float | None = None  # seconds an event runs, smoothed: for Retry-After estimates
+        self.drained = _RateMeter(drain_window)  # waiting events leaving the queue: for Retry-After
+        self.ended = _RateMeter(drain_window)  # running events ending: Retry-After with no queue
 
     def waiting(self) -> int:
         return len(self.arrivals)
@@ -137,12 +194,14 @@ class EventQueue:
         else: wait for a release to grant it, or until got.deadline (then q.expire(now))
     """
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, drain_window: float = 6.0) -> None:
+        if not (drain_window > 0 and math.isfinite(drain_window)):
+            raise ValueError(f"drain_window must be a finite number of seconds > 0, got {drain_window!r}")
         self.limiter = limiter
         self._tiers: dict[str, _TierQueue] = {}
         for name in limiter.tiers:
             q = limiter.tier(name).policy.queue
-            self._tiers[name] = _TierQueue(name, q.depth, q.max_wait)
+            self._tiers[name] = _TierQueue(name, q.depth, q.max_wait, drain_window)
         self._ids = itertools.count(1)
         self._accepted = 0
         self._refused = {"rate": 0, "queue_full": 0, "principals": 0}
@@ -170,7 +229,7 @@ class EventQueue:
             victim = self._longest(tq, principal) if tq.depth else None
             if victim is None:
                 self._refused["queue_full"] += 1
-                return Refusal(tier, principal, "queue_full", self.estimate_free(tier, now)), displaced
+                return Refusal(tier, principal, "queue_full", self.estimate_free(tier, now, principal)), displaced
             if not lim.would_admit(tier, principal, now):
                 return self._refuse(tier, principal, now), displaced
             tq.remove(victim)
@@ -181,6 +240,7 @@ class EventQueue:
             return self._refuse(tier, principal, now), displaced
         t = Ticket(next(self._ids), tier, principal, now, now + tq.max_wait)
         tq.push(t)
+        tq.drained.start(now)
         self._accepted += 1
         if lim.under_own_cap(tier, principal):
             tq.enter_ring(principal)  # in the turn order; else it enters when one of its events ends
@@ -221,6 +281,7 @@ class EventQueue:
             tq.remove(t)
             t.state, t.started = RUNNING, now
             granted.append(t)
+            tq.drained.mark(now)
             if p in tq.by_principal and lim.under_own_cap(tier, p):
                 tq.enter_ring(p)  # to the back: everyone else waiting gets a turn first
         return granted
@@ -238,8 +299,7 @@ class EventQueue:
         self._ended[DONE] += 1
         tq = self._tiers[ticket.tier]
         self.limiter.release(ticket.tier, ticket.principal)
-        ran = max(0.0, now - (ticket.started if ticket.started is not None else now))
-        tq.service_ewma = ran if tq.service_ewma is None else 0.8 * tq.service_ewma + 0.2 * ran
+        tq.ended.mark(now)
         if ticket.principal in tq.by_principal:
             tq.enter_ring(ticket.principal)  # under its cap again: back in the turn order
         return self._grant(tq, now)
@@ -254,7 +314,9 @@ class EventQueue:
             self._ended[CANCELLED] += 1
             return granted
         if ticket.state == WAITING:
-            self._tiers[ticket.tier].remove(ticket)
+            tq = self._tiers[ticket.tier]
+            tq.remove(ticket)
+            tq.drained.mark(now)
             ticket.state = CANCELLED
             self._ended[CANCELLED] += 1
         return []
@@ -269,6 +331,7 @@ class EventQueue:
                 if t.deadline > now:
                     break
                 tq.remove(t)
+                tq.drained.mark(now)
                 t.state = EXPIRED
                 out.append(t)
         self._ended[EXPIRED] += len(out)
@@ -278,18 +341,29 @@ class EventQueue:
         """End one waiting event as expired: its waiter's own timer fired (possibly a hair before
         ``deadline`` by the loop's clock resolution, which ``expire`` would not count yet)."""
         if ticket.state == WAITING:
-            self._tiers[ticket.tier].remove(ticket)
+            tq = self._tiers[ticket.tier]
+            tq.remove(ticket)
+            tq.drained.mark(now)
             ticket.state = EXPIRED
             self._ended[EXPIRED] += 1
 
     # ------------------------------------------------------------------------- introspection
-    def estimate_free(self, tier: str, now: float) -> float:
-        """When a queue slot will likely be free: the events ahead served at the recent rate.
-        An estimate for Retry-After on a full queue, capped at the tier's ``max_wait``."""
+    def estimate_free(self, tier: str, now: float, principal: str | None = None) -> float:
+        """When the events waiting now will have left the tier's queue (a place for a retry):
+        waiting / the drain rate over ``drain_window``, at most the newest waiting event's
+        deadline, at least ``principal``'s next rate admission. See the module docstring."""
         tq = self._tiers[tier]
-        per = tq.service_ewma if tq.service_ewma is not None else tq.max_wait
-        slots = max(1, min(self._total(tier), self.limiter.in_flight(tier) or 1))
-        return now + min(tq.max_wait, per * (tq.waiting() + 1) / slots)
+        waiting = tq.waiting()
+        if waiting:
+            surely = next(reversed(tq.arrivals.values())).deadline  # every one waiting has left by then
+            rate = tq.drained.rate(now)
+            at = min(surely, now + waiting / rate) if rate else surely
+        else:  # no queue (depth 0), or it emptied meanwhile: one running event must end
+            rate = tq.ended.rate(now)
+            at = now + (1.0 / rate if rate else 1.0)
+        if principal is not None:
+            at = max(at, self.limiter.retry_after(tier, principal, now))
+        return max(at, now)
 
     def waiting(self, tier: str, principal: str | None = None) -> int:
         tq = self._tiers[tier]

@@ -91,7 +91,10 @@ class EventsService(Service):
         self.config = config
         self.deployments: dict[str, Deployment] = {}
         self.models: dict[str, tuple[str, int | None]] = {}
-        self.gate = EventGate(config.tiers or DEFAULT_TIERS, KeyFile(config.keys) if config.keys else None)
+        # Retry-After for a full queue measures its drain over the autoscaler's panic window: the
+        # time scale on which the pool behind it changes capacity
+        self.gate = EventGate(config.tiers or DEFAULT_TIERS, KeyFile(config.keys) if config.keys else None,
+                              drain_window=config.scaling.panic_window)
         self._launcher = launcher
         self.url: str | None = None
         self._runner = None

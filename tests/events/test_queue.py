@@ -53,6 +53,7 @@ class Run:
             if isinstance(got, Refusal):
                 if got.reason == "queue_full":
                     self.check_fair_entry(f"p{arg}")
+                    self.check_retry_after(f"p{arg}", got.retry_at)
                 assert got.retry_at >= self.now
             else:
                 self.tickets.append(got)
@@ -75,6 +76,15 @@ class Run:
         mine = self.q.waiting("t", me) + 1
         assert self.q.waiting("t") >= self.depth
         assert all(self.q.waiting("t", f"p{i}") <= mine for i in range(5)), "refused while a flooder held more"
+
+    def check_retry_after(self, me: str, at: float):
+        """A full queue's Retry-After: never before the principal's exact next rate admission;
+        never after the newest waiting event's deadline (all waiting now are gone by then)."""
+        exact = self.q.limiter.retry_after("t", me, self.now)
+        assert at >= exact, f"retry at {at}, but {me}'s next admission is at {exact}"
+        waiting = self.q.waiting_tickets("t")
+        if waiting:
+            assert at <= max(exact, waiting[-1].deadline)
 
     def check_round_robin(self, before: set[str], granted: list[Ticket]):
         for b in list(self.since):
@@ -168,6 +178,38 @@ def test_no_queue_means_refuse_at_once_with_an_estimate_and_rate_refusals_are_ex
     q.release(q.offer("t", "p", 0.2)[0], 0.3)
     limited, _ = q.offer("t", "p", 0.4)
     assert isinstance(limited, Refusal) and limited.reason == "rate" and limited.retry_at == 1.0
+
+
+def test_a_full_queue_says_retry_when_it_will_have_drained_at_its_measured_rate():
+    """Two slots, events served in 0.5 s: the queue drains 4 events/s. A full queue of 4 is
+    gone in 1 s: Retry-After 1 s (the old estimate, service time x (waiting + 1) / slots, said 1.25 s)."""
+    q = EventQueue(Limiter([Tier("t", Concurrency(4, 2) + Queue(4, max_wait=30.0))]), drain_window=6.0)
+    now, running = 0.0, []
+    for k in range(2):
+        running.append(q.offer("t", f"p{k}", now)[0])
+    while now < 8.0:  # two newcomers every 0.25 s (8/s), each served 0.5 s: 4/s drain, queue full
+        now += 0.25
+        for t in [t for t in running if t.started <= now - 0.5]:
+            running.remove(t)
+            running += q.release(t, now)
+        for k in range(2):
+            got, _ = q.offer("t", f"p{k}", now)
+            if not isinstance(got, Refusal) and got.state == RUNNING:
+                running.append(got)
+    assert q.waiting("t") == 4
+    full, _ = q.offer("t", "p0", now)  # p0 has as many waiting as anyone: no push-out for it
+    assert isinstance(full, Refusal) and full.reason == "queue_full"
+    assert full.retry_at - now == pytest.approx(1.0, rel=0.1)
+
+
+def test_a_full_queue_never_says_retry_before_the_rate_would_admit():
+    q = EventQueue(Limiter([Tier("t", Concurrency(1, 1) + Queue(1, max_wait=1.0) + Rate(2, 3600.0))]))
+    a, _ = q.offer("t", "p", 0.0)
+    b, _ = q.offer("t", "p", 0.0)  # waits; p's hourly rate of 2 is used up
+    full, _ = q.offer("t", "p", 0.0)
+    assert isinstance(full, Refusal) and full.retry_at == pytest.approx(3600.0)  # not the queue's 1 s
+    other, _ = q.offer("t", "q", 0.0)
+    assert isinstance(other, Refusal) and other.reason == "queue_full" and other.retry_at <= 1.0
 
 
 def test_releasing_twice_is_an_error_naming_the_event():
