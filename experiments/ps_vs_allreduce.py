@@ -5,7 +5,8 @@ parameter servers (1 and 2 shards; BSP and SSP s=2); the wide hashed-feature mod
 the per-worker memory cap) through the parameter servers only, and the collective's refusal of
 it (the collective worker's own ``train.run`` with the cap: its error is the row's ``error``); a
 shard sweep (1, 2, 4) for the MLP under BSP; BSP vs SSP(2) with one worker slowed 2x (it sleeps
-as long as its gradient took, after each one; the CNN by default, where compute dominates a step).
+as long as its gradient took, after each one; the CNN by default, where compute dominates a step),
+and with transient stragglers (at each step one worker drawn at random is slowed so).
 
 Everything runs in this one process over the simulated network in real time (no added delay or
 loss; every message is copied and hashed, as the simulation does): both sides pay the same
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import tempfile
 import time
@@ -132,7 +134,7 @@ async def run_allreduce(arch, hp, ds, steps) -> dict[str, Any]:
             "cpu_ms_per_step": meter.cpu_ms()}
 
 
-async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = False,
+async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: str | None = None,
                  on_epoch=None) -> dict[str, Any]:
     from dmlsys.ps.server import ShardConfig, ShardService
     from dmlsys.ps.trainer import PsTrainer
@@ -148,8 +150,11 @@ async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: bool = Fal
                                   consistency=consistency, progress=False, offload=True,
                                   on_epoch=_both(meter.on_epoch, on_epoch) if r == 0 else None)
                         for r in range(len(WORKERS))]
-            if slow:
+            if slow == "w1":
                 _slow_down(trainers[1])
+            elif slow == "stragglers":
+                for rank, trainer in enumerate(trainers):
+                    _slow_down(trainer, lambda k, rank=rank: random.Random(k).randrange(len(WORKERS)) == rank)
             results = await asyncio.gather(*(t.fit(ds) for t in trainers))
         finally:
             for n in nodes:
@@ -168,14 +173,16 @@ def _both(*fns):
     return call
 
 
-def _slow_down(trainer) -> None:
-    """This worker takes twice as long per gradient: it sleeps as long as the gradient took."""
+def _slow_down(trainer, when=lambda k: True) -> None:
+    """This worker takes twice as long for its k-th gradient when ``when(k)``: it sleeps as long
+    as the gradient took."""
     run = trainer._run
+    count = iter(range(1 << 62))
 
     async def slow(fn, *args):
         t0 = time.perf_counter()
         out = await run(fn, *args)
-        if fn == trainer._host_grads:
+        if fn == trainer._host_grads and when(next(count)):
             await asyncio.sleep(time.perf_counter() - t0)
         return out
 
@@ -288,8 +295,13 @@ async def drive(args: argparse.Namespace, console: Console) -> list[dict]:
         await add("mlp ps 4 bsp", run_ps(archs["mlp"], hp, ds, steps, 4, BSP), "mlp", "ps", "bsp", 4)
     # one worker slowed 2x: BSP vs SSP(2)
     for cons, label in ((BSP, "bsp"), (ssp(2), "ssp")) if "slowed" in parts else ():
-        await add(f"{args.slow_model} slowed {label}", run_ps(archs[args.slow_model], hp, ds, steps, 2, cons, slow=True),
+        await add(f"{args.slow_model} slowed {label}", run_ps(archs[args.slow_model], hp, ds, steps, 2, cons, slow="w1"),
                   f"{args.slow_model} (w1 slowed 2x)", "ps", label, 2)
+    # transient stragglers: at each step one worker, drawn at random, is slowed 2x
+    for cons, label in ((BSP, "bsp"), (ssp(2), "ssp")) if "stragglers" in parts else ():
+        await add(f"{args.slow_model} stragglers {label}",
+                  run_ps(archs[args.slow_model], hp, ds, steps, 2, cons, slow="stragglers"),
+                  f"{args.slow_model} (a random worker slowed 2x each step)", "ps", label, 2)
     if "wide" not in parts:
         return rows
     # the large model
@@ -354,10 +366,11 @@ def table(rows: list[dict], console: Console) -> None:
     for r in rows:
         if r.get("error"):
             console.print(f"* {r['model']} via {r['via']}: {r['error']}")
-    slowed = {r["consistency"]: r["step_ms"] for r in rows if "slowed" in r["model"] and r["step_ms"]}
-    if {"bsp", "ssp"} <= set(slowed):
-        console.print(f"one worker slowed 2x: SSP(2) step {slowed['ssp']:.1f} ms vs BSP {slowed['bsp']:.1f} ms "
-                      f"({slowed['bsp'] / slowed['ssp']:.2f}x)")
+    for what, tag in (("one worker slowed 2x", "(w1 slowed"), ("stragglers", "(a random worker")):
+        slowed = {r["consistency"]: r["step_ms"] for r in rows if tag in r["model"] and r["step_ms"]}
+        if {"bsp", "ssp"} <= set(slowed):
+            console.print(f"{what}: SSP(2) step {slowed['ssp']:.1f} ms vs BSP {slowed['bsp']:.1f} ms "
+                          f"({slowed['bsp'] / slowed['ssp']:.2f}x)")
 
 
 def _cpu_cells(r: dict, base: float | None, times: str) -> list[str]:
@@ -393,7 +406,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help=f"train on the first samples only (default {LIMIT}: {LIMIT // 128} steps per epoch at "
                              f"batch 128, so that the whole run takes about 10 minutes on 2 quiet cores; 0: all 60000)")
-    parser.add_argument("--parts", default="compare,sweep,slowed,wide",
+    parser.add_argument("--parts", default="compare,sweep,slowed,stragglers,wide",
                         help="which parts to run (default: %(default)s)")
     parser.add_argument("--test-limit", type=int, default=None, help="test on the first samples only")
     parser.add_argument("--slow-model", choices=("mlp", "cnn"), default="cnn",

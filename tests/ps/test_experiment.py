@@ -54,6 +54,8 @@ def test_a_tiny_run_writes_the_issues_rows(experiment, tmp_path, monkeypatch):
     assert {("mlp", "allreduce", None, None), ("mlp", "ps", "bsp", 1), ("mlp", "ps", "ssp", 1),
             ("mlp", "ps", "bsp", 2), ("mlp", "ps", "ssp", 2), ("mlp", "ps", "bsp", 4),
             ("mlp (w1 slowed 2x)", "ps", "bsp", 2), ("mlp (w1 slowed 2x)", "ps", "ssp", 2),
+            ("mlp (a random worker slowed 2x each step)", "ps", "bsp", 2),
+            ("mlp (a random worker slowed 2x each step)", "ps", "ssp", 2),
             ("wide", "ps", "bsp", 2)} <= seen
 
     refused = [r for r in rows if "error" in r]
