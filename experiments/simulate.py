@@ -21,8 +21,9 @@ functions     (dmlsys.events FunctionPool) every accepted event ends with its ow
               ``FunctionUnavailable`` within its deadline; kills alone fail none (with one
               slot too: the high-priority function's 3 s of traffic ends long before the
               30 s deadline, and its idle instance must then yield); no function's events
-              wait at zero instances for more than two ticks while another function's
-              instance sits idle; the pool's slots are never exceeded
+              wait at zero instances for more than a panic window and two ticks
+              (8.05 s) while another function's instance sits idle; the pool's slots
+              are never exceeded
 ============  ===========================================================================
 
     python experiments/simulate.py --seeds 1000             # 1,000 seeds per protocol
@@ -421,7 +422,8 @@ def sim_functions(seed: int) -> tuple[dict, list[str]]:
     from dmlsys.events.pool import Pool
 
     tick = 1.0
-    starve_bound = 2 * tick + 0.05  # idle at a tick's end -> its claim is 0 at the next: stopped
+    # a function idle for a panic window (6 s) claims nothing at the next tick: its idle instance stops
+    starve_bound = ScalingConfig().panic_window + 2 * tick + 0.05
 
     rng = random.Random(seed)
     f = {"kills": rng.randrange(0, 10), "slots": rng.randrange(1, 5), "events": 100}

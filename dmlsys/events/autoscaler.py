@@ -16,11 +16,11 @@ instance handles at once. Every tick the caller reports each function's observed
   means are zero and the panic is over: the decision is 0.
 
 Then ``[min, max]`` clamps each function, and the **pool** divides its ``slots`` (each instance
-of a function takes ``FunctionSpec.slots``). What a function wants is in two parts: its
-**claim**, the instances its events need *now* (``ceil(work / target)``, at most what it wants,
-where ``work`` is the events in flight or waiting now, or over the last tick: the caller's
-count), and the rest (instances kept warm by the stable mean, held through a panic: idle
-ones). Claims are served first, then the rest, each by the same rules:
+of a function takes ``FunctionSpec.slots``). What a function wants is its **claim** when it has
+work: events in flight or waiting now (the caller's ``work``) or within the panic window (its
+observed concurrency there is not zero). A function without work claims nothing: every
+instance it holds is idle. Claims are served first, then what functions without work want,
+each by the same rules:
 
 1. every function first gets its ``min`` (``Autoscaler`` refuses a configuration whose mins
    do not fit);
@@ -32,13 +32,13 @@ ones). Claims are served first, then the rest, each by the same rules:
    a time, round-robin, while slots last. A lower level gets what is left: a pipeline's batch
    step (low priority) yields to a serving function (high) when the pool is full and both have
    work;
-3. the rest of what each function wants, by the same rules over what the claims left.
+3. what functions without work want, by the same rules over what the claims left.
 
-So priority decides only between functions that both have work: idle instances of any
-function, whatever its priority, yield their slots to a function with events waiting (found by
-experiments/simulate.py: a high-priority function's panic held the whole pool idle for a
-stable window while the low-priority one's events waited out their 30 s deadlines, 135 of
-1,000 seeds). Without ``work`` every want counts as a claim (the caller knows no better).
+So priority decides only between functions that both have work: the idle instances of a
+function without work, whatever its priority, yield their slots to a function with events
+(found by experiments/simulate.py: a high-priority function's panic held the whole pool idle
+for a stable window while the low-priority one's events waited out their 30 s deadlines, 135
+of 1,000 seeds). Without ``work`` every want counts as a claim (the caller knows no better).
 
 Guarantees (tests/events/test_autoscaler.py): the decision never uses more slots than the
 pool has; every function is within ``[min, max]``; a function with ``min = 0`` is at 0 once a
@@ -47,8 +47,8 @@ slots went to claims (of higher priority, or round-robin within its level): what
 functions hold beyond their claims and mins, plus the free slots, is less than one instance of
 it; a function in panic is never scaled down, except when the pool is full and another
 function's claim takes the slots (one of strictly higher priority, one of the same priority
-that had no instance getting its first, or any function whose claim the panicking one's idle
-instances stood in the way of).
+that had no instance getting its first, or any function with work while the panicking one has
+none).
 
 Decisions are targets, not facts: the caller starts and stops instances, and passes what it
 has (``current``) back in, so a slow start is not mistaken for a missing instance.
@@ -216,9 +216,9 @@ class Autoscaler:
                work: Mapping[str, float] | None = None) -> Decision:
         """Instances per function now. ``current``: instances each has (starting ones count);
         defaults to the previous decision. ``work``: each function's events now (in flight +
-        waiting; the caller's measure, e.g. the larger of now and the last tick's mean), from
-        which its claim comes (module docstring); a function absent from it claims nothing, and
-        without it every want is a claim."""
+        waiting; the caller's measure, e.g. the larger of now and the last tick's mean): one
+        with work, now or within the panic window, claims what it wants; one without claims
+        nothing (module docstring). Without ``work`` every want is a claim."""
         now = max(now, self._now)
         self._now = now
         cfg, wanted, panicking = self.config, {}, set()
@@ -253,7 +253,13 @@ class Autoscaler:
                 w = work.get(name, 0.0)
                 if not (w >= 0 and math.isfinite(w)):
                     raise ScalingError(f"function {name!r}: work must be a finite number >= 0, got {w!r}")
-                claims[name] = min(wanted[name], math.ceil(w / f.spec.target - 1e-9))
+                # All it wants, not just ceil(w / target): a busy function's headroom (the stable
+                # window's instances, a panic's) is not idle, it is how it meets the next burst.
+                # And work within the panic window, not just this tick: serving traffic has
+                # lulls of a tick. Taking either for a batch step that always has work cost the
+                # year scenario 9-12x the 429s (7 -> 63-84) at the conference spike.
+                # (1e-9: the window's running sum keeps float residue after its samples leave)
+                claims[name] = wanted[name] if w > 0 or f.panic.mean(now) > 1e-9 else 0
         alloc = self._divide(claims, wanted, panicking)
         for name, n in alloc.items():
             self._fns[name].decided = n

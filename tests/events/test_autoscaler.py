@@ -157,9 +157,10 @@ works = st.lists(st.lists(st.sampled_from([0.0, 0.0, 0.0, 0.4, 1.0, 3.0, 9.0]), 
 @FAST
 @given(setups(), ticks, works)
 def test_idle_instances_never_keep_a_function_with_work_short_of_its_claim(setup, seq, work_seq):
-    """Priority decides only between functions that both have work: a function short of the
-    instances its events need is short only because other claims (or its mins) took the slots:
-    what others hold beyond their claims and mins, plus what is free, is less than one instance."""
+    """Priority decides only between functions that both have work: a function with work short of
+    what it wants is short only because other claims (functions with work, or mins) took the
+    slots: what functions without work hold beyond their mins, plus what is free, is less than
+    one instance of it."""
     pool, specs = setup
     scaler, now = Autoscaler(pool, specs, CFG), 0.0
     for (dt, values), work in zip(seq, work_seq):
@@ -170,11 +171,11 @@ def test_idle_instances_never_keep_a_function_with_work_short_of_its_claim(setup
         d = scaler.decide(now, None, {s.name: w for s, w in zip(specs, work)})
         assert d.slots_used <= pool
         idle = sum(max(0, d.instances[s.name] - max(s.min, d.claims[s.name])) * s.slots for s in specs)
-        for s in specs:
-            assert d.claims[s.name] <= d.wanted[s.name]
+        for s, w in zip(specs, work):
+            assert d.claims[s.name] in (0, d.wanted[s.name]) and (w == 0 or d.claims[s.name] == d.wanted[s.name])
             if d.instances[s.name] < d.claims[s.name]:
                 assert (pool - d.slots_used) + idle < s.slots, (
-                    f"{s.name} has {d.instances[s.name]} of the {d.claims[s.name]} instances its work needs while "
+                    f"{s.name} has {d.instances[s.name]} of the {d.claims[s.name]} instances it claims while "
                     f"{idle} slots hold idle instances and {pool - d.slots_used} are free: {d}")
 
 
@@ -184,15 +185,26 @@ def test_a_panicking_high_priority_function_yields_its_idle_instances_to_one_wit
     waited out their deadlines at zero instances."""
     hi, lo = FunctionSpec("classify", target=2.0, max=4, priority=10), FunctionSpec("regress", target=2.0, max=4)
     scaler = Autoscaler(2, [hi, lo], CFG)
+
+    def tick(t, classify, regress):
+        scaler.observe("classify", float(t), classify)
+        scaler.observe("regress", float(t), regress)
+        return scaler.decide(float(t), None, {"classify": classify, "regress": regress})
+
     for t in range(3):
-        scaler.observe("classify", float(t), 5.0)
-        scaler.observe("regress", float(t), 0.0)
-        d = scaler.decide(float(t), None, {"classify": 5.0, "regress": 0.0})
+        d = tick(t, 5.0, 0.0)
     assert d.instances == {"classify": 2, "regress": 0} and "classify" in d.panicking
-    scaler.observe("classify", 3.0, 0.0)
-    scaler.observe("regress", 3.0, 1.0)  # regress's event waits; classify's instances are idle
-    d = scaler.decide(3.0, None, {"classify": 0.0, "regress": 1.0})
+    for t in range(3, 5):
+        d = tick(t, 0.0, 0.0)
+    # regress's event waits; classify had work 3 s ago, within the panic window: both have work,
+    # priority decides (a lull of a tick is not idleness)
+    d = tick(5, 0.0, 1.0)
+    assert d.instances == {"classify": 2, "regress": 0}
+    for t in range(6, 9):
+        d = tick(t, 0.0, 1.0)
+    # a whole panic window (6 s) without a classify event: its instances are idle and yield one
+    d = tick(9, 0.0, 1.0)
     assert "classify" in d.panicking and d.instances == {"classify": 1, "regress": 1}
-    # while both have work, priority decides: classify takes the pool back
-    d = scaler.decide(4.0, None, {"classify": 4.0, "regress": 1.0})
+    # once both have work again, priority decides: classify takes the pool back
+    d = tick(10, 20.0, 1.0)  # a burst: its panic mean asks for 2
     assert d.instances == {"classify": 2, "regress": 0}
