@@ -17,8 +17,8 @@
   asks for a decision, and carries out what ``Pool.reconcile`` says: ``Start`` and ``Stop``
   through the ``Launcher`` (the supervisor in production, in-process nodes in tests). With the
   decision goes each function's *work* (the larger of its events now and the tick's mean): a
-  function with none holds only idle instances, and those yield their slots to a function with
-  events whatever the priorities (the autoscaler's claims). A drained instance's last event
+  function with none, now or within the panic window, holds only idle instances, and those
+  yield their slots to a function with events whatever the priorities (the autoscaler's claims). A drained instance's last event
   ending while events wait also runs a step at once: its slots are free now.
 
 The launcher's contract: ``start(function, instance)`` returns the peer name of an instance

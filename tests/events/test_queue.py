@@ -204,8 +204,8 @@ def test_a_full_queue_says_retry_when_it_will_have_drained_at_its_measured_rate(
 
 def test_a_full_queue_never_says_retry_before_the_rate_would_admit():
     q = EventQueue(Limiter([Tier("t", Concurrency(1, 1) + Queue(1, max_wait=1.0) + Rate(2, 3600.0))]))
-    a, _ = q.offer("t", "p", 0.0)
-    b, _ = q.offer("t", "p", 0.0)  # waits; p's hourly rate of 2 is used up
+    q.offer("t", "p", 0.0)  # runs
+    q.offer("t", "p", 0.0)  # waits; p's hourly rate of 2 is used up
     full, _ = q.offer("t", "p", 0.0)
     assert isinstance(full, Refusal) and full.retry_at == pytest.approx(3600.0)  # not the queue's 1 s
     other, _ = q.offer("t", "q", 0.0)
