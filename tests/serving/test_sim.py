@@ -259,8 +259,10 @@ def test_losing_a_replica_under_bursts_that_ride_one_message_fails_no_request(se
         c.nowait = True
         await c.start()
 
-        async def strike():
+        async def strike():  # once a burst is on r1 (when is up to the policy's picks: poll, don't guess)
             await asyncio.sleep(0.5)
+            while c.balancer.pools["m"].replicas["r1"].in_flight == 0:
+                await asyncio.sleep(0.001)
             c.net.crash("r1")
             c.replicas["r1"].kill()
 
