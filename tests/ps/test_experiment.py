@@ -67,4 +67,5 @@ def test_a_tiny_run_writes_the_issues_rows(experiment, tmp_path, monkeypatch):
     # BSP through the shards computes what the collective does: same accuracy after the same steps
     acc = {(r["via"], r["consistency"], r["shards"]): r["accuracy"] for r in rows if r["model"] == "mlp"}
     assert acc[("ps", "bsp", 1)] == acc[("ps", "bsp", 2)] == acc[("allreduce", None, None)]
-    assert (tmp_path / "rows.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # a bench extra: without it the figure is skipped
+        assert (tmp_path / "rows.png").stat().st_size > 0
