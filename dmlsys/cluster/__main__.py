@@ -469,6 +469,10 @@ async def train_ps_with_progress(doc: dict, model: str, keys=None, options: dict
     from dmlsys.ps.errors import PsError
 
     spec = load(doc["spec"])
+    if spec.multi_host:  # the job is driven from here, on this host's nodes; rank 0 would save off the cluster's store
+        raise CliError(f"{spec.path}: train --via ps runs on a single-host spec only (its ps and ps-worker nodes "
+                       f"on this host, rank 0 saving into this host's store); this spec spans hosts "
+                       f"{', '.join(sorted(spec.hosts))} (docs/ps.md)")
     alive = [n for n in doc["nodes"] if pid_alive(n.get("pid"))]
     workers = [n for n in alive if n["role"] == "ps-worker"]
     shards = [n for n in alive if n["role"] == "ps"]

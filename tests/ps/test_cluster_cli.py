@@ -6,6 +6,7 @@ the flags' errors name the flag; the shipped ``cluster/ps.toml`` parses."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dmlsys.cluster.__main__ import cmd_train, ps_options
+from dmlsys.cluster.__main__ import cmd_train, ps_options, train_ps_with_progress
 from dmlsys.cluster.errors import CliError
 from dmlsys.cluster.spec import load
 from dmlsys.train import data
@@ -111,3 +112,14 @@ def test_train_via_ps_through_the_cli_in_real_processes(tmp_path):
     card = json.loads((tmp_path / "models" / "tiny" / "1" / "card.json").read_text())
     assert card["via"] == "ps" and card["consistency"] == "ssp" and card["staleness"] == 2
     assert card["shards"] == 2
+
+
+def test_train_via_ps_refuses_a_multi_host_spec_naming_it(tmp_path):
+    spec = tmp_path / "two.toml"
+    spec.write_text('[cluster]\nname = "t"\nsupervisor = "tcp://10.0.0.1:7000"\n'
+                    '[hosts.alpha]\naddress = "10.0.0.1"\n[hosts.beta]\naddress = "10.0.0.2"\n'
+                    '[[nodes]]\nname = "shard"\nrole = "ps"\nhost = "alpha"\n'
+                    '[[nodes]]\nname = "w"\nrole = "ps-worker"\nreplicas = 2\nhosts = ["alpha", "beta"]\n')
+    doc = {"spec": str(spec), "nodes": []}
+    with pytest.raises(CliError, match=r"two\.toml: train --via ps runs on a single-host spec only.*alpha, beta"):
+        asyncio.run(train_ps_with_progress(doc, "tiny"))
