@@ -396,34 +396,10 @@ def sim_balancer(seed: int) -> tuple[dict, list[str]]:
 # -- events: the function pool -----------------------------------------------------------------
 
 
-async def watch_starvation(fp, worst: dict[str, float], idle_for: float, every: float = 0.01) -> None:
-    """Records in ``worst`` each function's longest run of time with events waiting, no instance
-    live (starting or ready), and an idle instance of another function holding slots: ready,
-    nothing in flight, its function without an event (in flight or waiting) for ``idle_for``
-    seconds. Runs until cancelled."""
-    from dmlsys.events.pool import READY
-
-    loop = asyncio.get_running_loop()
-    since: dict = {}
-    busy: dict = {}  # function -> last time it had an event in flight or waiting
-    while True:
-        now = loop.time()
-        for f in fp.pool.specs:
-            if fp.in_flight[f] + fp.waiting[f] > 0 or f not in busy:
-                busy[f] = now
-        idle = {i.function for i in fp.pool.instances.values()
-                if i.state == READY and i.in_flight == 0 and now - busy[i.function] > idle_for}
-        for f in fp.pool.specs:
-            if fp.waiting[f] > 0 and not fp.pool.live(f) and idle - {f}:
-                worst[f] = max(worst.get(f, 0.0), now - since.setdefault(f, now))
-            else:
-                since.pop(f, None)
-        await asyncio.sleep(every)
-
-
 def sim_functions(seed: int) -> tuple[dict, list[str]]:
     from dmlsys.events.autoscaler import Autoscaler, FunctionSpec, ScalingConfig
     from dmlsys.events.functions import FunctionPool, FunctionUnavailable
+    from dmlsys.events.invariants import watch_starvation
     from dmlsys.events.pool import Pool
 
     tick = 1.0

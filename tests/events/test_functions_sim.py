@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from dmlsys.events.autoscaler import Autoscaler, FunctionSpec, ScalingConfig
 from dmlsys.events.functions import FunctionPool, FunctionUnavailable
-from dmlsys.events.pool import READY, Pool
+from dmlsys.events.invariants import watch_starvation
+from dmlsys.events.pool import Pool
 from dmlsys.node import Node, Service, rpc
 from dmlsys.wire import sim
 from dmlsys.wire.sim import SimNetwork
@@ -132,29 +133,6 @@ def test_idle_functions_scale_to_zero_after_the_stable_window_and_come_back_on_t
     assert first["y"] == 2 and again["y"] == 4 and busy >= 1
     assert cold < COLD_START + WORK + 0.1 and cold_again < COLD_START + WORK + 0.1  # scale from zero at once
     assert idle["slots_used"] == 0 and not any(n for n in launcher.nodes.values())
-
-
-async def watch_starvation(fp, worst: dict, idle_for: float, every: float = 0.01) -> None:
-    """Records in ``worst`` each function's longest run of time with events waiting, no instance
-    live (starting or ready), and an idle instance of another function holding slots: ready,
-    nothing in flight, its function without an event (in flight or waiting) for ``idle_for``
-    seconds. Runs until cancelled."""
-    loop = asyncio.get_running_loop()
-    since: dict = {}
-    busy: dict = {}  # function -> last time it had an event in flight or waiting
-    while True:
-        now = loop.time()
-        for f in fp.pool.specs:
-            if fp.in_flight[f] + fp.waiting[f] > 0 or f not in busy:
-                busy[f] = now
-        idle = {i.function for i in fp.pool.instances.values()
-                if i.state == READY and i.in_flight == 0 and now - busy[i.function] > idle_for}
-        for f in fp.pool.specs:
-            if fp.waiting[f] > 0 and not fp.pool.live(f) and idle - {f}:
-                worst[f] = max(worst.get(f, 0.0), now - since.setdefault(f, now))
-            else:
-                since.pop(f, None)
-        await asyncio.sleep(every)
 
 
 TICK = 1.0
