@@ -408,38 +408,43 @@ def cmd_train(args: argparse.Namespace, state_dir: Path) -> int:
 
 async def train_with_progress(doc: dict, model: str, keys=None) -> dict:
     """Ask the supervisor to train ``model``; meanwhile show rank 0's epochs as a progress bar."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from dmlsys.collective.job import follow_progress
-
     workers = [n for n in doc["nodes"] if n["role"] == "worker" and pid_alive(n.get("pid"))]
     async with client_node({"supervisor": doc["supervisor"]["zmq"], **{n["name"]: n["zmq"] for n in workers}},
                            keys=keys) as node:
         job = asyncio.ensure_future(node.call("supervisor", "cluster", "train", {"model": model}, timeout=7200.0))
         if not workers:  # trained in the supervisor's process: its log has the epochs
             return await job
-        columns = (TextColumn(f"training {model} on {len(workers)} workers"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("epochs {task.fields[stats]}"), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-            task = bar.add_task("train", total=None, stats="")
-
-            async def show() -> None:
-                async for reply, epoch in follow_progress(node, workers[0]["name"], None, every=1.0):
-                    if reply.get("model") == model:
-                        bar.update(task, total=reply.get("epochs_total"), completed=epoch["epoch"],
-                                   stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
-
-            shower = asyncio.ensure_future(show())
-            try:
-                await asyncio.wait([job])
-            finally:
-                shower.cancel()
-            if not job.exception():  # the last epochs may have ended after our last look
-                done = job.result()
-                bar.update(task, total=done["epochs"], completed=done["epochs"],
-                           stats=f"test accuracy {done['test_accuracy']:.4f}")
+        await with_progress(node, job, model, workers[0]["name"], f"training {model} on {len(workers)} workers")
         return job.result()
+
+
+async def with_progress(node, job: asyncio.Future, model: str, rank0: str, label: str) -> None:
+    """Wait for ``job`` while showing rank 0's epochs of ``model`` (node ``rank0``) as a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dmlsys.collective.job import follow_progress
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("epochs {task.fields[stats]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("train", total=None, stats="")
+
+        async def show() -> None:
+            async for reply, epoch in follow_progress(node, rank0, None, every=1.0):
+                if reply.get("model") == model:
+                    bar.update(task, total=reply.get("epochs_total"), completed=epoch["epoch"],
+                               stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
+
+        shower = asyncio.ensure_future(show())
+        try:
+            await asyncio.wait([job])
+        finally:
+            shower.cancel()
+        if not job.exception():  # the last epochs may have ended after our last look
+            done = job.result()
+            bar.update(task, total=done["epochs"], completed=done["epochs"],
+                       stats=f"test accuracy {done['test_accuracy']:.4f}")
 
 
 def ps_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -460,12 +465,8 @@ def ps_options(args: argparse.Namespace) -> dict[str, Any]:
 async def train_ps_with_progress(doc: dict, model: str, keys=None, options: dict | None = None) -> dict:
     """``train MODEL --via ps``: this CLI drives the job itself (``recipes.train_ps``) on the
     running ``ps-worker`` nodes through the running ``ps`` nodes; rank 0's epochs as a progress bar."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from dmlsys.cluster.recipes import train_ps
     from dmlsys.cluster.spec import load
-    from dmlsys.collective.job import follow_progress
     from dmlsys.ps.errors import PsError
 
     spec = load(doc["spec"])
@@ -479,29 +480,14 @@ async def train_ps_with_progress(doc: dict, model: str, keys=None, options: dict
     async with client_node({n["name"]: n["zmq"] for n in workers + shards}, keys=keys) as node:
         job = asyncio.ensure_future(train_ps(node, spec, model, [n["name"] for n in workers],
                                              [n["name"] for n in shards], **(options or {})))
-        columns = (TextColumn(f"training {model} on {len(workers)} ps-workers, {len(shards)} shards"), BarColumn(),
-                   MofNCompleteColumn(), TextColumn("epochs {task.fields[stats]}"), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-            task = bar.add_task("train", total=None, stats="")
-
-            async def show() -> None:
-                async for reply, epoch in follow_progress(node, workers[0]["name"], None, every=1.0):
-                    if reply.get("model") == model:
-                        bar.update(task, total=reply.get("epochs_total"), completed=epoch["epoch"],
-                                   stats=f"loss {epoch['loss']:.4f}  test accuracy {epoch['test_accuracy']:.4f}")
-
-            shower = asyncio.ensure_future(show()) if workers else None
-            try:
-                await asyncio.wait([job])
-            finally:
-                if shower is not None:
-                    shower.cancel()
-            if isinstance(job.exception(), (ClusterError, PsError)):  # names the recipe, node or worker
-                raise CliError(str(job.exception())) from None
-            done = job.result()
-            bar.update(task, total=done["epochs"], completed=done["epochs"],
-                       stats=f"test accuracy {done['test_accuracy']:.4f}")
-        return done
+        if workers:
+            await with_progress(node, job, model, workers[0]["name"],
+                                f"training {model} on {len(workers)} ps-workers, {len(shards)} shards")
+        else:
+            await asyncio.wait([job])
+        if isinstance(job.exception(), (ClusterError, PsError)):  # names the recipe, node or worker
+            raise CliError(str(job.exception())) from None
+        return job.result()
 
 
 def cmd_rollout(args: argparse.Namespace, state_dir: Path) -> int:
