@@ -21,6 +21,12 @@ measurement of CURVE on ipc cost 16 MiB arrays 0.17x their speed; docs/security.
 fourth side runs with keys and the bulk path off (DMLSYS_BULK=0, every byte through CurveZMQ):
 rows ``tcp+curve-nobulk``, the cost before the bulk path, measured in the same run.
 
+Array rows also carry the CPU each process spent per array (``ours_cpu_ms`` and ``raw_cpu_ms``:
+client and server, utime + stime of every thread, libzmq's included), and keyed array rows a
+``ceiling``: the ratio that CPU would allow with perfect overlap on this machine's cores (the
+keys-off wall time over the larger of either process's CPU and their sum over the cores). On two
+cores the two ends of a loopback transfer share them: what the AES work costs there cannot hide.
+
     python experiments/bench_rpc.py --transport tcp ipc --json docs/bench_rpc.json
     python experiments/bench_rpc.py --transport tcp ipc --curve --json docs/bench_rpc_curve.json
     python experiments/bench_rpc.py --where --repeats 9 --json docs/bench_rpc_where.json
@@ -115,7 +121,21 @@ def dmlsys_server(address: str, ready, key: str | None = None) -> None:
 # -- clients ------------------------------------------------------------------------------------
 
 
-def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -> dict:
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, every thread) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def array_cpu(t: float, c: float, s: float, server_pid: int, n: int) -> dict:
+    """The array metric's wall and CPU per array, each side, from the marks taken before it."""
+    wall = time.perf_counter() - t
+    return {"array": ARRAY_BYTES * n / wall / 1e9, "array_client_cpu_ms": (time.process_time() - c) / n * 1e3,
+            "array_server_cpu_ms": (process_cpu(server_pid) - s) / n * 1e3}
+
+
+def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, server_pid: int) -> dict:
     same_allocator()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -144,19 +164,20 @@ def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int) -
     array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
     sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
     sock.recv()
-    t = time.perf_counter()
+    t, c, s = time.perf_counter(), time.process_time(), process_cpu(server_pid)
     for _ in range(n_arrays):
         sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
         sock.recv()
-    array_gbs = ARRAY_BYTES * n_arrays / (time.perf_counter() - t) / 1e9
+    arrays = array_cpu(t, c, s, server_pid, n_arrays)
     sock.send(b"quit")
     sock.recv()
     sock.close(linger=0)
     ctx.term()
-    return {"latency": latency * 1e6, "throughput": throughput, "array": array_gbs}
+    return {"latency": latency * 1e6, "throughput": throughput, **arrays}
 
 
-def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, key: str | None = None) -> dict:
+def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, server_pid: int,
+                  key: str | None = None) -> dict:
     import uvloop
 
     from dmlsys.assembly import ZmqTransports, build_node
@@ -185,13 +206,13 @@ def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int
         throughput = (n_throughput // 64 * 64) / (time.perf_counter() - t)
         array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
         await node.call("server", "bench", "array", array)
-        t = time.perf_counter()
+        t, c, s = time.perf_counter(), time.process_time(), process_cpu(server_pid)
         for _ in range(n_arrays):
             assert await node.call("server", "bench", "array", array) == ARRAY_BYTES
-        array_gbs = ARRAY_BYTES * n_arrays / (time.perf_counter() - t) / 1e9
+        arrays = array_cpu(t, c, s, server_pid, n_arrays)
         await node.call("server", "bench", "quit")
         await node.stop(drain_timeout=1)
-        return {"latency": latency * 1e6, "throughput": throughput, "array": array_gbs}
+        return {"latency": latency * 1e6, "throughput": throughput, **arrays}
 
     return uvloop.run(main())
 
@@ -213,8 +234,8 @@ def measure(kind: str, address: str, args) -> dict:
         if not ready.wait(30):
             raise RuntimeError(f"{kind} server did not start")
         if kind == "raw":
-            return raw_client(address, args.latency_n, args.throughput_n, args.arrays)
-        return dmlsys_client(address, args.latency_n, args.throughput_n, args.arrays, key)
+            return raw_client(address, args.latency_n, args.throughput_n, args.arrays, server.pid)
+        return dmlsys_client(address, args.latency_n, args.throughput_n, args.arrays, server.pid, key)
     finally:
         server.join(10)
         if server.is_alive():
@@ -302,6 +323,26 @@ CURVE_TARGETS = {"latency": ("<=", 1.3), "throughput": (">=", 0.7), "array": (">
 UNITS = {"latency": "us", "throughput": "req/s", "array": "GB/s"}
 
 
+def cpu_fields(ours: list[dict], raw: list[dict], ceiling: bool = False) -> dict:
+    """An array row's CPU per 16 MiB array, client and server process (medians, ms); with
+    ``ceiling``, also the best ratio ours' CPU would allow on this machine's cores: the other
+    side's wall time over the longest of either process's CPU and their sum spread over every
+    core (perfect overlap), per run, median."""
+    def sides(runs: list[dict]) -> dict:
+        return {side: round(float(np.median([r[f"array_{side}_cpu_ms"] for r in runs])), 2) for side in ("client", "server")}
+
+    fields = {"ours_cpu_ms": sides(ours), "raw_cpu_ms": sides(raw)}
+    if ceiling:
+        cores = len(os.sched_getaffinity(0))
+        best = [ARRAY_BYTES / (r["array"] * 1e9) * 1e3
+                / max(o["array_client_cpu_ms"], o["array_server_cpu_ms"],
+                      (o["array_client_cpu_ms"] + o["array_server_cpu_ms"]) / cores)
+                for o, r in zip(ours, raw)]
+        fields["ceiling"] = round(float(np.median(best)), 3)
+        fields["cores"] = cores
+    return fields
+
+
 def bench(transport: str, args, tmp: str) -> list[dict]:
     """Alternate raw and ours ``args.repeats`` times; one row per metric.
 
@@ -324,7 +365,7 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
         ratio = float(np.median([o / r for o, r in zip(ours, raw)]))
         rows.append({"metric": metric, "ours": round(float(np.median(ours)), 3), "raw": round(float(np.median(raw)), 3),
                      "unit": unit, "ratio": round(ratio, 3), "transport": transport, "repeats": args.repeats,
-                     "malloc": args.malloc})
+                     "malloc": args.malloc, **(cpu_fields(runs["ours"], runs["raw"]) if metric == "array" else {})})
     keyed = [k for k in kinds if k.startswith("curve")]
     for kind in keyed:  # more row sets: ours with keys against ours without, pairwise as above
         suffix = "plain" if transport == "ipc" else kind
@@ -335,7 +376,8 @@ def bench(transport: str, args, tmp: str) -> list[dict]:
             rows.append({"metric": metric, "ours": round(float(np.median(curve)), 3),
                          "raw": round(float(np.median(plain)), 3), "unit": unit, "ratio": round(ratio, 3),
                          "transport": f"{transport}+{suffix}", "baseline": "ours without keys",
-                         "repeats": args.repeats, "malloc": args.malloc})
+                         "repeats": args.repeats, "malloc": args.malloc,
+                         **(cpu_fields(runs[kind], runs["ours"], ceiling=True) if metric == "array" else {})})
     return rows
 
 
@@ -412,6 +454,16 @@ def main() -> None:
         table.add_row(row["transport"], row["metric"], f"{row['ours']:,.2f}", f"{row['raw']:,.2f}", row["unit"],
                       f"{row['ratio']:.2f}x", f"{op} {bound}x {'ok' if ok else 'MISSED'}")
     Console().print(table)
+    cpu = Table(title="CPU per 16 MiB array, ms (client + server process, medians); ceiling: the best ratio that "
+                      "CPU allows with perfect overlap on this machine's cores")
+    for col in ("transport", "dmlsys", "baseline", "ceiling"):
+        cpu.add_column(col, justify="left" if col == "transport" else "right")
+    for row in rows:
+        if row["metric"] == "array":
+            o, r = row["ours_cpu_ms"], row["raw_cpu_ms"]
+            cpu.add_row(row["transport"], f"{o['client']:.2f} + {o['server']:.2f}", f"{r['client']:.2f} + {r['server']:.2f}",
+                        f"{row['ceiling']:.2f}x ({row['cores']} cores)" if "ceiling" in row else "")
+    Console().print(cpu)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
