@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             from dmlsys.pipeline.cli import main as pipeline_main
             sys.exit(pipeline_main(argv[command + 1:], prog="python -m dmlsys.cluster pipeline"))
         from dmlsys.workflow.cli import main as workflow_main
-        sys.exit(workflow_main(argv[command:]))
+        sys.exit(workflow_main(argv[command:], prog="python -m dmlsys.cluster"))
     args = parser.parse_args(argv)
     state_dir = Path(args.state_dir)
     if args.command == "node":

@@ -57,8 +57,8 @@ def _table(entries: Sequence[Entry], title: str):  # -> rich Table
     return t
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m dmlsys.workflow",
+def build_parser(prog: str = "python -m dmlsys.workflow") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="dmlsys workflows: inspect and tidy the step memo store.")
     sub = ap.add_subparsers(dest="group", required=True)
     cache = sub.add_parser("cache", help="the memo store (SQLite index + blobs)",
@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m dmlsys.workflow") -> int:
+    """``prog``: the command as the user typed it (``python -m dmlsys.cluster`` passes its own),
+    so that --help and errors show that."""
+    args = build_parser(prog).parse_args(argv)
     from rich.console import Console
 
     console = Console()

@@ -49,3 +49,13 @@ def test_module_help_runs():
     out = subprocess.run([sys.executable, "-m", "dmlsys.workflow", "cache", "gc", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--max-age" in out and "--max-bytes" in out
+
+
+def test_help_names_the_command_the_user_typed(capsys):
+    """``python -m dmlsys.cluster cache`` hands over to this CLI: its --help must say so."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "--help"], prog="python -m dmlsys.cluster")
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m dmlsys.cluster cache")
+    assert "dmlsys.workflow" not in usage
