@@ -136,13 +136,13 @@ async def run_allreduce(arch, hp, ds, steps) -> dict[str, Any]:
 
 async def run_ps(arch, hp, ds, steps, shards: int, consistency, slow: str | None = None,
                  on_epoch=None) -> dict[str, Any]:
-    from dmlsys.ps.server import ShardConfig, ShardService
+    from dmlsys.ps.server import PsConfig, PsService
     from dmlsys.ps.trainer import PsTrainer
 
     net = _network()
     with tempfile.TemporaryDirectory(prefix="dmlsys-psx-") as tmp:
         shard_names = [f"ps{i}" for i in range(shards)]
-        nodes = await _nodes(net, shard_names, lambda n: [ShardService(ShardConfig(str(Path(tmp) / n), fsync=False))])
+        nodes = await _nodes(net, shard_names, lambda n: [PsService(PsConfig(str(Path(tmp) / n), fsync=False))])
         nodes += await _nodes(net, WORKERS)
         meter = Meter(net, steps)
         try:
@@ -212,14 +212,14 @@ async def refuse_wide_on_collective(arch: dict, cap: int) -> str:
 async def run_wide(ds, rows: int, cap: int, steps: int, batch: int, shards: int) -> dict[str, Any]:
     from dmlsys.ps.client import PsClient
     from dmlsys.ps.clock import BSP
-    from dmlsys.ps.server import ShardConfig, ShardService
+    from dmlsys.ps.server import PsConfig, PsService
     from dmlsys.ps.wide import MemoryCap, WideConfig, WideWorker, specs
 
     config = WideConfig(rows=rows)
     net = _network()
     with tempfile.TemporaryDirectory(prefix="dmlsys-psx-") as tmp:
         shard_names = [f"ps{i}" for i in range(shards)]
-        nodes = await _nodes(net, shard_names, lambda n: [ShardService(ShardConfig(str(Path(tmp) / n), fsync=False))])
+        nodes = await _nodes(net, shard_names, lambda n: [PsService(PsConfig(str(Path(tmp) / n), fsync=False))])
         nodes += await _nodes(net, WORKERS)
         try:
             clients = [PsClient(nodes[shards + r], shard_names, job="wide") for r in range(len(WORKERS))]

@@ -6,7 +6,7 @@ Modules, one idea each:
 * :mod:`~dmlsys.ps.partition`  the versioned partition map (pure)
 * :mod:`~dmlsys.ps.clock`      per-worker clocks and the BSP / SSP / ASP read rule (pure)
 * :mod:`~dmlsys.ps.log`        the shard's write-ahead log and atomic checkpoints
-* :mod:`~dmlsys.ps.server`     ``ShardService``: holds slices and rows, runs optax
+* :mod:`~dmlsys.ps.server`     ``PsService``: holds slices and rows, runs optax
 * :mod:`~dmlsys.ps.client`     ``PsClient``: scatter pulls and pushes, gather replies
 * :mod:`~dmlsys.ps.roles`      the ``ps`` role factory
 """

@@ -9,7 +9,7 @@
     drop_timeout = 30.0      # seconds a silent worker may hold up waiting reads before it is dropped
     fsync = true             # false only for throwaway jobs: an ack then survives a process crash, not a power cut
 
-The node hosts one :class:`~dmlsys.ps.server.ShardService`; its jobs live under
+The node hosts one :class:`~dmlsys.ps.server.PsService`; its jobs live under
 ``<state_dir>/ps/<node name>/<job>/`` (checkpoint and write-ahead log), where a restarted node
 finds them. Every bad config value raises ``ConfigError(key, what was expected)``.
 
@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from dmlsys.node import ConfigError, Service
-from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.ps.server import PsConfig, PsService
 
 PS_KEYS = {"checkpoint_every", "drop_timeout", "fsync"}
 PS_WORKER_KEYS = {"data_dir", "single_thread"}
 
 
-def ps_config(config: dict[str, Any], state_dir: str | Path) -> ShardConfig:
+def ps_config(config: dict[str, Any], state_dir: str | Path) -> PsConfig:
     """Validate a ``ps`` node's ``[nodes.config]`` table."""
     extra = sorted(set(config) - PS_KEYS)
     if extra:
@@ -51,12 +51,12 @@ def ps_config(config: dict[str, Any], state_dir: str | Path) -> ShardConfig:
     fsync = config.get("fsync", True)
     if not isinstance(fsync, bool):
         raise ConfigError("fsync", f"true or false, got {fsync!r}")
-    return ShardConfig(str(state_dir), checkpoint_every=every, drop_timeout=float(timeout), fsync=fsync)
+    return PsConfig(str(state_dir), checkpoint_every=every, drop_timeout=float(timeout), fsync=fsync)
 
 
 def build_ps(ctx) -> list[Service]:
     """Role factory (``ROLES["ps"] = "dmlsys.ps.roles:build_ps"``): one parameter-server shard."""
-    return [ShardService(ps_config(dict(ctx.config), Path(ctx.state_dir) / "ps" / ctx.name))]
+    return [PsService(ps_config(dict(ctx.config), Path(ctx.state_dir) / "ps" / ctx.name))]
 
 
 def build_ps_worker(ctx) -> list[Service]:

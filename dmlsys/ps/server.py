@@ -1,6 +1,6 @@
 """The parameter-server shard: holds its slices and table rows, applies updates with optax.
 
-One ``ShardService`` per shard node; it can hold one shard of several jobs. A job is opened by
+One ``PsService`` per shard node; it can hold one shard of several jobs. A job is opened by
 the workers (``PsClient.open``, idempotent: the first open creates it, later ones with the same
 partition map join it) and lives in ``<state_dir>/<job>/``.
 
@@ -58,7 +58,7 @@ WAL = "wal.log"
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardConfig:
+class PsConfig:
     """How a shard keeps its state. ``state_dir`` holds one directory per job."""
 
     state_dir: str
@@ -434,12 +434,12 @@ class ShardJob:
         self.wal.close()
 
 
-class ShardService(Service):
+class PsService(Service):
     """The ``ps`` service: shards of parameter-server jobs (see the module docstring)."""
 
     name = "ps"
 
-    def __init__(self, config: ShardConfig) -> None:
+    def __init__(self, config: PsConfig) -> None:
         self.config = config
         self.jobs: dict[str, ShardJob] = {}
         self._waiting: dict[int, tuple[str, asyncio.Future]] = {}

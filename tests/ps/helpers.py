@@ -19,7 +19,7 @@ from typing import Any
 
 from dmlsys.node import Node
 from dmlsys.ps.client import PsClient
-from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.ps.server import PsConfig, PsService
 from dmlsys.wire import sim
 from dmlsys.wire.sim import Link, SimNetwork
 
@@ -38,7 +38,7 @@ class SimPs:
     def client(self, rank: int, job: str = "job", **kw: Any) -> PsClient:
         return PsClient(self.worker_nodes[rank], self.shard_names, job=job, **kw)
 
-    def service(self, shard: int) -> ShardService:
+    def service(self, shard: int) -> PsService:
         return self.shard_nodes[shard].service("ps")  # type: ignore[return-value]
 
     def crash(self, shard: int) -> None:
@@ -60,7 +60,7 @@ class SimPs:
 
 async def _shard(net: SimNetwork, name: str, root: Path, config: dict[str, Any]) -> Node:
     node = Node(name, net.transport(name), admin=None)
-    node.add_service(ShardService(ShardConfig(str(root / name), **config)))
+    node.add_service(PsService(PsConfig(str(root / name), **config)))
     await node.start()
     return node
 

@@ -17,13 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, as a plain script
 
 from dmlsys.node import Node
-from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.ps.server import PsConfig, PsService
 from dmlsys.wire.zmq_transport import ZmqTransport
 
 
 async def main(args: argparse.Namespace) -> None:
     node = Node(args.name, ZmqTransport(args.name, "tcp://127.0.0.1:0"), admin=None)
-    node.add_service(ShardService(ShardConfig(args.state, checkpoint_every=args.checkpoint_every,
+    node.add_service(PsService(PsConfig(args.state, checkpoint_every=args.checkpoint_every,
                                               drop_timeout=60.0)))
     await node.start()
     print(json.dumps({"zmq": node.transport.address}), flush=True)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dmlsys.node import ConfigError
 from dmlsys.ps.log import LogError, WriteAheadLog, read_checkpoint, write_checkpoint
 from dmlsys.ps.roles import build_ps, ps_config
-from dmlsys.ps.server import ShardService
+from dmlsys.ps.server import PsService
 
 
 def record(i: int) -> dict:
@@ -85,7 +85,7 @@ def test_an_unreadable_checkpoint_names_the_file(tmp_path):
 def test_the_ps_role_builds_a_shard_with_its_state_under_the_node_name(tmp_path):
     ctx = types.SimpleNamespace(name="ps1", config={"checkpoint_every": 5}, state_dir=tmp_path)
     (service,) = build_ps(ctx)
-    assert isinstance(service, ShardService)
+    assert isinstance(service, PsService)
     assert service.config.state_dir == str(tmp_path / "ps" / "ps1") and service.config.checkpoint_every == 5
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from dmlsys.node import Node
 from dmlsys.ps.client import PsClient
 from dmlsys.ps.clock import ASP
-from dmlsys.ps.server import ShardConfig, ShardJob, ShardService
+from dmlsys.ps.server import PsConfig, PsService, ShardJob
 from dmlsys.wire.sim import SimNetwork
 
 SLOW = 0.6  # seconds one update takes in this test
@@ -41,7 +41,7 @@ def test_a_slow_update_does_not_block_pulls_or_pings(monkeypatch):
         with tempfile.TemporaryDirectory(prefix="dmlsys-ps-") as tmp:
             net = SimNetwork(0)
             shard = Node("ps0", net.transport("ps0"), admin=None)
-            shard.add_service(ShardService(ShardConfig(str(Path(tmp) / "ps0"), fsync=False)))
+            shard.add_service(PsService(PsConfig(str(Path(tmp) / "ps0"), fsync=False)))
             workers = [Node(f"w{i}", net.transport(f"w{i}"), admin=None) for i in range(2)]
             for n in [shard, *workers]:
                 await n.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dmlsys.node import Node
-from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.ps.server import PsConfig, PsService
 from dmlsys.ps.worker import PsTrainingService, train_via_ps
 from dmlsys.train import data
 from dmlsys.train.errors import DataNotFound
@@ -50,7 +50,7 @@ def train(ds, consistency: str, kill_at: int | None, job: str):
             shards = []
             for i in range(2):
                 n = Node(f"ps{i}", net.transport(f"ps{i}"), admin=None)
-                n.add_service(ShardService(ShardConfig(str(Path(tmp) / f"ps{i}"), fsync=False, drop_timeout=30.0)))
+                n.add_service(PsService(PsConfig(str(Path(tmp) / f"ps{i}"), fsync=False, drop_timeout=30.0)))
                 shards.append(n)
             workers = {w: worker(w) for w in ("w0", "w1")}
             driver = Node("driver", net.transport("driver"), admin=None)

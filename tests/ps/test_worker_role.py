@@ -11,7 +11,7 @@ import pytest
 
 from dmlsys.node import Node, RemoteError
 from dmlsys.ps.roles import build_ps_worker
-from dmlsys.ps.server import ShardConfig, ShardService
+from dmlsys.ps.server import PsConfig, PsService
 from dmlsys.ps.worker import PsTrainingService, train_via_ps
 from dmlsys.train import data
 from dmlsys.train.errors import DataNotFound
@@ -35,7 +35,7 @@ def cluster(body, ds):
             nodes = []
             for i in range(2):
                 n = Node(f"ps{i}", net.transport(f"ps{i}"), admin=None)
-                n.add_service(ShardService(ShardConfig(str(Path(tmp) / f"ps{i}"), fsync=False)))
+                n.add_service(PsService(PsConfig(str(Path(tmp) / f"ps{i}"), fsync=False)))
                 nodes.append(n)
             for i in range(2):
                 n = Node(f"w{i}", net.transport(f"w{i}"), admin=None)
