@@ -8,6 +8,8 @@ same way:
   bytes are equal. The dataset's ``fingerprint``, a model card's ``params_sha`` and the
   workflow's cache keys (through :func:`hash_array`) are all this one encoding.
 * :data:`OPS` maps a reduction's name to the numpy ufunc that folds two operands.
+* :func:`segments` cuts a length into N contiguous, nearly equal ranges: the ring's chunks
+  and the parameter servers' row ranges split the same way.
 * :func:`flatten` turns a pytree (nested dicts, lists, tuples, named tuples) into its leaves
   and a function that rebuilds it; :func:`flatten_with_paths` also says where each leaf was.
 
@@ -29,11 +31,25 @@ from typing import Any
 import numpy as np
 import xxhash
 
-__all__ = ["OPS", "fingerprint", "flatten", "flatten_with_paths", "hash_array"]
+__all__ = ["OPS", "fingerprint", "flatten", "flatten_with_paths", "hash_array", "segments"]
 
 #: Elementwise reductions by name. "mean" folds like "sum"; the caller divides by the count
 #: once at the end (every rank divides the same sum by the same count: the same bits).
 OPS: dict[str, np.ufunc] = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
+
+
+def segments(length: int, n: int) -> list[tuple[int, int]]:
+    """[start, stop) of ``n`` contiguous ranges covering ``length``; sizes differ by at most
+    one (the first ``length % n`` are the longer ones)."""
+    if n < 1 or length < 0:
+        raise ValueError(f"need n >= 1 and length >= 0, got n={n}, length={length}")
+    base, extra = divmod(length, n)
+    bounds, start = [], 0
+    for j in range(n):
+        stop = start + base + (1 if j < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 def hash_array(h: Any, array: Any, name: str = "") -> None:

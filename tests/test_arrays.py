@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import hypothesis.extra.numpy as hnp
@@ -97,3 +98,18 @@ def test_paths_name_each_leaf_by_keys_and_indices():
     tree = {"conv0": {"w": np.ones(2), "b": 0.5}, "layers": [np.zeros(1), (1, 2)]}
     pairs, _ = arrays.flatten_with_paths(tree)
     assert [p for p, _ in pairs] == [("conv0", "w"), ("conv0", "b"), ("layers", 0), ("layers", 1, 0), ("layers", 1, 1)]
+
+
+@given(st.integers(0, 10_000), st.integers(1, 64))
+def test_segments_cover_the_length_in_nearly_equal_contiguous_ranges(length, n):
+    bounds = arrays.segments(length, n)
+    assert len(bounds) == n
+    assert bounds[0][0] == 0 and bounds[-1][1] == length
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_segments_refuse_a_bad_count_naming_it():
+    with pytest.raises(ValueError, match="n=0"):
+        arrays.segments(10, 0)

@@ -17,20 +17,16 @@ bytes to all: every rank ends with bitwise-identical results, floats included.
 
 from __future__ import annotations
 
+from dmlsys import arrays
 from dmlsys.collective.errors import InvalidArgument
 
 
 def segments(length: int, n: int) -> list[tuple[int, int]]:
-    """[start, stop) of N contiguous segments covering ``length``; sizes differ by at most one."""
+    """[start, stop) of N contiguous segments covering ``length``; sizes differ by at most one
+    (``dmlsys.arrays.segments``, with the collective's error)."""
     if n < 1 or length < 0:
         raise InvalidArgument(f"need n >= 1 and length >= 0, got n={n}, length={length}")
-    base, extra = divmod(length, n)
-    bounds, start = [], 0
-    for j in range(n):
-        stop = start + base + (1 if j < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return arrays.segments(length, n)
 
 
 def chunks(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:

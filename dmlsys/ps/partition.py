@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from dmlsys.arrays import segments
 from dmlsys.ps.errors import PartitionError
 
 SEP = "/"
@@ -274,15 +275,6 @@ def specs_of(tree: Any) -> list[LeafSpec]:
     return out
 
 
-def segments(length: int, n: int) -> list[tuple[int, int]]:
-    """[start, stop) of ``n`` contiguous ranges covering ``length``; sizes differ by at most one."""
-    base, extra = divmod(length, n)
-    bounds, start = [], 0
-    for j in range(n):
-        stop = start + base + (1 if j < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 def plan(specs: Iterable[LeafSpec], shards: int, *, tables: Iterable[str] = (), split_factor: int = 4,
