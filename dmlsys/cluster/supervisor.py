@@ -542,9 +542,9 @@ class Supervisor:
         async with self._scale_lock:
             return await self._scale(group, replicas)
 
-    async def _scale(self, group: str, replicas: int) -> list[dict]:
-        if self.hosts is not None:
-            return await self._scale_across(group, replicas)
+    def _scalable(self, group: str, replicas: int) -> NodeSpec:
+        """The spec of node group ``group``, if it may have ``replicas`` members; else ValueError
+        naming what is wrong (the caller's answer)."""
         try:
             template: NodeSpec = self.spec.node_spec(group)
         except KeyError:
@@ -553,6 +553,12 @@ class Supervisor:
             raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
         if not 0 <= replicas <= 64:
             raise ValueError(f"replicas must be from 0 to 64, got {replicas}")
+        return template
+
+    async def _scale(self, group: str, replicas: int) -> list[dict]:
+        if self.hosts is not None:
+            return await self._scale_across(group, replicas)
+        template = self._scalable(group, replicas)
         current = self._groups[group]
         if replicas > current:
             new = []
@@ -886,14 +892,7 @@ class Supervisor:
     async def _scale_across(self, group: str, replicas: int) -> list[dict]:
         """The primary: place ``group``'s members on the hosts that are up, start and stop the
         ones here, and wait until the other hosts report theirs ready or gone."""
-        try:
-            template: NodeSpec = self.spec.node_spec(group)
-        except KeyError:
-            raise ValueError(f"no node group named {group!r} (groups: {', '.join(sorted(self._groups)) or 'none'})") from None
-        if template.replicas is None:
-            raise ValueError(f"{group!r} is a single node, not a group; give it `replicas = N` in {self.spec.path}")
-        if not 0 <= replicas <= 64:
-            raise ValueError(f"replicas must be from 0 to 64, got {replicas}")
+        template = self._scalable(group, replicas)
         live = {self.host} | {h for h, v in self.hosts.views.items() if v.state == "up"}
         allowed = tuple(h for h in template.allowed_hosts if h in live)
         if not allowed:
