@@ -44,6 +44,7 @@ from dmlsys.events.launcher import SupervisorLauncher
 from dmlsys.events.pool import Pool
 from dmlsys.events.tiers import Tier
 from dmlsys.node import ADMIN, RemoteError, Service, rpc
+from dmlsys.node.admin import serve_http
 
 log = logging.getLogger(__name__)
 
@@ -183,19 +184,10 @@ class EventsService(Service):
         app.router.add_post("/v1/models/{name}:predict", self._http_invoke)  # the KServe v1 spelling
         app.router.add_get("/v1/functions", self._http_functions)
         app.router.add_get("/healthz", lambda r: web.json_response({"ok": True}))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
         host, _, port = self.config.http.rpartition(":")
-        site = web.TCPSite(runner, host, int(port), backlog=1024)
-        try:
-            await site.start()
-        except OSError as e:
-            await runner.cleanup()
-            raise OSError(e.errno, f"events node {self.node.name!r} cannot listen for HTTP on {self.config.http}: "
-                                   f"{e.strerror}") from None
-        self._runner = runner
-        sock = site._server.sockets[0].getsockname()  # the picked port when the config said 0
-        self.url = f"http://{host}:{sock[1]}"
+        self._runner, bound = await serve_http(app, host, int(port), f"the HTTP door of events node {self.node.name!r}",
+                                               backlog=1024)
+        self.url = f"http://{host}:{bound}"
         log.info("events %s: HTTP door on %s", self.node.name, self.url)
 
     async def _http_functions(self, request):

@@ -30,6 +30,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+
+async def serve_http(app: web.Application, host: str, port: int, what: str, hint: str = "", *,
+                     backlog: int = 128, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port`` (0: any free port): its runner and the port it got. A port
+    that cannot be bound raises OSError naming ``what``, the address and ``hint`` (where to
+    change it), with nothing left running."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise OSError(e.errno, f"{what} cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 class AdminServer:
     __slots__ = ("node", "host", "port", "_runner")
 
@@ -51,16 +68,8 @@ class AdminServer:
             web.get("/metrics", self._metrics),
             web.get("/status", self._status),
         ])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await self._runner.cleanup()
-            self._runner = None
-            raise OSError(e.errno, f"node {self.node.name!r} cannot listen for admin HTTP on {self.host}:{self.port}: {e.strerror}") from None
-        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+        self._runner, self.port = await serve_http(app, self.host, self.port,
+                                                   f"the admin HTTP of node {self.node.name!r}")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from dmlsys.node.admin import serve_http
 from dmlsys.sharding.errors import BadRequest, InputTooLarge, PartFailed, ShardingError
 from dmlsys.wire.sim import to_thread
 
@@ -124,16 +125,8 @@ class RouterDoor:
         app = web.Application(client_max_size=self.router.config.max_body_bytes + 1)
         app.add_routes([web.post(PREFIX + "{target}", self._post), web.get(PREFIX + "{target}", self._get),
                         web.get("/healthz", self._healthz)])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await self._runner.cleanup()
-            raise OSError(e.errno, f"router cannot listen for HTTP on {self.host}:{self.port} ({e.strerror}); set "
-                                   f"[nodes.config] http to another HOST:PORT") from None
-        self.port = self._runner.addresses[0][1]  # the port picked for :0
+        self._runner, self.port = await serve_http(app, self.host, self.port, "the router's HTTP door",
+                                                   " (set [nodes.config] http to another HOST:PORT)")
         self.url = f"http://{self.host}:{self.port}"
         log.info("router %s: HTTP door on %s", self.router.node.name, self.url)
 

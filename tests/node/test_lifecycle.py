@@ -155,7 +155,7 @@ def test_an_admin_port_in_use_names_the_node_and_leaves_nothing_running():
         port = int(first.admin_url.rsplit(":", 1)[1])
         second = Node("b", Net("zmq").transport("b"), admin=("127.0.0.1", port))
         try:
-            with pytest.raises(OSError, match=f"node 'b' cannot listen for admin HTTP on 127.0.0.1:{port}"):
+            with pytest.raises(OSError, match=f"the admin HTTP of node 'b' cannot listen on 127.0.0.1:{port}"):
                 await second.start()
             assert second.state is State.STOPPED
         finally:

@@ -30,7 +30,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from dmlsys.cluster.dashboard.series import Series, histogram_from_text
 from dmlsys.cluster.errors import ClusterError
 from dmlsys.node import NodeError
-from dmlsys.node.admin import is_loopback
+from dmlsys.node.admin import is_loopback, serve_http
 
 if TYPE_CHECKING:
     from dmlsys.cluster.supervisor import Supervisor
@@ -83,17 +83,9 @@ class Dashboard:
             web.post("/api/rollout", self._rollout),
             web.post("/api/drain", self._drain),
         ])
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await self._runner.cleanup()
-            self._runner = None
-            raise OSError(e.errno, f"dashboard cannot listen on {self.host}:{self.port}: {e.strerror} "
-                                   f"(change cluster.dashboard in {self.sup.spec.path})") from None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_http(app, self.host, self.port, "the dashboard",
+                                                   f" (change cluster.dashboard in {self.sup.spec.path})",
+                                                   shutdown_timeout=2.0)
         if not is_loopback(self.host):
             log.warning("the dashboard listens on %s, not loopback: whoever reaches it can scale, roll out and "
                         "drain (docs/security.md)", self.url)
