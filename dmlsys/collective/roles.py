@@ -41,8 +41,16 @@ from typing import Any
 
 from dmlsys.collective.errors import JobCancelled, JobRejected
 from dmlsys.collective.group import CollectiveService, ProcessGroup
-from dmlsys.node import ADMIN, ConfigError, Service, oneway, rpc
+from dmlsys.node import ADMIN, Service, oneway, rpc
+from dmlsys.node.config import (
+    DATA_DIR,
+    config_bool,
+    config_dir,
+    config_seconds,
+    unknown_keys,
+)
 from dmlsys.node.config import config_int as _int
+from dmlsys.train import one_core_xla
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +70,12 @@ class WorkerConfig:
 
 def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerConfig:
     """Validate a worker's ``[nodes.config]`` table."""
-    extra = sorted(set(config) - WORKER_KEYS)
-    if extra:
-        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(WORKER_KEYS))})")
-    data_dir = config.get("data_dir")
-    if data_dir is not None and (not isinstance(data_dir, str) or not data_dir):
-        raise ConfigError("data_dir", f"a directory holding the Fashion-MNIST IDX files, got {data_dir!r}")
-    timeout = config.get("timeout", 30.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
-        raise ConfigError("timeout", f"seconds a collective waits for the other ranks, in (0, 3600], got {timeout!r}")
-    if not isinstance(config.get("single_thread", False), bool):
-        raise ConfigError("single_thread", f"true or false, got {config['single_thread']!r}")
+    unknown_keys(config, WORKER_KEYS)
+    data_dir = config_dir(config, "data_dir", DATA_DIR)
+    timeout = config_seconds(config, "timeout", 30.0)  # how long a collective waits for the other ranks
+    config_bool(config, "single_thread")
     return WorkerConfig(store=str(store), data_dir=data_dir, limit=_int(config, "limit", None),
-                        test_limit=_int(config, "test_limit", None), timeout=float(timeout),
+                        test_limit=_int(config, "test_limit", None), timeout=timeout,
                         chunk_bytes=_int(config, "chunk_bytes", 2 << 20),
                         memory_cap=_int(config, "memory_cap", None))
 
@@ -82,9 +83,8 @@ def worker_config(config: dict[str, Any], store: str | os.PathLike) -> WorkerCon
 def build_worker(ctx) -> list[Service]:
     """Role factory (``dmlsys.assembly.roles``): the collective and train services."""
     config = worker_config(dict(ctx.config), ctx.store)
-    if ctx.config.get("single_thread"):
-        # Several workers on one host: XLA's own thread pool in each would fight the others.
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    if ctx.config.get("single_thread"):  # several workers on one host
+        one_core_xla()
     return [CollectiveService(), TrainingService(config)]
 
 

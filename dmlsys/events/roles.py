@@ -32,7 +32,9 @@ import os
 from typing import Any
 
 from dmlsys.node import ConfigError, Service
-from dmlsys.node.config import config_int, config_seconds, unknown_keys as _unknown
+from dmlsys.node.config import config_int, config_seconds
+from dmlsys.node.config import unknown_keys as _unknown
+from dmlsys.train import one_core_xla
 
 EVENTS_KEYS = {"http", "slots", "group", "spares", "deadline", "tick", "try_timeout", "stable_window", "panic_window",
                "keys", "functions", "tiers", "max_body_bytes"}
@@ -122,7 +124,6 @@ def build_function(ctx) -> list[Service]:
     if not isinstance(buckets, list) or not buckets or not all(isinstance(b, int) and b >= 1 for b in buckets):
         raise ConfigError("buckets", f"a list of batch sizes, smallest first compiled, e.g. [1, 8, 32], got {buckets!r}")
     cache = config.get("cache", str(os.path.join(ctx.state_dir, "jax-cache")))
-    # One instance is one core's worth of work: XLA's own thread pool would fight its siblings.
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    one_core_xla()  # one instance is one core's worth of work
     return [FunctionService(store=str(ctx.store), cache_dir=cache, model=model, version=config.get("version"),
                             buckets=tuple(buckets))]

@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 
+DATA_DIR = "a directory holding the Fashion-MNIST IDX files"  # what a role's data_dir names
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or wrong. ``key`` is its dotted path within the node's
     config table; the cluster CLI adds the spec file and node name when it reports it."""
@@ -39,3 +42,19 @@ def config_seconds(config: Mapping[str, Any], key: str, default: float, most: fl
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= most:
         raise ConfigError(key, f"a number of seconds in (0, {most:g}], got {value!r}")
     return float(value)
+
+
+def config_bool(config: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    """``config[key]`` (else ``default``) as true or false: no 0/1 or "yes" standing in."""
+    value = config.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"true or false, got {value!r}")
+    return value
+
+
+def config_dir(config: Mapping[str, Any], key: str, what: str) -> str | None:
+    """``config[key]`` as a non-empty path (None when absent); ``what`` says what it must hold."""
+    value = config.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(key, f"{what}, got {value!r}")
+    return value

@@ -30,8 +30,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dmlsys.node import ConfigError, Service
+from dmlsys.node import Service
+from dmlsys.node.config import (
+    DATA_DIR,
+    config_bool,
+    config_dir,
+    config_int,
+    config_seconds,
+    unknown_keys,
+)
 from dmlsys.ps.server import PsConfig, PsService
+from dmlsys.train import one_core_xla
 
 PS_KEYS = {"checkpoint_every", "drop_timeout", "fsync"}
 PS_WORKER_KEYS = {"data_dir", "single_thread"}
@@ -39,19 +48,10 @@ PS_WORKER_KEYS = {"data_dir", "single_thread"}
 
 def ps_config(config: dict[str, Any], state_dir: str | Path) -> PsConfig:
     """Validate a ``ps`` node's ``[nodes.config]`` table."""
-    extra = sorted(set(config) - PS_KEYS)
-    if extra:
-        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(PS_KEYS))})")
-    every = config.get("checkpoint_every", 200)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ConfigError("checkpoint_every", f"an integer >= 1, got {every!r}")
-    timeout = config.get("drop_timeout", 30.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 86400:
-        raise ConfigError("drop_timeout", f"seconds in (0, 86400], got {timeout!r}")
-    fsync = config.get("fsync", True)
-    if not isinstance(fsync, bool):
-        raise ConfigError("fsync", f"true or false, got {fsync!r}")
-    return PsConfig(str(state_dir), checkpoint_every=every, drop_timeout=float(timeout), fsync=fsync)
+    unknown_keys(config, PS_KEYS)
+    return PsConfig(str(state_dir), checkpoint_every=config_int(config, "checkpoint_every", 200),
+                    drop_timeout=config_seconds(config, "drop_timeout", 30.0, most=86400.0),
+                    fsync=config_bool(config, "fsync", True))
 
 
 def build_ps(ctx) -> list[Service]:
@@ -61,19 +61,11 @@ def build_ps(ctx) -> list[Service]:
 
 def build_ps_worker(ctx) -> list[Service]:
     """Role factory (``ROLES["ps-worker"] = "dmlsys.ps.roles:build_ps_worker"``)."""
-    import os
-
     from dmlsys.ps.worker import PsTrainingService
 
     config = dict(ctx.config)
-    extra = sorted(set(config) - PS_WORKER_KEYS)
-    if extra:
-        raise ConfigError(extra[0], f"unknown key (known: {', '.join(sorted(PS_WORKER_KEYS))})")
-    data_dir = config.get("data_dir")
-    if data_dir is not None and (not isinstance(data_dir, str) or not data_dir):
-        raise ConfigError("data_dir", f"a directory holding the Fashion-MNIST IDX files, got {data_dir!r}")
-    if not isinstance(config.get("single_thread", False), bool):
-        raise ConfigError("single_thread", f"true or false, got {config['single_thread']!r}")
-    if config.get("single_thread"):
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    unknown_keys(config, PS_WORKER_KEYS)
+    data_dir = config_dir(config, "data_dir", DATA_DIR)
+    if config_bool(config, "single_thread"):  # several workers on one host
+        one_core_xla()
     return [PsTrainingService(str(ctx.store), data_dir=data_dir)]

@@ -27,7 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmlsys.node import ConfigError, Service
-from dmlsys.node.config import config_int as _int, config_seconds, unknown_keys as _unknown
+from dmlsys.node.config import config_bool, config_seconds
+from dmlsys.node.config import config_int as _int
+from dmlsys.node.config import unknown_keys as _unknown
 from dmlsys.sharding.app import load_app
 from dmlsys.sharding.errors import AppError
 from dmlsys.sharding.ring import DEFAULT_VNODES
@@ -94,9 +96,7 @@ def build_shard(ctx) -> list[Service]:
     config = dict(ctx.config)
     _unknown(config, SHARD_KEYS)
     target, options, app = _app(config)
-    fsync = config.get("fsync", True)
-    if not isinstance(fsync, bool):
-        raise ConfigError("fsync", f"true or false, got {fsync!r}")
+    fsync = config_bool(config, "fsync", True)
     return [ShardService(ShardConfig(
         state_dir=str(Path(ctx.state_dir) / "sharding" / ctx.name), app=target,
         vnodes=_int(config, "vnodes", DEFAULT_VNODES), snapshot_every=_int(config, "snapshot_every", 1),

@@ -17,6 +17,7 @@ The names below are imported lazily, so ``import dmlsys.train.data`` does not pu
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from .errors import (
@@ -35,7 +36,7 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + [
     "CheckpointError", "ChecksumMismatch", "DataError", "DataNotFound", "InvalidArgument", "ModelNotFound",
-    "StoreError", "TrainError", "UnknownArchitecture",
+    "StoreError", "TrainError", "UnknownArchitecture", "one_core_xla",
 ]
 
 
@@ -43,3 +44,10 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def one_core_xla() -> None:
+    """Keep XLA to one thread in this process, for roles of which a host runs several (workers,
+    replicas, function instances): XLA's own thread pool in each would fight its siblings for
+    the cores. Call it before JAX starts; an XLA_FLAGS the user set wins."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
