@@ -30,7 +30,10 @@ so all see the same machine load. A sample's time is the slowest rank's; the lat
 median sample. algbw = bytes / latency, busbw = algbw * 2(N-1)/N (the nccl-tests definition).
 The ratio "x gloo" is the median over repetitions of t_gloo / t_impl, from the same run: above
 1 means faster than gloo. Every implementation's result is first checked against the exact sum
-(test data whose float32 sums are exact).
+(test data whose float32 sums are exact). CPU per op (rows' ``ours_cpu_s`` and ``gloo_cpu_s``):
+``time.process_time`` of each rank's process over the sample (every thread, the kernel's work
+for its sockets included), averaged over the ranks, median sample; load moves it far less than
+wall-clock time, so it says which implementation does more work when the latencies are noise.
 
     python experiments/bench_allreduce.py --json docs/bench_allreduce.json      # + .png
     python experiments/bench_allreduce.py -N 2 --sizes 1MiB 64MiB --no-mpi --samples 5
@@ -192,6 +195,7 @@ async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
             for _ in range(args["warmup"]):
                 await fn()
         per = {name: [] for name in impls}
+        cpu = {name: [] for name in impls}
         order = list(impls)
         for i in range(args["samples"]):
             # One sample each per repetition, the order rotating: every implementation goes
@@ -200,15 +204,17 @@ async def _run_worker(rank, world, transport, tmpdir, gloo_port, args, conn):
             for name in order[k:] + order[:k]:
                 fn = impls[name]
                 await barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(inner):
                     await fn()
                 per[name].append((time.perf_counter() - t0) / inner)
+                cpu[name].append((time.process_time() - c0) / inner)  # this process, every thread
         flags = await group.allreduce(np.array([int(v) for v in verified.values()], np.int64), "min")
         for name, times in per.items():
             slowest = await group.allreduce(np.array(times), "max")  # an op is as slow as its slowest rank
+            spent = await group.allreduce(np.array(cpu[name]), "sum")  # CPU: every rank's
             results.append({"impl": name, "n": world, "bytes": nbytes, "inner": inner, "times": slowest.tolist(),
-                            "verified": bool(flags[list(verified).index(name)])})
+                            "cpu": (spent / world).tolist(), "verified": bool(flags[list(verified).index(name)])})
     await group.barrier()
     if gloo_port:
         dist.destroy_process_group()
@@ -316,11 +322,13 @@ def build_rows(ours: dict[str, list[dict]], mpi: list[dict]) -> list[dict]:
             row = {"n": n, "bytes": nbytes, "transport": transport, "path": path,
                    "headline": transport == "tcp" and path in ("ring", "direct"),
                    "ours_latency_s": lat, "ours_algbw": nbytes / lat / 1e9, "ours_busbw": busbw(nbytes, lat, n),
-                   "ours_verified": o["verified"], "ours_inner": o["inner"], "ours_samples": len(o["times"])}
+                   "ours_verified": o["verified"], "ours_inner": o["inner"], "ours_samples": len(o["times"]),
+                   "ours_cpu_s": statistics.median(o["cpu"])}
             if g is not None:
                 glat = statistics.median(g["times"])
                 row.update({"gloo_latency_s": glat, "gloo_algbw": nbytes / glat / 1e9,
                             "gloo_busbw": busbw(nbytes, glat, n), "gloo_verified": g["verified"],
+                            "gloo_cpu_s": statistics.median(g["cpu"]),
                             "ours_vs_gloo": _paired(g["times"], o["times"])})
             for btl in sorted({m["btl"] for m in mpi}):
                 mm = [m for m in mpi if m["btl"] == btl and m["world"] == n and m["bytes"] == nbytes]
@@ -367,13 +375,17 @@ def print_table(rows: list[dict], console) -> None:
                         "gloo over TCP); shm rows use shared memory, which gloo does not. MPI: its tcp BTL beside "
                         "ring/direct, its shared-memory BTL beside shm")
     cols = ["N", "size", "ours via", "path", "ours latency", "ours busbw", "x gloo", "gloo latency", "gloo busbw",
-            "MPI btl", "MPI busbw", "ours / MPI", "target", "== sum"]
+            "CPU ours / gloo", "MPI btl", "MPI busbw", "ours / MPI", "target", "== sum"]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         cells = [str(r["n"]), fmt_size(r["bytes"]), r["transport"], r["path"], fmt_time(r["ours_latency_s"]),
                  f"{r['ours_busbw']:.3f}", f"{r.get('ours_vs_gloo', nan):.2f}"]
-        cells += [fmt_time(r["gloo_latency_s"]), f"{r['gloo_busbw']:.3f}"] if "gloo_busbw" in r else ["-", "-"]
+        if "gloo_busbw" in r:
+            cpu = f"{fmt_time(r['ours_cpu_s'])} / {fmt_time(r['gloo_cpu_s'])}" if "gloo_cpu_s" in r else "-"
+            cells += [fmt_time(r["gloo_latency_s"]), f"{r['gloo_busbw']:.3f}", cpu]
+        else:
+            cells += ["-", "-", "-"]
         if "mpi_busbw" in r:
             cells += [r["mpi_btl"], f"{r['mpi_busbw']:.3f}", f"{r['ours_vs_mpi']:.2f}"]
         else:
