@@ -255,15 +255,17 @@ def free_tcp_address() -> str:
 
 
 def where_the_time_goes(repeats: int) -> list[dict]:
-    """One 16 MiB buffer, in this process: a copy, AES-256-GCM sealing and opening as the bulk
-    path does them (1 MiB chunks, one thread), and raw pyzmq PAIR over loopback TCP with and
+    """One 16 MiB buffer, in this process: a copy, AES-GCM sealing and opening as the bulk path
+    does them (its key size, 1 MiB chunks, one thread), and raw pyzmq PAIR over loopback TCP with and
     without CURVE (send and receive, zero-copy). Medians of ``repeats`` runs, in ms."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from dmlsys.wire.bulk import KEY_BYTES
 
     same_allocator()
     data = np.random.default_rng(0).integers(0, 256, ARRAY_BYTES, dtype=np.uint8)
     view, chunk = memoryview(data), 1 << 20
-    aead = AESGCM(AESGCM.generate_key(256))
+    aead = AESGCM(AESGCM.generate_key(KEY_BYTES * 8))
     sealed = np.empty(ARRAY_BYTES + 16 * (ARRAY_BYTES // chunk), np.uint8)
     opened = np.empty_like(data)
 
@@ -308,8 +310,8 @@ def where_the_time_goes(repeats: int) -> list[dict]:
             times.append(time.perf_counter() - t)
         return float(np.median(times)) * 1e3
 
-    rows = [("copy (numpy)", timed(lambda: np.copyto(opened, data))), ("AES-256-GCM seal", timed(seal)),
-            ("AES-256-GCM open", timed(open_))]
+    rows = [("copy (numpy)", timed(lambda: np.copyto(opened, data))), (f"AES-{KEY_BYTES * 8}-GCM seal", timed(seal)),
+            (f"AES-{KEY_BYTES * 8}-GCM open", timed(open_))]
     for curve in (False, True):
         ctx, transfer = pair(curve)
         rows.append((f"pyzmq tcp {'CURVE' if curve else 'plain'} send+recv", timed(transfer)))

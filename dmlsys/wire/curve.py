@@ -22,7 +22,7 @@ arrays five sixths of their speed, and the file permissions already keep other u
 Short-lived CLI clients (``cli-1234``) act under one principal, ``cli``: see ``principal_of``.
 
 Large messages between keyed TCP nodes do not go through CURVE's per-byte pass: they are sealed
-with AES-256-GCM under a session key sent inside the CURVE connection, on a socket pair of
+with AES-128-GCM under a session key sent inside the CURVE connection, on a socket pair of
 their own (``dmlsys.wire.bulk``); what authenticates them is still the CURVE connection.
 """
 

@@ -228,3 +228,44 @@ def test_the_sequencer_holds_only_so_many_messages_whose_mark_has_not_come():
     assert seq.mark(("s", 0)) == []  # among the dropped: waits, until given up
     assert seq.give_up(("s", 0)) == []
     assert seq.mark(("s", 3)) == [3]
+
+
+@FAST
+@given(size=st.sampled_from([16, 32]), seed=st.integers(0, 2**16), n=st.integers(1, 3 * MIN_CHUNK))
+def test_sessions_are_aes128_and_a_peers_aes256_key_still_opens(size, seed, n):
+    """New sessions carry a 16-byte key (the module says why); an offer with a 32-byte key, from
+    a node that still makes them, works the same; any other length is not an offer."""
+    assert len(BulkSession.make("a").key) == bulk.KEY_BYTES == 16
+    key = bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8))
+    sid = bytes(16)
+    offer = bulk.parse_offer([bulk.OFFER, sid, key])
+    assert offer == (sid, key)
+    sender = BulkSession(sid, key, "a", offerer=True)
+    receiver = Receiver(BulkSession(sid, key, "a", offerer=False))
+    frames = message(seed, [n])
+    for piece in sender.seal(frames, chunk=MIN_CHUNK):
+        receiver.feed(piece)
+    assert receiver.delivered == [plain(frames)] and receiver.rejected == 0
+    assert bulk.parse_offer([bulk.OFFER, sid, key[:size - 8]]) is None
+
+
+def test_helper_thread_only_with_cores_to_spare(monkeypatch):
+    monkeypatch.setattr(bulk.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.delenv("DMLSYS_BULK_THREADS", raising=False)
+    assert bulk._threads() == 1
+    monkeypatch.setattr(bulk.os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert bulk._threads() == 2
+    monkeypatch.setenv("DMLSYS_BULK_THREADS", "1")
+    assert bulk._threads() == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_between_two_threads_opens_the_same(monkeypatch, threads):
+    """The helper thread's half of a piece (cores to spare) seals and opens exactly as one thread."""
+    monkeypatch.setattr(bulk, "THREADS", threads)
+    sender, acceptor = pair()
+    receiver = Receiver(acceptor)
+    frames = message(7, [5 * MIN_CHUNK + 3, 2 * MIN_CHUNK])
+    for piece in sender.seal(frames, chunk=MIN_CHUNK, piece=4):
+        receiver.feed(piece)
+    assert receiver.delivered == [plain(frames)] and receiver.rejected == 0
