@@ -88,7 +88,8 @@ class Admission:
 
     def release(self, pool: Pool, r: Replica) -> None:
         r.in_flight -= 1
-        self.wake(pool.model)
+        if self._queues.get(pool.model):  # somebody waits (rarely): wake the first
+            self.wake(pool.model)
 
     def wake(self, model: str) -> None:
         """Let the first in line for ``model`` try again (a slot freed, or a replica turned ready)."""

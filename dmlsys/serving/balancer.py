@@ -115,6 +115,8 @@ class Balancer:
             probe_timeout=config.probe_timeout, may_serve=self.pins.may_serve, on_change=self.admission.wake)
         self.coalescer = Coalescer(node)
         self._turn: dict[str, Any] = {}  # model -> the replica its latest pick went to (see turn_affinity)
+        self._pools = self.membership.pools  # the same dict, for the hot path
+        self._try_timeout = config.try_timeout
         self._rollout = Rollout(node, self.membership, self.pins, poll=min(0.05, config.probe_period))
         self.retries = 0  # tries retried on another replica
         self.failed = 0  # requests that failed after their tries
@@ -155,25 +157,27 @@ class Balancer:
         ``predict`` returns or raises; or None when nobody is free at once (then await
         ``predict``, which queues). See :meth:`predict_then`."""
         out = asyncio.get_running_loop().create_future()
-        if not self.predict_then(model, body, deadline=deadline, key=key, done=functools.partial(_settle_with, out)):
+        if not self.predict_then(model, body, deadline, key, _settle_with, out):
             return None
         return out
 
-    def predict_then(self, model: str, body: dict[str, Any], *, deadline: float, key: str | None,
-                     done: Callable[[Any, Exception | None], None]) -> bool:
+    def predict_then(self, model: str, body: dict[str, Any], deadline: float, key: str | None,
+                     done: Callable[[Any, Any, Exception | None], None], arg: Any, now: float | None = None) -> bool:
         """:meth:`predict` for the door's hot path: False when no replica has a free slot now
-        (then await ``predict``, which queues); else True, and ``done(reply, None)`` or
-        ``done(None, error)`` is called exactly once, from a later turn of the loop.
+        (then await ``predict``, which queues); else True, and ``done(arg, reply, None)`` or
+        ``done(arg, None, error)`` is called exactly once, from a later turn of the loop.
+        ``now``: the loop's time, when the caller has just read it.
 
         The first try is sent here; its outcome is handled by a callback when it is a reply
         from the served version, and otherwise handed to ``predict`` as its first try, which
         goes on exactly as if it had sent it (retries, errors, the contract above). At 64
         clients this spares the door a task, two coroutine frames and three futures per request.
         """
-        pool = self.membership.pools.get(model)
+        pool = self._pools.get(model)
         if pool is None:
             return False
-        now = asyncio.get_running_loop().time()
+        if now is None:
+            now = asyncio.get_running_loop().time()
         if deadline <= now:
             return False
         r = self._turn.get(model) if key is None else None
@@ -186,27 +190,30 @@ class Balancer:
             if r is None:
                 return False
             self._turn[model] = r
-        self.coalescer.send_then(r.name, body, min(self.config.try_timeout, deadline - now),
-                                 functools.partial(self._first_try_done, pool, r, model, body, deadline, key, done))
+        self.coalescer.send_then(r.name, body, min(self._try_timeout, deadline - now), self._first_try_done,
+                                 (pool, r, body, deadline, key, done, arg))
         return True
 
-    def _first_try_done(self, pool: Pool, r, model: str, body: dict, deadline: float, key: str | None,
-                        done: Callable, reply: Any, error: Exception | None) -> None:
+    def _first_try_done(self, try_: tuple, reply: Any, error: Exception | None) -> None:
+        pool, r, body, deadline, key, done, arg = try_
         if error is None:
             version = reply.get("version")
-            if version is None or self.pins.may_serve(pool, r.name, version):
-                pool.record_success(r)
+            # pinned.get(...) == version is may_serve's common answer, without its call
+            if version is None or self.pins.pinned.get(pool.model) == version or self.pins.may_serve(
+                    pool, r.name, version):
+                if r.failures:
+                    pool.record_success(r)
                 self.admission.release(pool, r)
-                done(reply, None)
+                done(arg, reply, None)
                 return
         first = asyncio.get_running_loop().create_future()  # the try, as predict takes it
         if error is None:
             first.set_result(reply)
         else:
             first.set_exception(error)
-        rest = asyncio.get_running_loop().create_task(self.predict(model, body, deadline=deadline, key=key,
+        rest = asyncio.get_running_loop().create_task(self.predict(pool.model, body, deadline=deadline, key=key,
                                                                    first=(r, first)))
-        rest.add_done_callback(functools.partial(_settle, done))
+        rest.add_done_callback(functools.partial(_settle, done, arg))
 
     async def predict(self, model: str, body: dict[str, Any], *, deadline: float, key: str | None = None,
                       first: tuple | None = None) -> dict:
@@ -304,14 +311,14 @@ class Balancer:
         return out
 
 
-def _settle(done: Callable[[Any, Exception | None], None], task: asyncio.Task) -> None:
+def _settle(done: Callable[[Any, Any, Exception | None], None], arg: Any, task: asyncio.Task) -> None:
     """``done`` hears how ``task`` ended (a cancelled task: CancelledError)."""
     if task.cancelled():
-        done(None, asyncio.CancelledError())
+        done(arg, None, asyncio.CancelledError())
     elif task.exception() is not None:
-        done(None, task.exception())
+        done(arg, None, task.exception())
     else:
-        done(task.result(), None)
+        done(arg, task.result(), None)
 
 
 def _settle_with(out: asyncio.Future, reply: Any, error: Exception | None) -> None:

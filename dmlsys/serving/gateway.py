@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 from typing import Any
 
@@ -101,14 +100,23 @@ def _error(status: int, message: str, retry_after: float | None = None) -> Reply
 _VERSION_LINES: dict[Any, bytes] = {}  # version -> its header line, encoded once
 
 
-def _ok(reply: dict) -> Reply:
+def _ok(reply: Any) -> Reply:
+    """A replica's ``{"version", "body"}`` as the client's answer; 502 when it is not that (a
+    replica is a peer: what it sends is checked, not trusted)."""
     version = reply.get("version")
+    if type(version) is not int and version is not None:
+        return error_reply(502, f"a replica answered with a malformed version {str(version)[:40]!r}")
     line = _VERSION_LINES.get(version)
     if line is None:
         if len(_VERSION_LINES) >= 1024:  # versions only grow; an old one is cheap to encode again
             _VERSION_LINES.clear()
         line = _VERSION_LINES[version] = f"X-Model-Version: {version}\r\n".encode("latin-1")
-    return Reply(200, messages.received(reply["body"]), headers=line)
+    body = reply.get("body")
+    if type(body) is not bytes:  # inline bytes are the common case; a large body is a uint8 frame
+        body = messages.received(body)
+        if body is None:
+            return error_reply(502, "a replica answered without a JSON body")
+    return Reply(200, body, headers=line)
 
 
 def _resolve(fut: asyncio.Future, reply: Reply) -> None:
@@ -138,9 +146,11 @@ class GatewayService(Service):
         self.gate = None  # dmlsys.events' EventGate, when config.tiers is set
         self.gate_refused = 0
         self._pin_sync: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, node) -> None:
         await super().start(node)
+        self._loop = asyncio.get_running_loop()
         self.balancer = Balancer(node, self.config.balancer, rng=self._rng)
         supervisor = node.directory.supervisor
         if supervisor and supervisor != node.name:  # in a cluster: the version pins are the cluster's
@@ -233,6 +243,8 @@ class GatewayService(Service):
 
     def _route(self, request: Request) -> Reply | Any:
         path, method = request.path, request.method
+        if path.endswith(_PREDICT) and method == "POST" and self.gate is None and path.startswith(_PREFIX):
+            return self._predict(path[len(_PREFIX):-len(_PREDICT)], request)  # the hot path, first
         if path.startswith(_PREFIX):
             name = path[len(_PREFIX):]
             if name.endswith(_PREDICT):
@@ -252,13 +264,11 @@ class GatewayService(Service):
         return error_reply(404, f"no such resource: {method} {path} (POST /v1/models/NAME:predict, "
                                 "GET /v1/models/NAME, GET /v1/models)")
 
-    def _predict(self, name: str, request: Request) -> Reply | Any:
+    def _predict(self, name: str, request: Request, done=None, arg: Any = None) -> Reply | Any:
         """A Reply now (bad input), ``LATER`` (a replica was free: ``request.respond`` answers
         from a callback, no future or task: see ``Balancer.predict_then``), or a coroutine that
-        waits for a replica."""
-        return self._start_predict(name, request, functools.partial(self._replied, request.respond))
-
-    def _start_predict(self, name: str, request: Request, respond) -> Reply | Any:
+        waits for a replica. ``done(arg, reply, error)`` hears the outcome instead of
+        ``request.respond`` when given (the event gate's path)."""
         self.requests += 1
         headers = request.headers
         raw = headers.get("x-deadline-ms")
@@ -266,12 +276,20 @@ class GatewayService(Service):
             timeout = self.config.deadline if raw is None else self._deadline(raw)
         except ServingError as e:
             return self._failed(e)
-        deadline = asyncio.get_running_loop().time() + timeout
-        body = {"json": messages.carry(request.body), "max_instances": self.config.max_instances}
+        now = (self._loop or asyncio.get_running_loop()).time()
+        data = request.body
+        body = {"json": data if len(data) <= messages.INLINE_MAX else messages.carry(data),
+                "max_instances": self.config.max_instances}
         key = headers.get("x-request-key")
-        if self.balancer.predict_then(name, body, deadline=deadline, key=key, done=respond):
+        if done is None:
+            done, arg = self._answer, request
+        if self.balancer.predict_then(name, body, now + timeout, key, done, arg, now):
             return LATER
-        return self._predict_waiting(name, body, deadline, key)
+        return self._predict_waiting(name, body, now + timeout, key)
+
+    def _answer(self, request: Request, reply: Any, error: Exception | None) -> None:
+        """A predict's outcome, answered on its connection."""
+        request.respond(_ok(reply) if error is None else self._outcome(error))
 
     async def _admitted(self, name: str, request: Request) -> Reply:
         """A predict through the event gate: who is asking (Bearer key, else the client's
@@ -282,7 +300,7 @@ class GatewayService(Service):
             principal = self.gate.identify(request.headers.get("authorization"), request.remote)
             async with self.gate.admission(principal):
                 answered = asyncio.get_running_loop().create_future()
-                answer = self._start_predict(name, request, functools.partial(self._replied, functools.partial(_resolve, answered)))
+                answer = self._predict(name, request, self._resolved, answered)
                 if answer is LATER:
                     return await answered
                 return answer if isinstance(answer, Reply) else await answer
@@ -318,17 +336,18 @@ class GatewayService(Service):
             return error_reply(503, f"the sharding router {self.config.router!r} did not answer: {e}")
         return json_reply(int(reply["status"]), reply["json"])
 
-    def _replied(self, respond, reply: Any, error: Exception | None) -> None:
-        """A predict's outcome, as ``respond(Reply)``."""
-        if error is None:
-            respond(_ok(reply))
-        elif isinstance(error, ServingError):
-            respond(self._failed(error))
-        elif isinstance(error, asyncio.CancelledError):
-            respond(_error(503, "the gateway is stopping; retry", 1.0))
-        else:
-            log.error("gateway %s: a predict failed: %s: %s", self.node.name, type(error).__name__, error)
-            respond(error_reply(500, f"{type(error).__name__}: {error}"))
+    def _resolved(self, answered: asyncio.Future, reply: Any, error: Exception | None) -> None:
+        """A predict's outcome, as the result of ``answered`` (the event gate's path)."""
+        _resolve(answered, _ok(reply) if error is None else self._outcome(error))
+
+    def _outcome(self, error: Exception) -> Reply:
+        """The answer to a predict that failed with ``error``."""
+        if isinstance(error, ServingError):
+            return self._failed(error)
+        if isinstance(error, asyncio.CancelledError):
+            return _error(503, "the gateway is stopping; retry", 1.0)
+        log.error("gateway %s: a predict failed: %s: %s", self.node.name, type(error).__name__, error)
+        return error_reply(500, f"{type(error).__name__}: {error}")
 
     async def _predict_waiting(self, name: str, body: dict, deadline: float, key: str | None) -> Reply:
         try:

@@ -56,7 +56,7 @@ _HEAD_RE = re.compile(rf"({_TCHAR}+) (/[^\x00-\x20\x7f]*) HTTP/1\.([01])\r\n((?:
 _FIELD_RE = re.compile(rf"({_TCHAR}+):[ \t]*((?:[^\x00\r\n \t]+(?:[ \t]+[^\x00\r\n \t]+)*)?)[ \t]*\r\n")
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 TICKS = 4  # sweeps per (shorter) timeout
 LINGER = 2.0  # seconds an answered error keeps reading (and dropping) what the client still sends

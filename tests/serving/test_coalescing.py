@@ -29,7 +29,7 @@ def run(node, sends, settle: float = 0.05):
         c = Coalescer(node)
         heard = [[] for _ in sends]
         for i, (replica, body, timeout) in enumerate(sends):
-            c.send_then(replica, body, timeout, lambda reply, error, i=i: heard[i].append((reply, error)))
+            c.send_then(replica, body, timeout, lambda i, reply, error: heard[i].append((reply, error)), i)
         assert not any(heard)  # never called from send_then itself
         await asyncio.sleep(settle)
         await c.stop()
@@ -66,14 +66,36 @@ def test_a_callback_that_raises_does_not_keep_the_reply_from_its_turn_mates():
         c = Coalescer(FakeNode())
         got = []
 
-        def broken(reply, error):
+        def broken(arg, reply, error):
             raise RuntimeError("caller bug")
 
-        c.send_then("r0", "a", 1.0, broken)
-        c.send_then("r0", "b", 1.0, lambda reply, error: got.append(reply["body"]))
+        c.send_then("r0", "a", 1.0, broken, None)
+        c.send_then("r0", "b", 1.0, lambda arg, reply, error: got.append(reply["body"]), None)
         fut = c.send("r0", "c", 1.0)  # the future API rides on the same path
         assert (await fut)["body"] == "c"
         await asyncio.sleep(0)
         return got
 
     assert asyncio.run(go()) == ["b"]
+
+
+class JunkNode(FakeNode):
+    """A replica that answers what it should not: ``results`` as given, for every message."""
+
+    def __init__(self, results) -> None:
+        super().__init__()
+        self.results = results
+
+    async def call(self, peer, service, method, body, timeout):
+        return {"results": self.results} if method == "predict_many" else self.results
+
+
+def test_a_malformed_answer_fails_each_of_its_predicts_once_and_never_passes_as_a_reply():
+    for results in ("not a list", [1, "x", None], [{"version": 1, "body": b"ok"}], {"results": 3}):
+        _, heard = run(JunkNode(results), [("r0", "a", 1.0), ("r0", "b", 1.0)])
+        assert all(len(h) == 1 for h in heard), results
+        outcomes = [(reply, type(error).__name__) for [(reply, error)] in heard]
+        if results == [{"version": 1, "body": b"ok"}]:  # one result for two items: the second has none
+            assert outcomes == [({"version": 1, "body": b"ok"}, "NoneType"), (None, "RemoteError")]
+        else:
+            assert all(reply is None and error != "NoneType" for reply, error in outcomes), outcomes

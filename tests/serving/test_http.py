@@ -109,3 +109,14 @@ def test_a_passed_deadline_is_504():
         net.heal()
 
     asyncio.run(door(scenario))
+
+
+def test_a_replica_answer_without_a_json_body_or_with_a_malformed_version_is_answered_502():
+    from dmlsys.serving.gateway import _ok
+
+    assert (_ok({"version": 3, "body": b"{}"}).status, _ok({"version": 3, "body": b"{}"}).headers) == (
+        200, b"X-Model-Version: 3\r\n")
+    for reply in ({"version": "1\r\nX-Injected: yes", "body": b"{}"}, {"version": [1], "body": b"{}"},
+                  {"version": 1, "body": "text"}, {"version": 1}):
+        answer = _ok(reply)
+        assert answer.status == 502 and answer.headers is None, reply  # nothing of it in a header line
