@@ -418,3 +418,24 @@ def test_a_request_after_any_other_on_one_connection_is_read_as_sent(kinds, body
         answers = responses(bytes(t.out))
         assert [status for status, _, _ in answers] == [200] * len(sent)
         assert [(h["x-method"].encode(), h["x-path"].encode(), b) for _, h, b in answers] == [want[k] for k in kinds * 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([200, 400, 404, 413, 502, 503, 599]), st.sampled_from(["application/json", "text/plain"]),
+       st.one_of(st.none(), st.dictionaries(st.sampled_from(["X-A", "Retry-After"]), st.text("abc123", max_size=5)),
+                 st.sampled_from([b"X-Model-Version: 1\r\n", b"X-Model-Version: 2\r\n"])),
+       st.binary(max_size=200), st.booleans())
+def test_an_encoded_answer_reads_back_as_its_status_headers_and_body_however_often_it_is_encoded(
+        status, content_type, extra, body, close):
+    from dmlsys.serving.http import encode_reply
+
+    reply = Reply(status, body, content_type, extra)
+    for _ in range(2):  # the second time its head comes from the cache
+        [(got_status, headers, got_body)] = responses(encode_reply(reply, close))
+        assert (got_status, got_body, headers["content-type"]) == (status, body, content_type)
+        assert int(headers["content-length"]) == len(body) and "date" in headers
+        assert ("connection" in headers) == close
+        want = dict(extra) if isinstance(extra, dict) else (
+            {"x-model-version": extra[17:-2].decode()} if extra else {})
+        assert {k: v for k, v in headers.items() if k in {w.lower() for w in want}} == {
+            k.lower(): v for k, v in want.items()}
