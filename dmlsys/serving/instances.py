@@ -22,7 +22,11 @@ from dmlsys.serving.errors import BadInput
 
 PIXELS = 784
 SIDE = 28
-_NOT_A_NUMBER = (b"true", b"false", b"null")
+# Every JSON literal holds a "u" or an "l" (true, false, null) and no number or the key
+# "instances" does: two byte searches (memchr, ~1 µs for a 784-pixel body) say a body with one
+# string has no literal, where a search for each word took 13 µs, a tenth of a replica's CPU per
+# request.
+_LITERAL_BYTES = (b"u", b"l")
 
 
 def expected() -> str:
@@ -54,7 +58,7 @@ def parse_one(body: bytes, max_instances: int) -> np.ndarray | BadInput:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         return BadInput(f"body is not valid JSON ({e}); expected {expected()}")
-    if body.count(b'"') == 2 and not any(word in body for word in _NOT_A_NUMBER):
+    if body.count(b'"') == 2 and _LITERAL_BYTES[0] not in body and _LITERAL_BYTES[1] not in body:
         fast = _numbers_only(doc, max_instances)
         if fast is not None:
             return fast

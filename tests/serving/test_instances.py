@@ -71,6 +71,7 @@ def _with(value: str) -> bytes:
     (_with("true"), "value True is not a number"),
     (_with('"0.5"'), "value '0.5' is not a number"),
     (_with("null"), "value None is not a number"),
+    (_with("false"), "value False is not a number"),
     (_with("01"), "not valid JSON"),
     (_with("1."), "not valid JSON"),
     (_with("-"), "not valid JSON"),
@@ -94,3 +95,16 @@ def test_one_bad_body_in_a_batch_does_not_fail_the_others():
     assert isinstance(out[0], np.ndarray) and isinstance(out[3], np.ndarray)
     assert isinstance(out[1], np.ndarray) and out[1][0, 400] == 1e5
     assert isinstance(out[2], BadInput)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["true", "false", "null"]), st.integers(0, 783), st.booleans())
+def test_a_literal_anywhere_among_the_pixels_is_refused_not_read_as_a_number(literal, at, spaced):
+    """The fast path takes a body for numbers only when its bytes hold no literal: true and
+    false must never become 1.0 and 0.0, nor null a NaN, wherever they stand."""
+    values = ["0.5"] * 784
+    values[at] = literal
+    sep = ", " if spaced else ","
+    body = ('{"instances": [[' + sep.join(values) + "]]}").encode()
+    with pytest.raises(BadInput, match="is not a number"):
+        parse(body, 4)
