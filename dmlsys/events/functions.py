@@ -18,8 +18,9 @@
   through the ``Launcher`` (the supervisor in production, in-process nodes in tests). With the
   decision goes each function's *work* (the larger of its events now and the tick's mean): a
   function with none, now or within the panic window, holds only idle instances, and those
-  yield their slots to a function with events whatever the priorities (the autoscaler's claims). A drained instance's last event
-  ending while events wait also runs a step at once: its slots are free now.
+  yield their slots to a function with events whatever the priorities (the autoscaler's
+  claims). A drained instance's last event ending while events wait also runs a step at once:
+  its slots are free now.
 
 The launcher's contract: ``start(function, instance)`` returns the peer name of an instance
 that answers ``<service>.<method>`` once it is ready (raise if it cannot start);

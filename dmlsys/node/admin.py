@@ -30,7 +30,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-
 async def serve_http(app: web.Application, host: str, port: int, what: str, hint: str = "", *,
                      backlog: int = 128, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
     """Start ``app`` on ``host:port`` (0: any free port): its runner and the port it got. A port

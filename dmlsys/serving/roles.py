@@ -39,11 +39,14 @@ and node name.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from dmlsys.node import ConfigError, Service
-from dmlsys.node.config import config_int as _int, config_seconds as _seconds, unknown_keys as _unknown
+from dmlsys.node.config import config_bool
+from dmlsys.node.config import config_int as _int
+from dmlsys.node.config import config_seconds as _seconds
+from dmlsys.node.config import unknown_keys as _unknown
+from dmlsys.train import one_core_xla
 from dmlsys.serving.policies import POLICIES, EjectionConfig
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
@@ -63,8 +66,7 @@ def build_replica(ctx) -> list[Service]:
     model = config.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError("model", f"the name of a model in the store {ctx.store} (e.g. \"fashion-mlp\"), got {model!r}")
-    # One replica is one core's worth of work: XLA's own thread pool would fight its siblings.
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    one_core_xla()  # one replica is one core's worth of work
     return [ModelService(ReplicaConfig(
         model=model, store=str(ctx.store), version=_int(config, "version", None),
         max_batch=_int(config, "max_batch", 64), max_instances=_int(config, "max_instances", 64),
@@ -130,15 +132,9 @@ def build_gateway(ctx) -> list[Service]:
         max_connections=_int(config, "max_connections", 1024), read_timeout=_seconds(config, "read_timeout", 10.0),
         idle_timeout=_seconds(config, "idle_timeout", 15.0), balancer=balancer, **_tls(config),
         router=_router(config), replica_max_input_bytes=_int(config, "replica_max_input_bytes", 16 << 20),
-        reuse_port=_flag(config, "reuse_port"), **_gate(config, ctx),
+        reuse_port=config_bool(config, "reuse_port"), **_gate(config, ctx),
     ))]
 
-
-def _flag(config: dict[str, Any], key: str) -> bool:
-    value = config.get(key, False)
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"true or false, got {value!r}")
-    return value
 
 
 def _gate(config: dict[str, Any], ctx) -> dict[str, Any]:
