@@ -22,7 +22,8 @@ fourth side runs with keys and the bulk path off (DMLSYS_BULK=0, every byte thro
 rows ``tcp+curve-nobulk``, the cost before the bulk path, measured in the same run.
 
 Array rows also carry the CPU each process spent per array (``ours_cpu_ms`` and ``raw_cpu_ms``:
-client and server, utime + stime of every thread, libzmq's included), and keyed array rows a
+client and server, utime + stime of every thread, libzmq's included; the server's is read from
+/proc in clock ticks, 10 ms over the whole run, so it comes in steps of 10 ms / --arrays), and keyed array rows a
 ``ceiling``: the ratio that CPU would allow with perfect overlap on this machine's cores (the
 keys-off wall time over the larger of either process's CPU and their sum over the cores). On two
 cores the two ends of a loopback transfer share them: what the AES work costs there cannot hide.
@@ -45,6 +46,7 @@ import time
 
 import numpy as np
 import zmq
+from _proc import cpu_seconds  # experiments/_proc.py
 
 ARRAY_BYTES = 16 << 20
 CLUSTER_KEY = None  # set in main() when --curve: one key for every CURVE run of this benchmark
@@ -121,18 +123,11 @@ def dmlsys_server(address: str, ready, key: str | None = None) -> None:
 # -- clients ------------------------------------------------------------------------------------
 
 
-def process_cpu(pid: int) -> float:
-    """Seconds of CPU (user + system, every thread) process ``pid`` has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def array_cpu(t: float, c: float, s: float, server_pid: int, n: int) -> dict:
     """The array metric's wall and CPU per array, each side, from the marks taken before it."""
     wall = time.perf_counter() - t
     return {"array": ARRAY_BYTES * n / wall / 1e9, "array_client_cpu_ms": (time.process_time() - c) / n * 1e3,
-            "array_server_cpu_ms": (process_cpu(server_pid) - s) / n * 1e3}
+            "array_server_cpu_ms": (cpu_seconds([server_pid]) - s) / n * 1e3}
 
 
 def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, server_pid: int) -> dict:
@@ -164,7 +159,7 @@ def raw_client(address: str, n_latency: int, n_throughput: int, n_arrays: int, s
     array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
     sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
     sock.recv()
-    t, c, s = time.perf_counter(), time.process_time(), process_cpu(server_pid)
+    t, c, s = time.perf_counter(), time.process_time(), cpu_seconds([server_pid])
     for _ in range(n_arrays):
         sock.send_multipart([b"", memoryview(array.view(np.uint8))], copy=False)
         sock.recv()
@@ -206,7 +201,7 @@ def dmlsys_client(address: str, n_latency: int, n_throughput: int, n_arrays: int
         throughput = (n_throughput // 64 * 64) / (time.perf_counter() - t)
         array = np.random.default_rng(0).random(ARRAY_BYTES // 4, dtype=np.float32)
         await node.call("server", "bench", "array", array)
-        t, c, s = time.perf_counter(), time.process_time(), process_cpu(server_pid)
+        t, c, s = time.perf_counter(), time.process_time(), cpu_seconds([server_pid])
         for _ in range(n_arrays):
             assert await node.call("server", "bench", "array", array) == ARRAY_BYTES
         arrays = array_cpu(t, c, s, server_pid, n_arrays)

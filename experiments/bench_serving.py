@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import children, cpu_seconds  # experiments/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 NGINX = "/usr/sbin/nginx"
@@ -129,31 +131,6 @@ def make_store(root: Path, anchors: Path) -> None:
     w1, b1, w2, b2 = mod.make_weights(0)
     ModelStore(root).save(MODEL, {"dense0": {"w": w1, "b": b1}, "out": {"w": w2, "b": b2}},
                           {"arch": {"kind": "mlp", "hidden": [256]}})
-
-
-# -- CPU accounting ---------------------------------------------------------------------------
-
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes (every thread), in seconds; a process gone counts 0."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 # -- dmlsys -------------------------------------------------------------------------------------

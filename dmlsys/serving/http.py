@@ -56,8 +56,8 @@ _HEAD_RE = re.compile(rf"({_TCHAR}+) (/[^\x00-\x20\x7f]*) HTTP/1\.([01])\r\n((?:
 _FIELD_RE = re.compile(rf"({_TCHAR}+):[ \t]*((?:[^\x00\r\n \t]+(?:[ \t]+[^\x00\r\n \t]+)*)?)[ \t]*\r\n")
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
 TICKS = 4  # sweeps per (shorter) timeout
 LINGER = 2.0  # seconds an answered error keeps reading (and dropping) what the client still sends
 PAUSE_AT = 256 << 10  # bytes buffered behind a request in progress before reading pauses
@@ -151,6 +151,9 @@ LATER = _Later()
 Handler = Callable[[Request], "Reply | _Later | asyncio.Future | Coroutine[Any, Any, Reply]"]
 
 
+_time = time.time  # one global lookup on the answer path, not a module attribute
+
+
 class _Date:
     """The ``Date`` header (RFC 9110 asks an origin server with a clock for one), formatted once a second."""
 
@@ -171,7 +174,6 @@ class _Date:
 
 
 _DATE = _Date()
-_time = time.time
 
 # An answer's head up to its Content-Length value, by (status, content type, extra header lines
 # when they are bytes): built once a second (it holds the Date line), not once per answer.
