@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -177,7 +178,7 @@ def _slow_down(trainer, when=lambda k: True) -> None:
     """This worker takes twice as long for its k-th gradient when ``when(k)``: it sleeps as long
     as the gradient took."""
     run = trainer._run
-    count = iter(range(1 << 62))
+    count = itertools.count()
 
     async def slow(fn, *args):
         t0 = time.perf_counter()
