@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-
 DATA_DIR = "a directory holding the Fashion-MNIST IDX files"  # what a role's data_dir names
 
 

@@ -275,8 +275,6 @@ def specs_of(tree: Any) -> list[LeafSpec]:
     return out
 
 
-
-
 def plan(specs: Iterable[LeafSpec], shards: int, *, tables: Iterable[str] = (), split_factor: int = 4,
          version: int = 1) -> PartitionMap:
     """Partition leaves over ``shards`` shards (the module docstring says how and what it guarantees).

@@ -46,8 +46,8 @@ from dmlsys.node.config import config_bool
 from dmlsys.node.config import config_int as _int
 from dmlsys.node.config import config_seconds as _seconds
 from dmlsys.node.config import unknown_keys as _unknown
-from dmlsys.train import one_core_xla
 from dmlsys.serving.policies import POLICIES, EjectionConfig
+from dmlsys.train import one_core_xla
 from dmlsys.wire.codec import DEFAULT_LIMITS
 
 REPLICA_KEYS = {"model", "version", "max_batch", "max_instances", "max_queue", "buckets", "http"}
@@ -134,7 +134,6 @@ def build_gateway(ctx) -> list[Service]:
         router=_router(config), replica_max_input_bytes=_int(config, "replica_max_input_bytes", 16 << 20),
         reuse_port=config_bool(config, "reuse_port"), **_gate(config, ctx),
     ))]
-
 
 
 def _gate(config: dict[str, Any], ctx) -> dict[str, Any]:
