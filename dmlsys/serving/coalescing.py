@@ -102,16 +102,7 @@ class Coalescer:
         for i, item in enumerate(items):
             res = results[i] if i < n else None
             if type(res) is dict and "error" not in res:
-                done = item[1]  # _call(item, res, None) inlined: this loop runs once per request
-                if done is None:
-                    continue
-                item[1] = None
-                if item[4] is not None:
-                    item[4].cancel()
-                try:
-                    done(item[2], res, None)
-                except Exception:  # one caller's failure must not keep the reply from its turn-mates
-                    log.exception("coalescer: a predict's callback failed")
+                _call(item, res, None)
             elif type(res) is dict:
                 _call(item, None, RemoteError(replica, "model.predict", str(res["error"]), str(res.get("message", ""))))
             else:
